@@ -1,0 +1,88 @@
+//! The check-in exchange: an agent's report in, its desired state out.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ServiceSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckinRequest {
+    pub agent_id: String,
+    pub arch: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    /// The generation of the last answer this agent applied (0: none).
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub apps: Vec<AppReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Nothing runs (not installed yet, or stopped).
+    #[default]
+    Stopped,
+    /// Running, not yet healthy for `min_healthy_time`.
+    Starting,
+    Healthy,
+    Unhealthy,
+    /// Restarting too often.
+    CrashLoop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AppReport {
+    pub app: String,
+    /// The committed version (what `current` points at).
+    pub installed_version: Option<String>,
+    /// The version whose process runs now.
+    pub running_version: Option<String>,
+    pub health: Health,
+    /// How long the running version has been continuously healthy.
+    #[serde(default)]
+    pub healthy_for_ms: u64,
+    #[serde(default)]
+    pub restarts: u32,
+    /// The version this agent refused or rolled back from, with `last_error` saying why.
+    pub failed_version: Option<String>,
+    pub last_error: Option<String>,
+    /// The tail of the service's log when something failed.
+    pub log_tail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckinResponse {
+    pub generation: u64,
+    /// The desired state has not changed since the agent's generation: `apps` is empty.
+    pub unchanged: bool,
+    #[serde(default)]
+    pub apps: Vec<DesiredApp>,
+    /// Suggested check-in interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredApp {
+    pub app: String,
+    pub version: String,
+    pub artifact: Artifact,
+    /// The release's `manifest.json`, byte for byte, so the agent can check its signature.
+    pub manifest: String,
+    pub signature: Option<String>,
+    pub service: ServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Absolute, or relative to the deployer's URL (`/v1/blobs/sha256/<hex>`).
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+    pub binary: String,
+}

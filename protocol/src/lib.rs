@@ -1,0 +1,57 @@
+//! Wire and file formats shared by `cargo xtask release`, `muscle-deploy` and `muscle-agent`.
+//!
+//! All formats are JSON (the service spec may also be written as TOML). Durations are written as
+//! strings with a unit (`"500ms"`, `"10s"`, `"2m"`) and also accepted as integer milliseconds.
+//!
+//! # Release manifest (`dist/<app>-<version>/manifest.json`, [`ReleaseManifest`])
+//!
+//! | field | meaning |
+//! | --- | --- |
+//! | `schema` | format version, currently `1` |
+//! | `app`, `version` | what is released |
+//! | `counter` | release counter, strictly increasing between releases of an app (default: `SOURCE_DATE_EPOCH`); agents refuse a counter lower than one they accepted |
+//! | `expires` | optional Unix time after which agents refuse the manifest |
+//! | `git_commit`, `rustc`, `cargo_lock_sha256`, `source_date_epoch` | provenance of the build |
+//! | `artifacts[]` | per binary: `target` triple, `arch` (`uname -m`), `binary` name, `path` relative to the release directory, `size`, `sha256`, `elf` (the [`ElfFacts`](muscle_inspect::ElfFacts) found) |
+//!
+//! `manifest.json.sig` holds the hex ed25519 signature of the exact bytes of `manifest.json`.
+//!
+//! # Check-in (`POST /v1/checkin`, [`CheckinRequest`] -> [`CheckinResponse`])
+//!
+//! The agent sends its id, arch, hostname, labels, agent version, the `generation` of the last
+//! answer it applied, and per app an [`AppReport`]: installed and running version, health, how
+//! long it has been healthy, the last error, the version it refused or rolled back from, and the
+//! tail of the service's log. The deployer answers with its current `generation`; when that equals
+//! the agent's, `unchanged` is true and `apps` is empty (cheap). Otherwise `apps` lists each
+//! [`DesiredApp`]: app, version, the artifact (URL, sha256, size, binary), the raw release manifest
+//! and its signature, and the [`ServiceSpec`].
+//!
+//! # Service spec ([`ServiceSpec`])
+//!
+//! `binary` (default: the app name), `args`, `env`, `working_dir`, `health` (`{kind="http", url,
+//! expect_status}`, `{kind="tcp", addr}`, `{kind="command", argv}` or `{kind="none"}`),
+//! `min_healthy_time`, `healthy_deadline`, `restart` (`initial_backoff`, `max_backoff`,
+//! `crash_loop_restarts` within `crash_loop_window`), `stop_signal` (`SIGTERM`, `SIGINT`, ...) and
+//! `stop_grace`. Any string may use `${name}`, replaced by the agent's `--var name=value`.
+
+mod checkin;
+pub mod duration;
+mod manifest;
+mod service;
+mod signing;
+
+pub use checkin::{AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health};
+pub use manifest::{ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA};
+pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};
+pub use signing::{
+    parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, SignatureError,
+};
+
+/// The lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The largest check-in body the deployer accepts (and the agent sends).
+pub const MAX_CHECKIN_BYTES: usize = 256 * 1024;

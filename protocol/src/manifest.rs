@@ -1,0 +1,167 @@
+//! The release manifest written by `cargo xtask release` and trusted by everything downstream.
+
+use muscle_inspect::ElfFacts;
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseManifest {
+    pub schema: u32,
+    pub app: String,
+    pub version: String,
+    /// Strictly increasing between releases of an app: agents refuse to go below one they accepted.
+    pub counter: u64,
+    /// Unix time after which the manifest must not be installed (freeze protection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    pub git_commit: Option<String>,
+    pub rustc: String,
+    pub cargo_lock_sha256: Option<String>,
+    pub source_date_epoch: u64,
+    pub artifacts: Vec<ManifestArtifact>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestArtifact {
+    pub target: String,
+    pub arch: String,
+    pub binary: String,
+    /// Relative to the release directory: `<triple>/<binary>`.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub elf: ElfFacts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest.json is not a valid release manifest: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("manifest.json: field `schema` is {found}, expected {MANIFEST_SCHEMA}")]
+    Schema { found: u32 },
+    #[error("manifest.json: artifact path {path:?} must be relative and stay inside the release directory")]
+    UnsafePath { path: String },
+    #[error("manifest.json: artifact {path:?}: sha256 {sha256:?} is not 64 lowercase hex digits")]
+    BadHash { path: String, sha256: String },
+    #[error("manifest.json: field `{field}` is empty")]
+    Empty { field: &'static str },
+    #[error("manifest.json: expired at Unix time {expires}, now {now}")]
+    Expired { expires: u64, now: u64 },
+}
+
+impl ReleaseManifest {
+    /// Parses and validates a manifest: schema, non-empty names, safe paths, well-formed hashes.
+    pub fn parse(bytes: &[u8]) -> Result<ReleaseManifest, ManifestError> {
+        let manifest: ReleaseManifest = serde_json::from_slice(bytes)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        if self.schema != MANIFEST_SCHEMA {
+            return Err(ManifestError::Schema { found: self.schema });
+        }
+        for (field, value) in [("app", &self.app), ("version", &self.version)] {
+            if value.trim().is_empty() {
+                return Err(ManifestError::Empty { field });
+            }
+        }
+        if !is_safe_name(&self.app) || !is_safe_name(&self.version) {
+            return Err(ManifestError::UnsafePath {
+                path: format!("{}-{}", self.app, self.version),
+            });
+        }
+        for a in &self.artifacts {
+            if !is_safe_relative_path(&a.path) || !is_safe_name(&a.binary) {
+                return Err(ManifestError::UnsafePath { path: a.path.clone() });
+            }
+            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                return Err(ManifestError::BadHash { path: a.path.clone(), sha256: a.sha256.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a manifest whose `expires` is in the past.
+    pub fn check_expiry(&self, now_unix: u64) -> Result<(), ManifestError> {
+        match self.expires {
+            Some(expires) if expires <= now_unix => Err(ManifestError::Expired { expires, now: now_unix }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The artifact of `binary` built for `arch`.
+    pub fn artifact(&self, binary: &str, arch: &str) -> Option<&ManifestArtifact> {
+        self.artifacts.iter().find(|a| a.binary == binary && a.arch == arch)
+    }
+}
+
+/// A single path component usable as a file or directory name.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+}
+
+fn is_safe_relative_path(path: &str) -> bool {
+    !path.starts_with('/') && path.split('/').all(is_safe_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> serde_json::Value {
+        serde_json::json!({
+            "schema": 1, "app": "hello", "version": "1.0.0", "counter": 7,
+            "git_commit": null, "rustc": "rustc 1.95.0", "cargo_lock_sha256": null,
+            "source_date_epoch": 7,
+            "artifacts": [{
+                "target": "x86_64-unknown-linux-musl", "arch": "x86_64", "binary": "hello",
+                "path": "x86_64-unknown-linux-musl/hello", "size": 3,
+                "sha256": "a".repeat(64),
+                "elf": {"class": 64, "machine": "EM_X86_64", "elf_type": "DYN", "interpreter": null,
+                        "needed": [], "rpath": [], "executable_stack": false, "relro": true,
+                        "build_id": "00", "debug_sections": [], "static_pie": true}
+            }]
+        })
+    }
+
+    #[test]
+    fn parses_a_valid_manifest() {
+        let m = ReleaseManifest::parse(sample().to_string().as_bytes()).unwrap();
+        assert_eq!(m.artifact("hello", "x86_64").unwrap().size, 3);
+        assert!(m.artifact("hello", "aarch64").is_none());
+    }
+
+    #[test]
+    fn refuses_escaping_paths_and_bad_hashes_naming_the_field() {
+        let mut v = sample();
+        v["artifacts"][0]["path"] = "../../etc/passwd".into();
+        let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("../../etc/passwd"), "{err}");
+
+        let mut v = sample();
+        v["artifacts"][0]["sha256"] = "XYZ".into();
+        let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("sha256"), "{err}");
+
+        let mut v = sample();
+        v["schema"] = 9.into();
+        let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("`schema` is 9"), "{err}");
+
+        let err = ReleaseManifest::parse(b"{\"app\": 1").unwrap_err();
+        assert!(err.to_string().contains("not a valid release manifest"), "{err}");
+    }
+
+    #[test]
+    fn expiry_is_enforced() {
+        let mut m = ReleaseManifest::parse(sample().to_string().as_bytes()).unwrap();
+        m.expires = Some(100);
+        assert!(m.check_expiry(99).is_ok());
+        assert!(m.check_expiry(100).is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! How the agent runs and judges a service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::serde_dur;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The binary of the release to run; default: the app's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub health: HealthCheck,
+    /// How long the service must stay healthy before a new version is committed.
+    #[serde(with = "serde_dur", default = "defaults::min_healthy_time")]
+    pub min_healthy_time: Duration,
+    /// How long a new version has to become healthy for `min_healthy_time`.
+    #[serde(with = "serde_dur", default = "defaults::healthy_deadline")]
+    pub healthy_deadline: Duration,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default = "defaults::stop_signal")]
+    pub stop_signal: String,
+    #[serde(with = "serde_dur", default = "defaults::stop_grace")]
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// Healthy while the process runs.
+    #[default]
+    None,
+    /// `GET url` answers `expect_status`.
+    Http {
+        url: String,
+        #[serde(default = "defaults::status")]
+        expect_status: u16,
+    },
+    /// A TCP connection to `addr` succeeds.
+    Tcp { addr: String },
+    /// `argv` exits 0.
+    Command { argv: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    #[serde(with = "serde_dur", default = "defaults::initial_backoff")]
+    pub initial_backoff: Duration,
+    #[serde(with = "serde_dur", default = "defaults::max_backoff")]
+    pub max_backoff: Duration,
+    /// This many restarts within `crash_loop_window` is a crash loop, reported to the server.
+    #[serde(default = "defaults::crash_loop_restarts")]
+    pub crash_loop_restarts: u32,
+    #[serde(with = "serde_dur", default = "defaults::crash_loop_window")]
+    pub crash_loop_window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            initial_backoff: defaults::initial_backoff(),
+            max_backoff: defaults::max_backoff(),
+            crash_loop_restarts: defaults::crash_loop_restarts(),
+            crash_loop_window: defaults::crash_loop_window(),
+        }
+    }
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            binary: None,
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: None,
+            health: HealthCheck::None,
+            min_healthy_time: defaults::min_healthy_time(),
+            healthy_deadline: defaults::healthy_deadline(),
+            restart: RestartPolicy::default(),
+            stop_signal: defaults::stop_signal(),
+            stop_grace: defaults::stop_grace(),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn min_healthy_time() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn healthy_deadline() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn stop_signal() -> String {
+        "SIGTERM".into()
+    }
+    pub fn stop_grace() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn status() -> u16 {
+        200
+    }
+    pub fn initial_backoff() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub fn max_backoff() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn crash_loop_restarts() -> u32 {
+        5
+    }
+    pub fn crash_loop_window() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("service spec: {field} uses ${{{name}}}, but the agent has no --var {name}=...")]
+    UnknownVar { field: String, name: String },
+    #[error("service spec: {field}: unterminated ${{ in {value:?}")]
+    Unterminated { field: String, value: String },
+    #[error("service spec: stop_signal {0:?} is not one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGKILL")]
+    Signal(String),
+    #[error("service spec: binary {0:?} must be a plain file name")]
+    Binary(String),
+}
+
+impl ServiceSpec {
+    /// The binary to run for `app`.
+    pub fn binary_name<'a>(&'a self, app: &'a str) -> &'a str {
+        self.binary.as_deref().unwrap_or(app)
+    }
+
+    /// The signal number of `stop_signal`.
+    pub fn stop_signal_number(&self) -> Result<i32, SpecError> {
+        Ok(match self.stop_signal.trim_start_matches("SIG") {
+            "TERM" => 15,
+            "INT" => 2,
+            "QUIT" => 3,
+            "HUP" => 1,
+            "USR1" => 10,
+            "USR2" => 12,
+            "KILL" => 9,
+            _ => return Err(SpecError::Signal(self.stop_signal.clone())),
+        })
+    }
+
+    /// Checks what can be checked without an agent: the signal and the binary name.
+    pub fn validate(&self, app: &str) -> Result<(), SpecError> {
+        self.stop_signal_number()?;
+        let binary = self.binary_name(app);
+        if !crate::manifest::is_safe_name(binary) {
+            return Err(SpecError::Binary(binary.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// This spec with every `${name}` replaced by the agent's variables.
+    pub fn expand(&self, vars: &BTreeMap<String, String>) -> Result<ServiceSpec, SpecError> {
+        let x = |field: &str, v: &str| expand_str(field, v, vars);
+        let mut out = self.clone();
+        for (i, a) in out.args.iter_mut().enumerate() {
+            *a = x(&format!("args[{i}]"), a)?;
+        }
+        for (k, v) in out.env.iter_mut() {
+            *v = x(&format!("env.{k}"), v)?;
+        }
+        if let Some(dir) = &mut out.working_dir {
+            *dir = x("working_dir", dir)?;
+        }
+        match &mut out.health {
+            HealthCheck::None => {}
+            HealthCheck::Http { url, .. } => *url = x("health.url", url)?,
+            HealthCheck::Tcp { addr } => *addr = x("health.addr", addr)?,
+            HealthCheck::Command { argv } => {
+                for (i, a) in argv.iter_mut().enumerate() {
+                    *a = x(&format!("health.argv[{i}]"), a)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn expand_str(field: &str, value: &str, vars: &BTreeMap<String, String>) -> Result<String, SpecError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| SpecError::Unterminated {
+            field: field.to_owned(),
+            value: value.to_owned(),
+        })?;
+        let name = &after[..end];
+        let var = vars.get(name).ok_or_else(|| SpecError::UnknownVar {
+            field: field.to_owned(),
+            name: name.to_owned(),
+        })?;
+        out.push_str(var);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_variables_everywhere_and_names_unknown_ones() {
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "args": ["--listen", "127.0.0.1:${port}"],
+            "health": {"kind": "http", "url": "http://127.0.0.1:${port}/healthz"},
+            "min_healthy_time": "1s",
+        }))
+        .unwrap();
+        let vars = BTreeMap::from([("port".to_owned(), "18081".to_owned())]);
+        let out = spec.expand(&vars).unwrap();
+        assert_eq!(out.args[1], "127.0.0.1:18081");
+        assert_eq!(
+            out.health,
+            HealthCheck::Http { url: "http://127.0.0.1:18081/healthz".into(), expect_status: 200 }
+        );
+        assert_eq!(out.min_healthy_time, Duration::from_secs(1));
+        let err = spec.expand(&BTreeMap::new()).unwrap_err();
+        assert_eq!(err.to_string(), "service spec: args[1] uses ${port}, but the agent has no --var port=...");
+    }
+
+    #[test]
+    fn unknown_fields_and_signals_are_refused() {
+        let err = serde_json::from_value::<ServiceSpec>(serde_json::json!({"argz": []})).unwrap_err();
+        assert!(err.to_string().contains("argz"), "{err}");
+        let spec = ServiceSpec { stop_signal: "SIGFOO".into(), ..Default::default() };
+        assert!(spec.validate("x").unwrap_err().to_string().contains("SIGFOO"));
+    }
+}
