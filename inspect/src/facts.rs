@@ -76,7 +76,11 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ElfFacts, InspectError> {
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(" ");
-        let magic = if magic.is_empty() { "(empty file)".into() } else { magic };
+        let magic = if magic.is_empty() {
+            "(empty file)".into()
+        } else {
+            magic
+        };
         return Err(InspectError::NotElf { magic });
     }
     check_header_fits(bytes)?;
@@ -94,8 +98,18 @@ fn check_header_fits(bytes: &[u8]) -> Result<(), InspectError> {
         len,
     })?;
     let tables = [
-        ("the program header table", hdr.e_phoff, hdr.e_phnum, hdr.e_phentsize),
-        ("the section header table", hdr.e_shoff, hdr.e_shnum, hdr.e_shentsize),
+        (
+            "the program header table",
+            hdr.e_phoff,
+            hdr.e_phnum,
+            hdr.e_phentsize,
+        ),
+        (
+            "the section header table",
+            hdr.e_shoff,
+            hdr.e_shnum,
+            hdr.e_shentsize,
+        ),
     ];
     for (what, off, num, size) in tables {
         let end = off.saturating_add(u64::from(num) * u64::from(size));
@@ -204,7 +218,10 @@ mod tests {
         for cut in [5, 16, 63, 64, 100, 1000, 4096, exe.len() / 2, exe.len() - 1] {
             let err = inspect_bytes(&exe[..cut]).expect_err("a truncated ELF must be refused");
             assert!(
-                matches!(err, InspectError::Truncated { .. } | InspectError::Corrupt(_)),
+                matches!(
+                    err,
+                    InspectError::Truncated { .. } | InspectError::Corrupt(_)
+                ),
                 "cut at {cut}: {err}"
             );
         }

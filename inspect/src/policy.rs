@@ -25,7 +25,11 @@ impl Expectation {
         Some(Expectation {
             target: format!("host ({arch})"),
             machine: crate::machine_for_arch(arch)?.to_owned(),
-            class: if cfg!(target_pointer_width = "64") { 64 } else { 32 },
+            class: if cfg!(target_pointer_width = "64") {
+                64
+            } else {
+                32
+            },
             static_pie: None,
         })
     }
@@ -181,20 +185,36 @@ mod tests {
     fn each_check_names_itself_and_its_evidence() {
         let cases: Vec<(fn(&mut ElfFacts), &str, &str)> = vec![
             (|f| f.class = 32, "elf-class", "ELFCLASS32"),
-            (|f| f.machine = "EM_X86_64".into(), "elf-machine", "e_machine=EM_X86_64"),
+            (
+                |f| f.machine = "EM_X86_64".into(),
+                "elf-machine",
+                "e_machine=EM_X86_64",
+            ),
             (
                 |f| f.interpreter = Some("/lib/ld-musl-aarch64.so.1".into()),
                 "no-interp",
                 "PT_INTERP=/lib/ld-musl-aarch64.so.1",
             ),
-            (|f| f.needed = vec!["libc.so.6".into()], "no-needed", "DT_NEEDED=libc.so.6"),
+            (
+                |f| f.needed = vec!["libc.so.6".into()],
+                "no-needed",
+                "DT_NEEDED=libc.so.6",
+            ),
             (|f| f.rpath = vec!["$ORIGIN".into()], "no-rpath", "$ORIGIN"),
             (|f| f.executable_stack = Some(true), "nx-stack", "PF_X"),
             (|f| f.executable_stack = None, "nx-stack", "no PT_GNU_STACK"),
             (|f| f.relro = false, "relro", "PT_GNU_RELRO"),
             (|f| f.build_id = None, "build-id", "NT_GNU_BUILD_ID"),
-            (|f| f.debug_sections = vec![".debug_info".into()], "stripped", ".debug_info"),
-            (|f| f.static_pie = true, "static-pie", "expected static-pie: false"),
+            (
+                |f| f.debug_sections = vec![".debug_info".into()],
+                "stripped",
+                ".debug_info",
+            ),
+            (
+                |f| f.static_pie = true,
+                "static-pie",
+                "expected static-pie: false",
+            ),
         ];
         for (break_it, name, evidence) in cases {
             let mut facts = good();
@@ -202,7 +222,11 @@ mod tests {
             let failures = failed(facts);
             assert_eq!(failures.len(), 1, "{name}: {failures:?}");
             assert_eq!(failures[0].0, name);
-            assert!(failures[0].1.contains(evidence), "{name}: {}", failures[0].1);
+            assert!(
+                failures[0].1.contains(evidence),
+                "{name}: {}",
+                failures[0].1
+            );
         }
     }
 

@@ -9,15 +9,21 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected a number with a unit, like 500ms, 10s, 2m or 1h"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!(
+            "invalid duration {text:?}: expected a number with a unit, like 500ms, 10s, 2m or 1h"
+        )
+    })?;
     let ms = match unit {
         "" | "ms" => n,
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?}, expected ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?}, expected ms, s, m or h"
+            ))
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -62,9 +68,18 @@ mod tests {
 
     #[test]
     fn parses_and_formats_round_trip() {
-        for (text, ms) in [("500ms", 500), ("10s", 10_000), ("2m", 120_000), ("1h", 3_600_000), ("250", 250)] {
+        for (text, ms) in [
+            ("500ms", 500),
+            ("10s", 10_000),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+            ("250", 250),
+        ] {
             assert_eq!(parse(text).unwrap(), Duration::from_millis(ms), "{text}");
-            assert_eq!(parse(&format(Duration::from_millis(ms))).unwrap(), Duration::from_millis(ms));
+            assert_eq!(
+                parse(&format(Duration::from_millis(ms))).unwrap(),
+                Duration::from_millis(ms)
+            );
         }
     }
 

@@ -74,10 +74,20 @@ impl ReleaseManifest {
         }
         for a in &self.artifacts {
             if !is_safe_relative_path(&a.path) || !is_safe_name(&a.binary) {
-                return Err(ManifestError::UnsafePath { path: a.path.clone() });
+                return Err(ManifestError::UnsafePath {
+                    path: a.path.clone(),
+                });
             }
-            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                return Err(ManifestError::BadHash { path: a.path.clone(), sha256: a.sha256.clone() });
+            if a.sha256.len() != 64
+                || !a
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(ManifestError::BadHash {
+                    path: a.path.clone(),
+                    sha256: a.sha256.clone(),
+                });
             }
         }
         Ok(())
@@ -86,14 +96,19 @@ impl ReleaseManifest {
     /// Refuses a manifest whose `expires` is in the past.
     pub fn check_expiry(&self, now_unix: u64) -> Result<(), ManifestError> {
         match self.expires {
-            Some(expires) if expires <= now_unix => Err(ManifestError::Expired { expires, now: now_unix }),
+            Some(expires) if expires <= now_unix => Err(ManifestError::Expired {
+                expires,
+                now: now_unix,
+            }),
             _ => Ok(()),
         }
     }
 
     /// The artifact of `binary` built for `arch`.
     pub fn artifact(&self, binary: &str, arch: &str) -> Option<&ManifestArtifact> {
-        self.artifacts.iter().find(|a| a.binary == binary && a.arch == arch)
+        self.artifacts
+            .iter()
+            .find(|a| a.binary == binary && a.arch == arch)
     }
 }
 
@@ -102,7 +117,9 @@ pub fn is_safe_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
 }
 
 fn is_safe_relative_path(path: &str) -> bool {
@@ -154,7 +171,10 @@ mod tests {
         assert!(err.to_string().contains("`schema` is 9"), "{err}");
 
         let err = ReleaseManifest::parse(b"{\"app\": 1").unwrap_err();
-        assert!(err.to_string().contains("not a valid release manifest"), "{err}");
+        assert!(
+            err.to_string().contains("not a valid release manifest"),
+            "{err}"
+        );
     }
 
     #[test]

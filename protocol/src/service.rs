@@ -195,7 +195,11 @@ impl ServiceSpec {
     }
 }
 
-fn expand_str(field: &str, value: &str, vars: &BTreeMap<String, String>) -> Result<String, SpecError> {
+fn expand_str(
+    field: &str,
+    value: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<String, SpecError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -234,18 +238,32 @@ mod tests {
         assert_eq!(out.args[1], "127.0.0.1:18081");
         assert_eq!(
             out.health,
-            HealthCheck::Http { url: "http://127.0.0.1:18081/healthz".into(), expect_status: 200 }
+            HealthCheck::Http {
+                url: "http://127.0.0.1:18081/healthz".into(),
+                expect_status: 200
+            }
         );
         assert_eq!(out.min_healthy_time, Duration::from_secs(1));
         let err = spec.expand(&BTreeMap::new()).unwrap_err();
-        assert_eq!(err.to_string(), "service spec: args[1] uses ${port}, but the agent has no --var port=...");
+        assert_eq!(
+            err.to_string(),
+            "service spec: args[1] uses ${port}, but the agent has no --var port=..."
+        );
     }
 
     #[test]
     fn unknown_fields_and_signals_are_refused() {
-        let err = serde_json::from_value::<ServiceSpec>(serde_json::json!({"argz": []})).unwrap_err();
+        let err =
+            serde_json::from_value::<ServiceSpec>(serde_json::json!({"argz": []})).unwrap_err();
         assert!(err.to_string().contains("argz"), "{err}");
-        let spec = ServiceSpec { stop_signal: "SIGFOO".into(), ..Default::default() };
-        assert!(spec.validate("x").unwrap_err().to_string().contains("SIGFOO"));
+        let spec = ServiceSpec {
+            stop_signal: "SIGFOO".into(),
+            ..Default::default()
+        };
+        assert!(spec
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("SIGFOO"));
     }
 }

@@ -5,7 +5,11 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 #[derive(Debug, thiserror::Error)]
 pub enum SignatureError {
     #[error("invalid {what}: expected {len} bytes as hex, got {got:?}")]
-    Malformed { what: &'static str, len: usize, got: String },
+    Malformed {
+        what: &'static str,
+        len: usize,
+        got: String,
+    },
     #[error("the signature does not verify against any of the {0} trusted key(s)")]
     Untrusted(usize),
     #[error("the release is not signed, and trusted keys are configured")]
@@ -58,7 +62,10 @@ pub fn verify_signature(
     }
     let signature = signature.ok_or(SignatureError::Unsigned)?;
     let signature = Signature::from_bytes(&decode("signature", signature)?);
-    if trusted.iter().any(|k| k.verify(message, &signature).is_ok()) {
+    if trusted
+        .iter()
+        .any(|k| k.verify(message, &signature).is_ok())
+    {
         Ok(())
     } else {
         Err(SignatureError::Untrusted(trusted.len()))
@@ -76,10 +83,16 @@ mod tests {
         let trusted = [parse_public_key(&public_key_hex(&key)).unwrap()];
         let sig = sign(&key, b"manifest");
         verify_signature(b"manifest", Some(&sig), &trusted).unwrap();
-        assert!(matches!(verify_signature(b"manifesT", Some(&sig), &trusted), Err(SignatureError::Untrusted(1))));
+        assert!(matches!(
+            verify_signature(b"manifesT", Some(&sig), &trusted),
+            Err(SignatureError::Untrusted(1))
+        ));
         let other = sign(&stranger, b"manifest");
         assert!(verify_signature(b"manifest", Some(&other), &trusted).is_err());
-        assert!(matches!(verify_signature(b"manifest", None, &trusted), Err(SignatureError::Unsigned)));
+        assert!(matches!(
+            verify_signature(b"manifest", None, &trusted),
+            Err(SignatureError::Unsigned)
+        ));
         assert!(verify_signature(b"manifest", None, &[]).is_ok());
         let err = verify_signature(b"m", Some("zz"), &trusted).unwrap_err();
         assert!(err.to_string().contains("expected 64 bytes"), "{err}");

@@ -1,1 +1,60 @@
-fn main() {}
+//! `cargo xtask`: Muscle's project automation, and the release builder users run.
+//!
+//! Every command is a plain Rust function over `std::process::Command`: no shell scripts, so the
+//! same steps run on a laptop, in CI and in the tests.
+
+mod bench;
+mod ci;
+mod demo;
+mod release;
+mod setup;
+mod targets;
+mod util;
+mod verify;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Muscle's release builder and project automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cross-compile every binary of a workspace into verified static binaries, with checksums and a manifest.
+    Release(release::ReleaseArgs),
+    /// Verify that binaries are fully static executables for their target.
+    Verify(verify::VerifyArgs),
+    /// Check and install what builds and tests need (rustup targets, cross C compilers, qemu-user).
+    Setup(setup::SetupArgs),
+    /// Release, publish and roll out to a local mixed-arch fleet, end to end.
+    Demo(demo::DemoArgs),
+    /// What CI runs: setup, fmt, clippy and the tests.
+    Ci,
+    /// Measure speed and footprint against baselines measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Release(args) => release::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Setup(args) => setup::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Ci => ci::run(),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(util::EXIT_UNUSABLE);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Running cargo once per target with the target's linker and C compiler, and following its JSON
+//! messages to drive a progress bar and collect the executables.
+
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cargo_metadata::Message;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::workspace::{Provenance, Workspace};
+use super::{Built, ReleaseArgs};
+use crate::targets::TargetSpec;
+
+pub fn build_all(
+    ws: &Workspace,
+    targets: &[TargetSpec],
+    provenance: &Provenance,
+    args: &ReleaseArgs,
+    quiet: bool,
+) -> Result<Vec<Built>> {
+    let multi = MultiProgress::new();
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !quiet;
+    if !on_terminal {
+        multi.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {wide_msg}")
+        .expect("the template is valid")
+        .progress_chars("=> ");
+    let bars: Vec<ProgressBar> = targets
+        .iter()
+        .map(|t| {
+            let bar = multi.add(ProgressBar::new(ws.unit_count));
+            bar.set_style(style.clone());
+            bar.set_prefix(t.triple.clone());
+            bar.set_message("waiting");
+            bar
+        })
+        .collect();
+    let mut built = Vec::new();
+    for (target, bar) in targets.iter().zip(&bars) {
+        let started = Instant::now();
+        if !on_terminal && !quiet {
+            eprintln!("[{}] building {} binaries", target.triple, ws.bins.len());
+        }
+        let exes = build_target(ws, target, provenance, args, bar)?;
+        bar.finish_with_message(format!("done in {:.0?}", started.elapsed()));
+        if !on_terminal && !quiet {
+            eprintln!("[{}] built in {:.1?}", target.triple, started.elapsed());
+        }
+        for (binary, path) in exes {
+            built.push(inspect(target, binary, path)?);
+        }
+    }
+    Ok(built)
+}
+
+fn inspect(target: &TargetSpec, binary: String, path: PathBuf) -> Result<Built> {
+    let facts =
+        muscle_inspect::inspect_file(&path).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
+    let verdict = muscle_inspect::verify(&facts, &target.expectation());
+    Ok(Built {
+        target: target.clone(),
+        binary,
+        path,
+        facts,
+        verdict,
+    })
+}
+
+/// Builds every selected binary for one target; returns (binary name, executable path) pairs.
+fn build_target(
+    ws: &Workspace,
+    target: &TargetSpec,
+    provenance: &Provenance,
+    args: &ReleaseArgs,
+    bar: &ProgressBar,
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut cmd = cargo_command(ws, target, provenance, args);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", crate::util::describe(&cmd)))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut exes = Vec::new();
+    let mut last_line = Instant::now();
+    for message in Message::parse_stream(BufReader::new(stdout)) {
+        if let Message::CompilerArtifact(artifact) =
+            message.context("reading cargo's JSON messages")?
+        {
+            bar.inc(1);
+            bar.set_message(format!(
+                "{} {}",
+                artifact.target.name,
+                if artifact.fresh { "(fresh)" } else { "" }
+            ));
+            if bar.is_hidden() && last_line.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "[{}] compiled {} ({} units)",
+                    target.triple,
+                    artifact.target.name,
+                    bar.position()
+                );
+                last_line = Instant::now();
+            }
+            if let Some(exe) = artifact.executable {
+                if ws.bins.iter().any(|(_, b)| b == &artifact.target.name) {
+                    exes.push((artifact.target.name.clone(), exe.into_std_path_buf()));
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "building for {} failed ({status}); the compiler's messages are above.\n\
+             hint: `cargo xtask setup` installs the rustup target and the C compiler ({}) it needs",
+            target.triple,
+            target.cc
+        );
+    }
+    Ok(exes)
+}
+
+fn cargo_command(
+    ws: &Workspace,
+    target: &TargetSpec,
+    provenance: &Provenance,
+    args: &ReleaseArgs,
+) -> Command {
+    let program = if args.builder == "cross" {
+        "cross"
+    } else {
+        "cargo"
+    };
+    let mut cmd = Command::new(program);
+    cmd.arg("build")
+        .arg("--release")
+        .arg("--locked")
+        .args(["--target", &target.triple])
+        .arg("--manifest-path")
+        .arg(&ws.manifest_path)
+        .arg("--message-format=json-render-diagnostics")
+        // Cargo's status lines would tear through the progress bars; compiler errors still show.
+        .arg("--quiet");
+    let mut packages: Vec<&str> = ws.bins.iter().map(|(p, _)| p.as_str()).collect();
+    packages.dedup();
+    for p in packages {
+        cmd.args(["--package", p]);
+    }
+    for (_, bin) in &ws.bins {
+        cmd.args(["--bin", bin]);
+    }
+    if let Some(features) = &args.features {
+        cmd.args(["--features", features]);
+    }
+    let key = target.env_key();
+    cmd.env(format!("CARGO_TARGET_{key}_LINKER"), &target.linker)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            rustflags(ws, target).join("\x1f"),
+        )
+        .env(
+            "SOURCE_DATE_EPOCH",
+            provenance.source_date_epoch.to_string(),
+        )
+        .env(
+            format!("CC_{}", target.triple.replace('-', "_")),
+            &target.cc,
+        );
+    if let Some(ar) = &target.ar {
+        cmd.env(format!("AR_{}", target.triple.replace('-', "_")), ar);
+    }
+    // Our flags are the whole story: a stray RUSTFLAGS in someone's shell must not change a release.
+    cmd.env_remove("RUSTFLAGS");
+    cmd
+}
+
+/// The target's flags plus path remapping, so that builds from two checkouts are byte-identical.
+fn rustflags(ws: &Workspace, target: &TargetSpec) -> Vec<String> {
+    let mut flags = target.rustflags.clone();
+    let mut remap = |from: PathBuf, to: &str| {
+        flags.push(format!("--remap-path-prefix={}={to}", from.display()));
+    };
+    // rustc lets the last matching remap win, so the more specific target dir comes after the root.
+    remap(ws.root.clone(), "/build");
+    remap(ws.target_dir.clone(), "/target");
+    if let Some(home) = cargo_home() {
+        remap(home, "/cargo");
+    }
+    if let Ok(rustup) = std::env::var("RUSTUP_HOME") {
+        remap(PathBuf::from(rustup), "/rustup");
+    } else if let Some(home) = std::env::var_os("HOME") {
+        remap(PathBuf::from(home).join(".rustup"), "/rustup");
+    }
+    flags
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+}

@@ -1,0 +1,132 @@
+//! `cargo xtask release`: static cross-builds, verified by object inspection, with checksums, a
+//! manifest and an optional signature.
+
+mod build;
+mod dist;
+mod workspace;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::targets::{self, TargetSpec};
+use crate::util;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReleaseArgs {
+    /// The workspace to release (default: the current one).
+    #[arg(long)]
+    pub manifest_path: Option<PathBuf>,
+    /// Target triple to build for (repeatable; default: every file in targets/).
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    /// Package whose binaries to release (repeatable; default: every package but xtask).
+    #[arg(long = "package", short = 'p')]
+    pub packages: Vec<String>,
+    /// Binary to release (repeatable; default: every binary of the selected packages).
+    #[arg(long = "bin")]
+    pub bins: Vec<String>,
+    /// Cargo features to enable (comma-separated, as cargo takes them).
+    #[arg(long)]
+    pub features: Option<String>,
+    /// Where `<app>-<version>/` is written (default: `<workspace>/dist`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Sign manifest.json with this ed25519 key file (see `muscle-deploy keygen`).
+    #[arg(long)]
+    pub sign: Option<PathBuf>,
+    /// Release counter (default: SOURCE_DATE_EPOCH); agents refuse a counter below one they accepted.
+    #[arg(long)]
+    pub counter: Option<u64>,
+    /// Manifest expiry, from the build time (e.g. `30d` is not supported: use hours, `720h`).
+    #[arg(long, value_parser = muscle_protocol::duration::parse)]
+    pub expires_in: Option<std::time::Duration>,
+    /// `native` (rustup toolchain + targets/ linker, default) or `cross` (needs a container engine).
+    #[arg(long, default_value = "native")]
+    pub builder: String,
+    /// Print the manifest as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One binary built for one target, verified and ready to be copied into the release.
+pub struct Built {
+    pub target: TargetSpec,
+    pub binary: String,
+    pub path: PathBuf,
+    pub facts: muscle_inspect::ElfFacts,
+    pub verdict: muscle_inspect::Verdict,
+}
+
+pub fn run(args: ReleaseArgs) -> Result<i32> {
+    check_builder(&args.builder)?;
+    let all = targets::load_all(&util::muscle_root().join("targets"))?;
+    let targets = targets::select(&all, &args.targets)?;
+    let ws = workspace::Workspace::load(args.manifest_path.as_deref(), &args.packages, &args.bins)?;
+    let provenance = workspace::Provenance::read(&ws)?;
+    let quiet = args.json;
+    if !quiet {
+        eprintln!(
+            "releasing {} {} ({} binaries) for {}",
+            ws.app,
+            ws.version,
+            ws.bins.len(),
+            targets
+                .iter()
+                .map(|t| t.triple.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let built = build::build_all(&ws, &targets, &provenance, &args, quiet)?;
+    let failed: Vec<_> = built.iter().filter(|b| !b.verdict.passed()).collect();
+    if !quiet {
+        eprint!("{}", dist::summary_table(&built));
+    }
+    if !failed.is_empty() {
+        for b in &failed {
+            eprintln!(
+                "error: {} for {} failed verification: {}",
+                b.binary,
+                b.target.triple,
+                b.verdict.failure_summary()
+            );
+        }
+        bail!(
+            "release refused: {} binaries failed verification",
+            failed.len()
+        );
+    }
+    let out = args.out.clone().unwrap_or_else(|| ws.root.join("dist"));
+    let release = dist::write(&out, &ws, &provenance, &built, &args)?;
+    if args.json {
+        let manifest = std::fs::read_to_string(release.dir.join("manifest.json"))?;
+        println!("{}", manifest.trim_end());
+    } else {
+        eprintln!("wrote {}", release.dir.display());
+    }
+    Ok(0)
+}
+
+fn check_builder(builder: &str) -> Result<()> {
+    let checked: Result<()> = match builder {
+        "native" => Ok(()),
+        "cross" => {
+            if !util::have("cross") {
+                bail!("--builder cross: `cross` is not installed (cargo install cross); the default --builder native needs no container");
+            }
+            let engine = ["docker", "podman"].into_iter().find(|e| {
+                util::have(e) && util::output(std::process::Command::new(e).arg("info")).is_ok()
+            });
+            if engine.is_none() {
+                bail!("--builder cross needs a running container engine (docker or podman), and none answers `info` here; use --builder native (the default), which needs no container");
+            }
+            Ok(())
+        }
+        other => Err(anyhow::anyhow!(
+            "unknown --builder {other:?}: expected `native` or `cross`"
+        )),
+    };
+    checked.context("choosing the builder")
+}

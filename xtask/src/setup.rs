@@ -1,0 +1,138 @@
+//! `cargo xtask setup`: check, and where allowed install, everything builds and tests need.
+//! Idempotent: on a ready machine it only looks.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::targets::{self, TargetSpec};
+use crate::util;
+
+#[derive(Args, Debug, Default)]
+pub struct SetupArgs {
+    /// Only report what is missing; install nothing.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Debian packages the tests, the demo and the benchmarks use besides the targets' compilers.
+const TOOL_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-aarch64-static", "qemu-user-static"),
+    ("file", "file"),
+    ("readelf", "binutils"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("hyperfine", "hyperfine"),
+    ("curl", "curl"),
+];
+
+pub fn run(args: SetupArgs) -> Result<i32> {
+    let all = targets::load_all(&util::muscle_root().join("targets"))?;
+    let mut todo = Vec::new();
+    rustup_targets(&all, args.check, &mut todo)?;
+    packages(&all, args.check, &mut todo)?;
+    binfmt(&all, args.check, &mut todo)?;
+    if todo.is_empty() {
+        eprintln!("setup: everything is in place ({} targets)", all.len());
+        return Ok(0);
+    }
+    eprintln!("setup: some things are missing; run these (as root where needed):");
+    for line in &todo {
+        eprintln!("  {line}");
+    }
+    Ok(util::EXIT_FAILED)
+}
+
+fn rustup_targets(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let installed = util::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    let missing: Vec<&str> = all
+        .iter()
+        .map(|t| t.triple.as_str())
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if check {
+        todo.push(format!("rustup target add {}", missing.join(" ")));
+        return Ok(());
+    }
+    eprintln!("setup: rustup target add {}", missing.join(" "));
+    util::run(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )
+}
+
+fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let mut missing: Vec<String> = Vec::new();
+    for t in all {
+        for tool in [Some(t.cc.as_str()), t.ar.as_deref()].into_iter().flatten() {
+            if !util::have(tool) {
+                missing.extend(t.apt_packages.iter().cloned());
+            }
+        }
+    }
+    for (tool, package) in TOOL_PACKAGES {
+        if !util::have(tool) && !Path::new("/usr/sbin").join(tool).exists() {
+            missing.push(package.to_string());
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!("apt-get install -y {}", missing.join(" "));
+    if check || !util::is_root() || !util::have("apt-get") {
+        todo.push(format!("apt-get update && {install}"));
+        return Ok(());
+    }
+    eprintln!("setup: {install}");
+    util::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Registers qemu-user with binfmt_misc so foreign binaries exec like native ones: that is how
+/// an aarch64 agent starts its aarch64 services on this machine.
+fn binfmt(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    for t in all
+        .iter()
+        .filter(|t| !t.is_native() && !t.runner.is_empty())
+    {
+        if dir.join(format!("qemu-{}", t.arch)).exists() {
+            continue;
+        }
+        let conf = Path::new("/usr/lib/binfmt.d").join(format!("qemu-{}.conf", t.arch));
+        let register = format!("cat {} > {}/register", conf.display(), dir.display());
+        if check || !util::is_root() || !conf.exists() {
+            todo.push(format!(
+                "mount -t binfmt_misc binfmt_misc {} 2>/dev/null; {register}",
+                dir.display()
+            ));
+            continue;
+        }
+        if !dir.join("register").exists() {
+            util::run(
+                Command::new("mount")
+                    .args(["-t", "binfmt_misc", "binfmt_misc"])
+                    .arg(dir),
+            )?;
+        }
+        eprintln!("setup: {register}");
+        let line = std::fs::read_to_string(&conf)?;
+        if let Err(e) = std::fs::write(dir.join("register"), line.trim()) {
+            bail!("cannot register {} with binfmt_misc: {e}", conf.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The release targets, one TOML file per triple in `targets/`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use muscle_inspect::Expectation;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub triple: String,
+    /// As `uname -m` and the agent report it.
+    pub arch: String,
+    pub elf_machine: String,
+    pub elf_class: u8,
+    pub static_pie: bool,
+    pub linker: String,
+    #[serde(default)]
+    pub rustflags: Vec<String>,
+    /// C compiler and archiver for crates that build C, set as `CC_<triple>`/`AR_<triple>`.
+    pub cc: String,
+    #[serde(default)]
+    pub ar: Option<String>,
+    /// Debian packages that provide `cc`/`ar`.
+    #[serde(default)]
+    pub apt_packages: Vec<String>,
+    /// Runs binaries of this target on a host of another architecture.
+    #[serde(default)]
+    pub runner: String,
+}
+
+impl TargetSpec {
+    pub fn expectation(&self) -> Expectation {
+        Expectation {
+            target: self.triple.clone(),
+            machine: self.elf_machine.clone(),
+            class: self.elf_class,
+            static_pie: Some(self.static_pie),
+        }
+    }
+
+    /// `x86_64-unknown-linux-musl` -> `X86_64_UNKNOWN_LINUX_MUSL`, as cargo's env config names it.
+    pub fn env_key(&self) -> String {
+        self.triple.to_uppercase().replace('-', "_")
+    }
+
+    pub fn is_native(&self) -> bool {
+        self.arch == muscle_inspect::host_arch()
+    }
+}
+
+/// Every target in `dir`, sorted by triple.
+pub fn load_all(dir: &Path) -> Result<Vec<TargetSpec>> {
+    let mut targets = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            targets.push(load(&path)?);
+        }
+    }
+    if targets.is_empty() {
+        bail!("{} holds no <triple>.toml target files", dir.display());
+    }
+    targets.sort_by(|a, b| a.triple.cmp(&b.triple));
+    Ok(targets)
+}
+
+fn load(path: &Path) -> Result<TargetSpec> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let spec: TargetSpec = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid target file", path.display()))?;
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    if spec.triple != stem {
+        bail!(
+            "{}: field `triple` is {:?}, expected {stem:?} (the file's name)",
+            path.display(),
+            spec.triple
+        );
+    }
+    Ok(spec)
+}
+
+/// The targets named in `wanted`, or all of them when it is empty.
+pub fn select(all: &[TargetSpec], wanted: &[String]) -> Result<Vec<TargetSpec>> {
+    if wanted.is_empty() {
+        return Ok(all.to_vec());
+    }
+    wanted
+        .iter()
+        .map(|w| {
+            all.iter().find(|t| &t.triple == w).cloned().with_context(|| {
+                let known: Vec<_> = all.iter().map(|t| t.triple.as_str()).collect();
+                format!("unknown target {w:?}: expected one of {} (add targets/{w}.toml to support it)", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_targets_load_and_name_their_files() {
+        let all = load_all(&crate::util::muscle_root().join("targets")).unwrap();
+        let triples: Vec<_> = all.iter().map(|t| t.triple.as_str()).collect();
+        assert!(
+            triples.contains(&"x86_64-unknown-linux-musl"),
+            "{triples:?}"
+        );
+        assert!(
+            triples.contains(&"aarch64-unknown-linux-musl"),
+            "{triples:?}"
+        );
+        let err = select(&all, &["sparc-unknown-none".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains("targets/sparc-unknown-none.toml"),
+            "{err}"
+        );
+    }
+}
