@@ -1,1 +1,193 @@
-fn main() {}
+//! `muscle-agent`: the tiny pull-based agent on every machine of the fleet.
+
+mod agent;
+mod download;
+mod fsutil;
+mod health;
+mod install;
+mod logs;
+mod paths;
+mod process;
+mod state;
+mod supervisor;
+mod systemd;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "muscle-agent", version = version(), about = "Pulls desired state, installs, supervises, health-checks and rolls back services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check in with the server and keep this host's services at their desired versions.
+    Run(RunArgs),
+    /// Show what is installed and running, from the state directory.
+    Status {
+        #[arg(long, default_value = "/var/lib/muscle-agent")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the hardened systemd unit for an installed app's committed version.
+    SystemdUnit {
+        app: String,
+        #[arg(long, default_value = "/var/lib/muscle-agent")]
+        state_dir: PathBuf,
+        /// Run as this user instead of a DynamicUser.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The deployer's URL, e.g. http://127.0.0.1:7700
+    #[arg(long)]
+    server: String,
+    #[arg(long, default_value = "/var/lib/muscle-agent")]
+    state_dir: PathBuf,
+    /// This agent's id (default: remembered in the state dir, first made from the hostname).
+    #[arg(long)]
+    id: Option<String>,
+    /// A label for rollout selectors (repeatable).
+    #[arg(long = "label", value_parser = key_value)]
+    labels: Vec<(String, String)>,
+    /// A variable for `${name}` in service specs (repeatable).
+    #[arg(long = "var", value_parser = key_value)]
+    vars: Vec<(String, String)>,
+    /// Check-in interval (jittered by ±10%).
+    #[arg(long, default_value = "5s", value_parser = muscle_protocol::duration::parse)]
+    interval: Duration,
+    /// A trusted ed25519 public key (hex, repeatable). Also read from STATE_DIR/trusted-keys.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    /// Bearer token sent with every check-in.
+    #[arg(long, env = "MUSCLE_AGENT_TOKEN")]
+    token: Option<String>,
+    /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
+    #[arg(long)]
+    leave_services_running: bool,
+    /// Rotate a service's log beyond this many bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    log_max_bytes: u64,
+    /// Versions kept on disk per app, the current and previous included.
+    #[arg(long, default_value_t = 3)]
+    keep_versions: usize,
+}
+
+/// `0.1.0 (aarch64)`: the version, and the architecture this binary was built for.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| format!("{} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH))
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status { state_dir, json } => status(&state_dir, json),
+        Command::SystemdUnit { app, state_dir, user } => systemd_unit(&app, &state_dir, user.as_deref()),
+    };
+    if let Err(e) = result {
+        eprintln!("muscle-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    install_signal_handlers();
+    let trusted_keys = trusted_keys(&args.trusted_keys, &args.state_dir)?;
+    let cfg = agent::Config {
+        server: args.server,
+        state_dir: args.state_dir,
+        id: args.id,
+        labels: args.labels.into_iter().collect(),
+        vars: args.vars.into_iter().collect(),
+        interval: args.interval,
+        trusted_keys,
+        token: args.token,
+        leave_services_running: args.leave_services_running,
+        log_max_bytes: args.log_max_bytes,
+        keep_versions: args.keep_versions.max(2),
+    };
+    agent::Agent::start(cfg)?.run()
+}
+
+fn trusted_keys(flags: &[String], state_dir: &std::path::Path) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let file = state_dir.join("trusted-keys");
+    let from_file = std::fs::read_to_string(&file).unwrap_or_default();
+    let lines = from_file.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    flags
+        .iter()
+        .map(String::as_str)
+        .map(|k| (k, "--trusted-key".to_owned()))
+        .chain(lines.map(|k| (k, file.display().to_string())))
+        .map(|(k, source)| muscle_protocol::parse_public_key(k).with_context(|| format!("{source}")))
+        .collect()
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    agent::SHUTDOWN.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
+    let state = state::StateStore::new(state_dir).load()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(());
+    }
+    println!("agent {} ({})", state.agent_id, state_dir.display());
+    println!("{:<16} {:<10} {:<10} {:<9} {:<8} PROBLEM", "APP", "CURRENT", "PREVIOUS", "RUNNING", "PID");
+    for (app, st) in &state.apps {
+        let v = |i: &Option<state::Installed>| i.as_ref().map_or("-".to_owned(), |i| i.version.clone());
+        let alive = st.pid.is_some_and(process::is_alive);
+        let problem = match (&st.pending, &st.failure) {
+            (Some(p), _) => format!("install of {} interrupted (repaired at next start)", p.version),
+            (None, Some(f)) => format!("{}: {}", f.version, f.reason),
+            _ => String::new(),
+        };
+        println!(
+            "{app:<16} {:<10} {:<10} {:<9} {:<8} {problem}",
+            v(&st.current),
+            v(&st.previous),
+            if alive { st.running_version.as_deref().unwrap_or("?") } else { "no" },
+            st.pid.map_or("-".into(), |p| p.to_string()),
+        );
+    }
+    Ok(())
+}
+
+fn systemd_unit(app: &str, state_dir: &std::path::Path, user: Option<&str>) -> Result<()> {
+    let state = state::StateStore::new(state_dir).load()?;
+    let Some(current) = state.apps.get(app).and_then(|a| a.current.as_ref()) else {
+        bail!("{app} has no committed version in {}", state_dir.display());
+    };
+    let binary = paths::AppPaths::new(state_dir, app).current.join(&current.binary);
+    print!("{}", systemd::unit(app, &current.version, &binary, &current.spec, user));
+    Ok(())
+}

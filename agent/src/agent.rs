@@ -1,0 +1,211 @@
+//! The agent's main loop: check in, reconcile, supervise; and what it reports.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::VerifyingKey;
+use muscle_protocol::{AppReport, CheckinRequest, CheckinResponse, DesiredApp, Health};
+
+use crate::paths::AppPaths;
+use crate::state::{AgentState, StateStore};
+use crate::supervisor::Service;
+
+pub struct Config {
+    pub server: String,
+    pub state_dir: PathBuf,
+    pub id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub vars: BTreeMap<String, String>,
+    pub interval: Duration,
+    pub trusted_keys: Vec<VerifyingKey>,
+    pub token: Option<String>,
+    pub leave_services_running: bool,
+    pub log_max_bytes: u64,
+    pub keep_versions: usize,
+}
+
+pub struct Agent {
+    pub(crate) cfg: Config,
+    pub(crate) store: StateStore,
+    pub(crate) state: AgentState,
+    pub(crate) services: BTreeMap<String, Service>,
+    desired: Vec<DesiredApp>,
+    generation: u64,
+    pub(crate) http: ureq::Agent,
+}
+
+/// Set by SIGTERM/SIGINT; the loop notices it within a tick.
+pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+const TICK: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Agent {
+    pub fn start(cfg: Config) -> Result<Agent> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
+        let store = StateStore::new(&cfg.state_dir);
+        let mut state = store.load()?;
+        if let Some(id) = &cfg.id {
+            state.agent_id = id.clone();
+        } else if state.agent_id.is_empty() {
+            state.agent_id = format!("{}-{:08x}", hostname(), random_u32());
+        }
+        store.save(&state)?;
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout_read(Duration::from_secs(15))
+            .user_agent(concat!("muscle-agent/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let mut agent = Agent { cfg, store, state, services: BTreeMap::new(), desired: vec![], generation: 0, http };
+        agent.repair_all()?;
+        Ok(agent)
+    }
+
+    pub fn paths(&self, app: &str) -> AppPaths {
+        AppPaths::new(&self.cfg.state_dir, app)
+    }
+
+    pub(crate) fn save(&self) -> Result<()> {
+        self.store.save(&self.state)
+    }
+
+    /// Runs until SIGTERM/SIGINT. Services keep running whatever the network does.
+    pub fn run(&mut self) -> Result<()> {
+        eprintln!("muscle-agent {} ({}): id {}, server {}", env!("CARGO_PKG_VERSION"), muscle_inspect::host_arch(), self.state.agent_id, self.cfg.server);
+        let mut next_checkin = Instant::now();
+        let mut backoff = self.cfg.interval;
+        let mut was_down = false;
+        while !SHUTDOWN.load(Ordering::Relaxed) {
+            self.supervise();
+            if Instant::now() >= next_checkin {
+                let delay = match self.checkin() {
+                    Ok(changed) => {
+                        if was_down {
+                            eprintln!("muscle-agent: server reachable again");
+                            was_down = false;
+                        }
+                        backoff = self.cfg.interval;
+                        // Report the outcome of a change at once rather than an interval later.
+                        if changed { Duration::ZERO } else { jitter(self.cfg.interval) }
+                    }
+                    Err(e) => {
+                        if !was_down {
+                            eprintln!("muscle-agent: check-in failed: {e:#}; backing off");
+                            was_down = true;
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        jitter(backoff)
+                    }
+                };
+                next_checkin = Instant::now() + delay;
+            }
+            std::thread::sleep(TICK);
+        }
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.cfg.leave_services_running {
+            eprintln!("muscle-agent: exiting, services left running");
+            return Ok(());
+        }
+        eprintln!("muscle-agent: stopping services");
+        let apps: Vec<String> = self.services.keys().cloned().collect();
+        for app in apps {
+            self.stop_service(&app);
+        }
+        self.save()
+    }
+
+    /// One check-in and the reconcile it asks for. Returns whether anything changed on this host.
+    fn checkin(&mut self) -> Result<bool> {
+        let request = self.report();
+        let url = format!("{}/v1/checkin", self.cfg.server.trim_end_matches('/'));
+        let mut req = self.http.post(&url);
+        if let Some(token) = &self.cfg.token {
+            req = req.set("Authorization", &format!("Bearer {token}"));
+        }
+        let response: CheckinResponse = match req.send_json(&request) {
+            Ok(resp) => resp.into_json().context("the server's check-in answer is not valid JSON")?,
+            Err(ureq::Error::Status(code, resp)) => {
+                let body = resp.into_string().unwrap_or_default();
+                anyhow::bail!("POST {url} answered {code}: {}", body.trim());
+            }
+            Err(e) => return Err(e).with_context(|| format!("POST {url}")),
+        };
+        if !response.unchanged {
+            self.desired = response.apps;
+            self.generation = response.generation;
+        }
+        Ok(self.reconcile())
+    }
+
+    fn reconcile(&mut self) -> bool {
+        let desired = self.desired.clone();
+        desired.iter().fold(false, |changed, d| self.reconcile_app(d) || changed)
+    }
+
+    /// What this agent tells the server.
+    pub fn report(&mut self) -> CheckinRequest {
+        let apps = self.state.apps.keys().cloned().collect::<Vec<_>>().into_iter().map(|app| self.app_report(&app)).collect();
+        CheckinRequest {
+            agent_id: self.state.agent_id.clone(),
+            arch: muscle_inspect::host_arch().to_owned(),
+            hostname: hostname(),
+            labels: self.cfg.labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            generation: self.generation,
+            apps,
+        }
+    }
+
+    fn app_report(&mut self, app: &str) -> AppReport {
+        let st = self.state.apps.get(app).cloned().unwrap_or_default();
+        let mut report = AppReport {
+            app: app.to_owned(),
+            installed_version: st.current.as_ref().map(|c| c.version.clone()),
+            ..Default::default()
+        };
+        if let Some(svc) = self.services.get_mut(app) {
+            report.running_version = svc.is_running().then(|| svc.version.clone());
+            report.health = svc.health;
+            report.healthy_for_ms = svc.healthy_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+            report.restarts = svc.restarts;
+            if svc.health != Health::Healthy {
+                report.last_error = svc.last_problem.clone();
+            }
+        }
+        if let Some(f) = st.failure {
+            report.failed_version = Some(f.version);
+            report.last_error = Some(f.reason);
+            report.log_tail = f.log_tail;
+        }
+        report
+    }
+}
+
+/// ±10% so that a fleet started together does not check in in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let spread = d.as_millis() as u64 / 10;
+    if spread == 0 {
+        return d;
+    }
+    let offset = u64::from(random_u32()) % (2 * spread);
+    Duration::from_millis(d.as_millis() as u64 - spread + offset)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut buf);
+    }
+    u32::from_le_bytes(buf) ^ std::process::id()
+}

@@ -1,0 +1,113 @@
+//! Starting, watching and stopping service processes, and finding the ones a previous agent left.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use muscle_protocol::ServiceSpec;
+
+use crate::logs;
+
+/// The environment variable that marks a process as a service of this agent: its value is
+/// `<state dir>/apps/<app>`. It survives the agent (and qemu-user, which rewrites argv).
+pub const MARKER: &str = "MUSCLE_SERVICE";
+
+/// A service process: our child, or one adopted from a previous run of the agent.
+#[derive(Debug)]
+pub enum Proc {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(pid) => *pid,
+        }
+    }
+
+    /// `None` while running; otherwise how it ended.
+    pub fn exited(&mut self) -> Option<String> {
+        match self {
+            Proc::Child(c) => match c.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot wait: {e}")),
+            },
+            Proc::Adopted(pid) => (!is_alive(*pid)).then(|| "exited".to_owned()),
+        }
+    }
+
+    /// Sends `signal`, waits up to `grace`, then SIGKILLs. Returns once the process is gone.
+    pub fn stop(&mut self, signal: i32, grace: Duration) {
+        let pid = self.pid();
+        signal_pid(pid, signal);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal_pid(pid, libc::SIGKILL);
+        while self.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Starts `binary` under `spec`, output appended to `log`, marked with `marker`.
+pub fn spawn(binary: &Path, spec: &ServiceSpec, log: &Path, marker: &str) -> Result<Child> {
+    let out = logs::open_append(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(binary);
+    cmd.args(&spec.args)
+        .envs(&spec.env)
+        .env(MARKER, marker)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: a Ctrl-C meant for the agent does not reach the service.
+        .process_group(0);
+    match &spec.working_dir {
+        Some(dir) => cmd.current_dir(dir),
+        None => cmd.current_dir(binary.parent().unwrap_or(Path::new("/"))),
+    };
+    cmd.spawn().with_context(|| format!("cannot start {}", binary.display()))
+}
+
+pub fn signal_pid(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory effects; a stale pid yields ESRCH, which we ignore.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Running and not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map_or(false, |(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// The pids of live processes whose environment carries `MARKER=marker`.
+pub fn find_marked(marker: &str) -> Vec<u32> {
+    let needle = format!("{MARKER}={marker}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .filter(|pid| is_alive(*pid))
+        .collect()
+}

@@ -1,0 +1,83 @@
+//! What the agent remembers across restarts, in `STATE_DIR/state.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use muscle_protocol::ServiceSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    pub agent_id: String,
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppState>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct AppState {
+    /// The committed version: what `current` points at once no install is in flight.
+    pub current: Option<Installed>,
+    pub previous: Option<Installed>,
+    /// An install in flight. Found at start-up, it means the agent died mid-switch.
+    pub pending: Option<Installed>,
+    /// The process the agent started, and the version it runs.
+    pub pid: Option<u32>,
+    pub running_version: Option<String>,
+    pub failure: Option<Failure>,
+    /// The highest release counter accepted: older releases are replays unless already run here.
+    #[serde(default)]
+    pub highest_counter: u64,
+    /// Versions this agent has run, with their sha256: a local rollback to one of them is allowed.
+    #[serde(default)]
+    pub ran: BTreeMap<String, String>,
+}
+
+/// A version on disk with what it takes to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub version: String,
+    pub binary: String,
+    pub sha256: String,
+    /// The service spec with the agent's variables expanded.
+    pub spec: ServiceSpec,
+}
+
+/// Why the agent did not install, or rolled back from, a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub version: String,
+    pub sha256: String,
+    pub reason: String,
+    pub log_tail: Option<String>,
+    /// A permanent failure is not retried until the desired version changes.
+    pub permanent: bool,
+    pub attempts: u32,
+}
+
+pub struct StateStore {
+    path: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(state_dir: &Path) -> StateStore {
+        StateStore { path: state_dir.join("state.json") }
+    }
+
+    pub fn load(&self) -> Result<AgentState> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not a valid agent state file (move it away to start afresh)", self.path.display())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+        }
+    }
+
+    pub fn save(&self, state: &AgentState) -> Result<()> {
+        let json = serde_json::to_vec_pretty(state).expect("the state serializes");
+        fsutil::write_atomic(&self.path, &json)
+    }
+}
