@@ -1,1 +1,381 @@
-fn main() {}
+//! `muscle-deploy`: publishes releases into its store, serves agents, and rolls releases out
+//! across the fleet in health-gated waves.
+
+mod engine;
+mod publish;
+mod rollout;
+mod server;
+mod store;
+mod views;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use muscle_protocol::duration::parse as parse_duration;
+use muscle_protocol::ServiceSpec;
+
+use crate::rollout::{Params, Rollout, Status};
+use crate::store::{FsBlobStore, SqliteStore, Store};
+
+#[derive(Parser)]
+#[command(name = "muscle-deploy", version, about = "Publish releases, serve agents, roll out in health-gated waves")]
+struct Cli {
+    /// Where the store lives (SQLite database + blobs/). Default: $MUSCLE_DATA_DIR, else ~/.local/share/muscle.
+    #[arg(long, global = true, env = "MUSCLE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Re-check a release directory (dist/<app>-<version>) and store it.
+    Publish {
+        dir: PathBuf,
+        /// Trusted ed25519 public key (hex, repeatable); also read from DATA_DIR/trusted-keys.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<String>,
+    },
+    /// List published releases.
+    Releases {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the agents' API and run the rollout engine.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// Base URL agents download blobs from instead of this server (any static server or CDN
+        /// serving DATA_DIR/blobs as /v1/blobs/sha256/<hex>).
+        #[arg(long)]
+        blob_base_url: Option<String>,
+        /// Check-in interval suggested to agents.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        interval: Duration,
+        /// How often the rollout engine advances rollouts.
+        #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+        tick: Duration,
+    },
+    /// Start, follow and steer rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Agents with arch, labels, versions, health and last check-in.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an ed25519 signing key: the private key goes to --out (mode 0600), the public key is printed.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Roll APP VERSION out to the agents matching the selector.
+    Start(StartArgs),
+    /// Show a rollout (default: the newest).
+    Status {
+        id: Option<i64>,
+        /// Follow it with progress bars until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Pause { id: i64 },
+    Resume { id: i64 },
+    /// Stop the rollout where it is, without rolling back.
+    Abort { id: i64 },
+    /// Send every agent the rollout moved back to its previous version.
+    Rollback { id: i64 },
+}
+
+#[derive(Args)]
+struct StartArgs {
+    app: String,
+    version: String,
+    /// Service spec (TOML or JSON): args, env, health check, timings. Default: run the binary named like the app.
+    #[arg(long)]
+    service: Option<PathBuf>,
+    /// Only agents with this label (repeatable; `arch=aarch64` selects by architecture).
+    #[arg(long = "selector", value_parser = key_value)]
+    selector: Vec<(String, String)>,
+    #[arg(long, default_value_t = 1)]
+    canary_per_arch: usize,
+    #[arg(long, default_value_t = 2)]
+    max_parallel: usize,
+    /// Overrides the service spec's min_healthy_time.
+    #[arg(long, value_parser = parse_duration)]
+    min_healthy_time: Option<Duration>,
+    /// Overrides the service spec's healthy_deadline.
+    #[arg(long, value_parser = parse_duration)]
+    healthy_deadline: Option<Duration>,
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    progress_deadline: Duration,
+    #[arg(long, default_value_t = 1)]
+    max_failures: u32,
+    #[arg(long)]
+    auto_rollback: bool,
+    /// Replace the app's active rollout instead of refusing to start.
+    #[arg(long)]
+    supersede: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("muscle-deploy: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("no --data-dir given and neither $XDG_DATA_HOME nor $HOME is set")?;
+    Ok(base.join("muscle"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(cli.data_dir)?;
+    if let Command::Keygen { out } = &cli.command {
+        return keygen(out);
+    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?);
+    match cli.command {
+        Command::Publish { dir: release, trusted_keys } => {
+            let blobs = FsBlobStore::open(&dir)?;
+            let keys = load_keys(&trusted_keys, &dir)?;
+            match publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())? {
+                publish::Published::New(m) => println!("published {} {} ({} artifacts)", m.app, m.version, m.artifacts.len()),
+                publish::Published::AlreadyThere(m) => println!("{} {} is already published; nothing to do", m.app, m.version),
+            }
+        }
+        Command::Releases { json } => {
+            let releases = store.releases()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views::release_rows(&releases))?);
+            } else {
+                print!("{}", views::releases_table(&releases));
+            }
+        }
+        Command::Serve { listen, blob_base_url, interval, tick } => {
+            let blobs = Arc::new(FsBlobStore::open(&dir)?);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("muscle-deploy: serving on http://{} (store {})", listener.local_addr()?, dir.display());
+                server::serve(server::Server { store, blobs, blob_base_url, interval }, listener, tick).await
+            })?;
+        }
+        Command::Rollout(cmd) => rollout_command(cmd, store.as_ref())?,
+        Command::Fleet { json } => {
+            let agents = store.agents()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views::fleet_rows(&agents, now_ms()))?);
+            } else {
+                print!("{}", views::fleet_table(&agents, now_ms()));
+            }
+        }
+        Command::Keygen { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn load_keys(flags: &[String], data_dir: &Path) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let file = data_dir.join("trusted-keys");
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    let from_file = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|k| (k, file.display().to_string()));
+    flags
+        .iter()
+        .map(|k| (k.as_str(), "--trusted-key".to_owned()))
+        .chain(from_file)
+        .map(|(k, source)| muscle_protocol::parse_public_key(k).with_context(|| source))
+        .collect()
+}
+
+fn keygen(out: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+    writeln!(file, "{}", hex::encode(seed))?;
+    println!("{}", muscle_protocol::public_key_hex(&key));
+    eprintln!("private key written to {} (mode 0600); the line above is the public key to trust", out.display());
+    Ok(())
+}
+
+fn rollout_command(cmd: RolloutCommand, store: &dyn Store) -> Result<()> {
+    match cmd {
+        RolloutCommand::Start(args) => start(args, store),
+        RolloutCommand::Status { id, watch, json } => status(id, watch, json, store),
+        RolloutCommand::Pause { id } => request(store, id, "pause"),
+        RolloutCommand::Resume { id } => request(store, id, "resume"),
+        RolloutCommand::Abort { id } => request(store, id, "abort"),
+        RolloutCommand::Rollback { id } => request(store, id, "rollback"),
+    }
+}
+
+fn read_service(path: &Path) -> Result<ServiceSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read service spec {}", path.display()))?;
+    let spec = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(anyhow::Error::from)
+    } else {
+        toml::from_str(&text).map_err(anyhow::Error::from)
+    };
+    spec.with_context(|| format!("{}: invalid service spec", path.display()))
+}
+
+fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
+    let Some(release) = store.release(&args.app, &args.version)? else {
+        let known: Vec<String> = store.releases()?.into_iter().filter(|r| r.app == args.app).map(|r| r.version).collect();
+        bail!("{} {} is not published (published versions: {}); run `muscle-deploy publish dist/{}-{}` first", args.app, args.version, if known.is_empty() { "none".into() } else { known.join(", ") }, args.app, args.version);
+    };
+    let mut service = match &args.service {
+        Some(path) => read_service(path)?,
+        None => ServiceSpec::default(),
+    };
+    if let Some(d) = args.min_healthy_time {
+        service.min_healthy_time = d;
+    }
+    if let Some(d) = args.healthy_deadline {
+        service.healthy_deadline = d;
+    }
+    service.validate(&args.app)?;
+    let active: Vec<Rollout> = store.rollouts()?.into_iter().filter(|r| r.app == args.app && r.status.is_active()).collect();
+    if !active.is_empty() && !args.supersede {
+        bail!("rollout {} of {} is still {:?}; wait for it, abort it, or pass --supersede", active[0].id, args.app, active[0].status);
+    }
+    let params = Params {
+        selector: args.selector.into_iter().collect::<BTreeMap<_, _>>(),
+        canary_per_arch: args.canary_per_arch,
+        max_parallel: args.max_parallel.max(1),
+        min_healthy_time: service.min_healthy_time,
+        healthy_deadline: service.healthy_deadline,
+        progress_deadline: args.progress_deadline,
+        max_failures: args.max_failures.max(1),
+        auto_rollback: args.auto_rollback,
+    };
+    let rollout = Rollout::plan(&args.app, &args.version, service, params, &store.agents()?, now_ms()).map_err(anyhow::Error::msg)?;
+    check_artifacts(&release.manifest, &rollout)?;
+    for old in &active {
+        store.request_rollout(old.id, "supersede")?;
+    }
+    let id = store.create_rollout(&rollout)?;
+    let waves: Vec<String> = rollout.waves.iter().map(|w| format!("{} ({})", w.name, w.members.len())).collect();
+    println!("rollout {id}: {} {} to {} agents in waves: {}", args.app, args.version, rollout.members().count(), waves.join(", "));
+    Ok(())
+}
+
+/// Every selected agent must find a binary of its architecture in the release.
+fn check_artifacts(manifest: &str, rollout: &Rollout) -> Result<()> {
+    let manifest = muscle_protocol::ReleaseManifest::parse(manifest.as_bytes())?;
+    let binary = rollout.service.binary_name(&rollout.app);
+    let missing: Vec<String> = rollout.members().filter(|m| manifest.artifact(binary, &m.arch).is_none()).map(|m| format!("{} ({})", m.agent_id, m.arch)).collect();
+    if !missing.is_empty() {
+        let have: Vec<String> = manifest.artifacts.iter().map(|a| format!("{}/{}", a.arch, a.binary)).collect();
+        bail!("{} {} has no `{binary}` binary for agents {}; the release has {}", rollout.app, rollout.version, missing.join(", "), have.join(", "));
+    }
+    Ok(())
+}
+
+fn request(store: &dyn Store, id: i64, what: &str) -> Result<()> {
+    let Some(rollout) = store.rollout(id)? else { bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest") };
+    if matches!(rollout.status, Status::Succeeded | Status::Aborted | Status::Superseded | Status::RolledBack) && what != "rollback" {
+        bail!("rollout {id} is already {:?}; nothing to {what}", rollout.status);
+    }
+    store.request_rollout(id, what)?;
+    println!("rollout {id}: {what} requested; the deployer applies it at its next tick");
+    Ok(())
+}
+
+fn status(id: Option<i64>, watch: bool, json: bool, store: &dyn Store) -> Result<()> {
+    let find = |store: &dyn Store| -> Result<Rollout> {
+        let found = match id {
+            Some(id) => store.rollout(id)?,
+            None => store.rollouts()?.pop(),
+        };
+        found.with_context(|| match id {
+            Some(id) => format!("there is no rollout {id}"),
+            None => "there are no rollouts yet; start one with `muscle-deploy rollout start APP VERSION`".into(),
+        })
+    };
+    if watch {
+        return watch_rollout(store, &find);
+    }
+    let rollout = find(store)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rollout)?);
+    } else {
+        print!("{}", views::rollout_summary(&rollout));
+    }
+    Ok(())
+}
+
+/// Progress bars per wave (healthy members of members), until the rollout ends.
+fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>) -> Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let first = find(store)?;
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:24}] {pos}/{len} {wide_msg}").expect("valid template").progress_chars("=> ");
+    let bars: Vec<ProgressBar> = first
+        .waves
+        .iter()
+        .map(|w| {
+            let bar = multi.add(ProgressBar::new(w.members.len() as u64));
+            bar.set_style(style.clone());
+            bar.set_prefix(w.name.clone());
+            bar
+        })
+        .collect();
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_message = String::new();
+    loop {
+        let r = find(store)?;
+        for (bar, wave) in bars.iter().zip(&r.waves) {
+            bar.set_position(wave.count(rollout::MemberState::Healthy) as u64);
+            let failed = wave.count(rollout::MemberState::Failed);
+            bar.set_message(if failed > 0 { format!("{failed} failed") } else { String::new() });
+        }
+        if r.message != last_message {
+            if !on_terminal {
+                eprintln!("rollout {}: {:?}: {}", r.id, r.status, r.message);
+            }
+            last_message = r.message.clone();
+        }
+        if !r.status.is_active() {
+            bars.iter().for_each(ProgressBar::abandon);
+            print!("{}", views::rollout_summary(&r));
+            return if r.status == Status::Succeeded { Ok(()) } else { bail!("rollout {} ended {:?}", r.id, r.status) };
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

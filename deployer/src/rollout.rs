@@ -1,0 +1,287 @@
+//! Rollouts as a persisted state machine, after Nomad's `update` block: a canary wave with N
+//! agents of each architecture, then batches of `max_parallel`. A wave advances only on health
+//! reported by its agents; failures past `max_failures` halt it, and with auto-rollback every
+//! agent it moved goes back to its previous version.
+//!
+//! This module is pure: [`Rollout::advance`] looks at agents' reports and returns the
+//! assignments to make. The engine applies them and persists the rollout.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use muscle_protocol::duration::serde_dur;
+use muscle_protocol::{Health, ServiceSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{AgentRecord, Assignment};
+
+/// An agent not seen for this long is stale: not selected for new rollouts, shown as such.
+pub const STALE_AFTER_MS: u64 = 30_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    pub selector: BTreeMap<String, String>,
+    pub canary_per_arch: usize,
+    pub max_parallel: usize,
+    #[serde(with = "serde_dur")]
+    pub min_healthy_time: Duration,
+    #[serde(with = "serde_dur")]
+    pub healthy_deadline: Duration,
+    #[serde(with = "serde_dur")]
+    pub progress_deadline: Duration,
+    pub max_failures: u32,
+    pub auto_rollback: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Paused,
+    Succeeded,
+    /// Stopped by failures, without rollback.
+    Halted,
+    RolledBack,
+    Aborted,
+    Superseded,
+}
+
+impl Status {
+    pub fn is_active(self) -> bool {
+        matches!(self, Status::Running | Status::Paused)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    Pending,
+    Updating,
+    Healthy,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub agent_id: String,
+    pub arch: String,
+    pub state: MemberState,
+    /// What the agent ran for this app before the rollout touched it.
+    pub previous: Option<Assignment>,
+    pub assigned_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub name: String,
+    pub members: Vec<Member>,
+}
+
+impl Wave {
+    pub fn count(&self, state: MemberState) -> usize {
+        self.members.iter().filter(|m| m.state == state).count()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: i64,
+    pub app: String,
+    pub version: String,
+    pub service: ServiceSpec,
+    pub params: Params,
+    pub status: Status,
+    pub waves: Vec<Wave>,
+    pub current_wave: usize,
+    pub created_ms: u64,
+    pub last_progress_ms: u64,
+    pub message: String,
+}
+
+/// A change to one agent's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Sets what `agent_id` runs for `app`; `None` removes the assignment.
+    Assign { agent_id: String, app: String, assignment: Option<Assignment> },
+}
+
+impl Rollout {
+    /// Chooses the agents and the waves. Fails naming the selector when no agent matches.
+    pub fn plan(app: &str, version: &str, service: ServiceSpec, params: Params, agents: &[AgentRecord], now_ms: u64) -> Result<Rollout, String> {
+        let mut selected: Vec<&AgentRecord> = agents
+            .iter()
+            .filter(|a| now_ms.saturating_sub(a.last_seen_ms) < STALE_AFTER_MS)
+            .filter(|a| params.selector.iter().all(|(k, v)| a.labels.get(k) == Some(v) || (k == "arch" && &a.arch == v)))
+            .collect();
+        if selected.is_empty() {
+            let sel: Vec<String> = params.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            return Err(format!(
+                "no live agent matches the selector [{}] ({} agents known, none seen in the last {}s match)",
+                sel.join(", "),
+                agents.len(),
+                STALE_AFTER_MS / 1000
+            ));
+        }
+        selected.sort_by(|a, b| a.id.cmp(&b.id));
+        let member = |a: &AgentRecord| Member { agent_id: a.id.clone(), arch: a.arch.clone(), state: MemberState::Pending, previous: None, assigned_ms: None, error: None };
+        let mut by_arch: BTreeMap<&str, Vec<&AgentRecord>> = BTreeMap::new();
+        for a in &selected {
+            by_arch.entry(a.arch.as_str()).or_default().push(a);
+        }
+        let canary: Vec<Member> = by_arch.values().flat_map(|group| group.iter().take(params.canary_per_arch).map(|a| member(a))).collect();
+        let rest: Vec<Member> = selected.iter().filter(|a| !canary.iter().any(|c| c.agent_id == a.id)).map(|a| member(a)).collect();
+        let mut waves = Vec::new();
+        if !canary.is_empty() {
+            waves.push(Wave { name: "canary".into(), members: canary });
+        }
+        for (i, chunk) in rest.chunks(params.max_parallel.max(1)).enumerate() {
+            waves.push(Wave { name: format!("batch {}", i + 1), members: chunk.to_vec() });
+        }
+        Ok(Rollout {
+            id: 0,
+            app: app.to_owned(),
+            version: version.to_owned(),
+            service,
+            params,
+            status: Status::Running,
+            waves,
+            current_wave: 0,
+            created_ms: now_ms,
+            last_progress_ms: now_ms,
+            message: "started".into(),
+        })
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.waves.iter().map(|w| w.count(MemberState::Failed) as u32).sum()
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.waves.iter().flat_map(|w| w.members.iter())
+    }
+
+    /// One step: start the current wave's members, judge their health, and move on, halt or
+    /// roll back. `previous` says what an agent runs for the app now (recorded for rollback).
+    pub fn advance(&mut self, agents: &BTreeMap<String, AgentRecord>, now_ms: u64, previous: &dyn Fn(&str) -> Option<Assignment>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.status != Status::Running {
+            return actions;
+        }
+        let Some(wave) = self.waves.get_mut(self.current_wave) else {
+            self.status = Status::Succeeded;
+            return actions;
+        };
+        let assignment = Assignment { agent_id: String::new(), app: self.app.clone(), version: self.version.clone(), service: self.service.clone(), rollout_id: Some(self.id) };
+        let mut progressed = false;
+        for m in &mut wave.members {
+            match m.state {
+                MemberState::Pending => {
+                    m.previous = previous(&m.agent_id);
+                    m.state = MemberState::Updating;
+                    m.assigned_ms = Some(now_ms);
+                    actions.push(Action::Assign { agent_id: m.agent_id.clone(), app: self.app.clone(), assignment: Some(Assignment { agent_id: m.agent_id.clone(), ..assignment.clone() }) });
+                }
+                MemberState::Updating => {
+                    if let Some(verdict) = judge(m, agents.get(&m.agent_id), &self.app, &self.version, &self.params, now_ms) {
+                        progressed |= verdict == MemberState::Healthy;
+                        m.state = verdict;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if progressed {
+            self.last_progress_ms = now_ms;
+        }
+        let wave_done = wave.members.iter().all(|m| matches!(m.state, MemberState::Healthy | MemberState::Failed));
+        let wave_name = wave.name.clone();
+        if self.failures() >= self.params.max_failures.max(1) {
+            let failed: Vec<String> = self.members().filter(|m| m.state == MemberState::Failed).map(|m| format!("{}: {}", m.agent_id, m.error.as_deref().unwrap_or("failed"))).collect();
+            self.message = format!("halted in {wave_name}: {} failure(s) reached max_failures {} ({})", failed.len(), self.params.max_failures.max(1), failed.join("; "));
+            self.status = Status::Halted;
+            if self.params.auto_rollback {
+                actions.extend(self.roll_back());
+            }
+        } else if now_ms.saturating_sub(self.last_progress_ms) > self.params.progress_deadline.as_millis() as u64 {
+            self.message = format!("halted in {wave_name}: no agent became healthy within progress_deadline {:?}", self.params.progress_deadline);
+            self.status = Status::Halted;
+            if self.params.auto_rollback {
+                actions.extend(self.roll_back());
+            }
+        } else if wave_done {
+            self.current_wave += 1;
+            self.last_progress_ms = now_ms;
+            if self.current_wave == self.waves.len() {
+                self.status = Status::Succeeded;
+                self.message = format!("every agent runs {} healthy", self.version);
+            } else {
+                self.message = format!("{wave_name} healthy; starting {}", self.waves[self.current_wave].name);
+            }
+        }
+        actions
+    }
+
+    /// Sends every agent this rollout moved back to what it ran before.
+    pub fn roll_back(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for m in self.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
+            if matches!(m.state, MemberState::Updating | MemberState::Healthy | MemberState::Failed) {
+                actions.push(Action::Assign { agent_id: m.agent_id.clone(), app: self.app.clone(), assignment: m.previous.clone() });
+                if m.state != MemberState::Failed {
+                    m.state = MemberState::RolledBack;
+                }
+            }
+        }
+        self.status = Status::RolledBack;
+        self.message = format!("{} (rolled back {} agent(s))", self.message, actions.len());
+        actions
+    }
+
+    /// Applies a CLI request. Unknown or inapplicable requests change nothing and say why.
+    pub fn apply_request(&mut self, request: &str) -> Result<Vec<Action>, String> {
+        match (request, self.status) {
+            ("pause", Status::Running) => self.status = Status::Paused,
+            ("resume", Status::Paused) => {
+                self.status = Status::Running;
+                self.last_progress_ms = 0;
+            }
+            ("abort", s) if s.is_active() => self.status = Status::Aborted,
+            ("supersede", s) if s.is_active() => self.status = Status::Superseded,
+            ("rollback", Status::Running | Status::Paused | Status::Halted | Status::Succeeded) => return Ok(self.roll_back()),
+            (r, s) => return Err(format!("cannot {r} rollout {} while it is {s:?}", self.id)),
+        }
+        self.message = format!("{request} requested");
+        Ok(vec![])
+    }
+}
+
+/// The verdict on an updating member, from its agent's last report: `None` while undecided.
+fn judge(m: &mut Member, agent: Option<&AgentRecord>, app: &str, version: &str, params: &Params, now_ms: u64) -> Option<MemberState> {
+    let report = agent.and_then(|a| a.report(app));
+    if let Some(r) = report {
+        if r.failed_version.as_deref() == Some(version) {
+            let mut error = r.last_error.clone().unwrap_or_else(|| "the agent refused or rolled back".into());
+            if let Some(tail) = r.log_tail.as_deref().and_then(|t| t.lines().last()) {
+                error = format!("{error} [log: {tail}]");
+            }
+            m.error = Some(error);
+            return Some(MemberState::Failed);
+        }
+        let healthy = r.installed_version.as_deref() == Some(version)
+            && r.running_version.as_deref() == Some(version)
+            && r.health == Health::Healthy
+            && r.healthy_for_ms >= params.min_healthy_time.as_millis() as u64;
+        if healthy {
+            return Some(MemberState::Healthy);
+        }
+    }
+    let waited = now_ms.saturating_sub(m.assigned_ms.unwrap_or(now_ms));
+    if waited > params.healthy_deadline.as_millis() as u64 {
+        let last = report.and_then(|r| r.last_error.clone()).unwrap_or_else(|| "no report of the new version".into());
+        m.error = Some(format!("not healthy within healthy_deadline {:?} ({last})", params.healthy_deadline));
+        return Some(MemberState::Failed);
+    }
+    None
+}

@@ -1,0 +1,107 @@
+//! The deployer's storage: records (releases, agents, assignments, rollouts) behind [`Store`], and
+//! content-addressed blobs behind [`BlobStore`]. The embedded defaults are SQLite and a directory;
+//! a multi-replica deployment can implement the same traits over PostgreSQL and S3.
+
+mod blobs;
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
+use serde::{Deserialize, Serialize};
+
+pub use blobs::FsBlobStore;
+pub use sqlite::SqliteStore;
+
+use crate::rollout::Rollout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A published release: the manifest exactly as signed, and its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub version: String,
+    pub counter: u64,
+    pub manifest: String,
+    pub signature: Option<String>,
+    pub published_ms: u64,
+}
+
+pub enum PutOutcome {
+    Inserted,
+    /// The same manifest was already published: nothing to do.
+    Identical,
+    /// Another manifest is published under this app and version.
+    Conflict,
+}
+
+/// What the deployer knows of an agent: its last check-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub arch: String,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub last_seen_ms: u64,
+    pub apps: Vec<AppReport>,
+    /// Bumped whenever this agent's desired state changes.
+    pub desired_generation: u64,
+}
+
+impl AgentRecord {
+    pub fn report(&self, app: &str) -> Option<&AppReport> {
+        self.apps.iter().find(|a| a.app == app)
+    }
+}
+
+/// What one agent should run for one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub agent_id: String,
+    pub app: String,
+    pub version: String,
+    pub service: ServiceSpec,
+    pub rollout_id: Option<i64>,
+}
+
+pub trait Store: Send + Sync {
+    fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
+    fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
+    fn releases(&self) -> Result<Vec<ReleaseRecord>>;
+
+    /// Records a check-in and returns the agent as stored (with its desired generation).
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<AgentRecord>;
+    fn agents(&self) -> Result<Vec<AgentRecord>>;
+
+    fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>>;
+    fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>>;
+    /// Sets (or with `None` removes) what `agent_id` runs for `app`, bumping its generation.
+    fn assign(&self, agent_id: &str, app: &str, assignment: Option<&Assignment>) -> Result<()>;
+
+    fn create_rollout(&self, rollout: &Rollout) -> Result<i64>;
+    fn update_rollout(&self, rollout: &Rollout) -> Result<()>;
+    /// Queues `pause`, `resume`, `abort` or `rollback` for the engine (which owns the body).
+    fn request_rollout(&self, id: i64, request: &str) -> Result<()>;
+    /// Takes every queued request, oldest rollout first.
+    fn take_rollout_requests(&self) -> Result<Vec<(i64, String)>>;
+    fn rollout(&self, id: i64) -> Result<Option<Rollout>>;
+    fn rollouts(&self) -> Result<Vec<Rollout>>;
+}
+
+pub trait BlobStore: Send + Sync {
+    /// Stores `bytes` under their sha256 (once) and returns the hex digest.
+    fn put(&self, bytes: &[u8]) -> Result<String>;
+    fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>>;
+}

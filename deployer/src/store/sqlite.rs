@@ -1,0 +1,237 @@
+//! The embedded store: one SQLite database (WAL), shared by the server and the CLI.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use muscle_protocol::CheckinRequest;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Store, StoreError};
+use crate::rollout::Rollout;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS releases (
+    app TEXT NOT NULL, version TEXT NOT NULL, counter INTEGER NOT NULL,
+    manifest TEXT NOT NULL, signature TEXT, published_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, version));
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, arch TEXT NOT NULL, hostname TEXT NOT NULL, labels TEXT NOT NULL,
+    agent_version TEXT NOT NULL, last_seen_ms INTEGER NOT NULL, apps TEXT NOT NULL,
+    desired_generation INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS assignments (
+    agent_id TEXT NOT NULL, app TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (agent_id, app));
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL, body TEXT NOT NULL,
+    -- A pause/resume/abort/rollback asked for by the CLI, applied by the engine at its next tick.
+    request TEXT);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(data_dir: &Path) -> Result<SqliteStore> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io { path: data_dir.display().to_string(), source })?;
+        let conn = Connection::open(data_dir.join("muscle.db"))?;
+        // The server and CLI commands share the file: WAL lets them, busy_timeout makes them wait.
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialize")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn release_row(row: &rusqlite::Row) -> rusqlite::Result<ReleaseRecord> {
+    Ok(ReleaseRecord {
+        app: row.get(0)?,
+        version: row.get(1)?,
+        counter: row.get::<_, i64>(2)? as u64,
+        manifest: row.get(3)?,
+        signature: row.get(4)?,
+        published_ms: row.get::<_, i64>(5)? as u64,
+    })
+}
+
+const AGENT_COLUMNS: &str = "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation";
+
+fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, String)> {
+    let record = AgentRecord {
+        id: row.get(0)?,
+        arch: row.get(1)?,
+        hostname: row.get(2)?,
+        labels: Default::default(),
+        agent_version: row.get(4)?,
+        last_seen_ms: row.get::<_, i64>(5)? as u64,
+        apps: vec![],
+        desired_generation: row.get::<_, i64>(7)? as u64,
+    };
+    Ok((record, row.get(3)?, row.get(6)?))
+}
+
+fn finish_agent((mut record, labels, apps): (AgentRecord, String, String)) -> Result<AgentRecord> {
+    record.labels = parse("agent labels", &labels)?;
+    record.apps = parse("agent apps", &apps)?;
+    Ok(record)
+}
+
+impl Store for SqliteStore {
+    fn put_release(&self, r: &ReleaseRecord) -> Result<PutOutcome> {
+        let conn = self.conn();
+        let existing: Option<String> = conn
+            .query_row("SELECT manifest FROM releases WHERE app = ?1 AND version = ?2", params![r.app, r.version], |row| row.get(0))
+            .optional()?;
+        match existing {
+            Some(m) if m == r.manifest => Ok(PutOutcome::Identical),
+            Some(_) => Ok(PutOutcome::Conflict),
+            None => {
+                conn.execute(
+                    "INSERT INTO releases (app, version, counter, manifest, signature, published_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![r.app, r.version, r.counter as i64, r.manifest, r.signature, r.published_ms as i64],
+                )?;
+                Ok(PutOutcome::Inserted)
+            }
+        }
+    }
+
+    fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT app, version, counter, manifest, signature, published_ms FROM releases WHERE app = ?1 AND version = ?2",
+                params![app, version],
+                release_row,
+            )
+            .optional()?)
+    }
+
+    fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT app, version, counter, manifest, signature, published_ms FROM releases ORDER BY app, published_ms")?;
+        let rows = stmt.query_map([], release_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<AgentRecord> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7",
+            params![req.agent_id, req.arch, req.hostname, json(&req.labels), req.agent_version, now_ms as i64, json(&req.apps)],
+        )?;
+        let generation: i64 = conn.query_row("SELECT desired_generation FROM agents WHERE id = ?1", [&req.agent_id], |r| r.get(0))?;
+        Ok(AgentRecord {
+            id: req.agent_id.clone(),
+            arch: req.arch.clone(),
+            hostname: req.hostname.clone(),
+            labels: req.labels.clone(),
+            agent_version: req.agent_version.clone(),
+            last_seen_ms: now_ms,
+            apps: req.apps.clone(),
+            desired_generation: generation as u64,
+        })
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"))?;
+        let rows = stmt.query_map([], agent_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(finish_agent).collect()
+    }
+
+    fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM assignments WHERE agent_id = ?1 ORDER BY app")?;
+        let bodies = stmt.query_map([agent_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        bodies.iter().map(|b| parse("assignment", b)).collect()
+    }
+
+    fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>> {
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM assignments WHERE agent_id = ?1 AND app = ?2", params![agent_id, app], |r| r.get(0))
+            .optional()?;
+        body.map(|b| parse("assignment", &b)).transpose()
+    }
+
+    fn assign(&self, agent_id: &str, app: &str, assignment: Option<&Assignment>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        match assignment {
+            Some(a) => tx.execute(
+                "INSERT INTO assignments (agent_id, app, body) VALUES (?1, ?2, ?3) ON CONFLICT(agent_id, app) DO UPDATE SET body = ?3",
+                params![agent_id, app, json(a)],
+            )?,
+            None => tx.execute("DELETE FROM assignments WHERE agent_id = ?1 AND app = ?2", params![agent_id, app])?,
+        };
+        // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
+        tx.execute("INSERT INTO counters (name, value) VALUES ('generation', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", [])?;
+        let generation: i64 = tx.query_row("SELECT value FROM counters WHERE name = 'generation'", [], |r| r.get(0))?;
+        tx.execute("UPDATE agents SET desired_generation = ?2 WHERE id = ?1", params![agent_id, generation])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("INSERT INTO rollouts (app, body) VALUES (?1, '{}')", [&rollout.app])?;
+        let id = tx.last_insert_rowid();
+        let mut stored = rollout.clone();
+        stored.id = id;
+        tx.execute("UPDATE rollouts SET body = ?2 WHERE id = ?1", params![id, json(&stored)])?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn update_rollout(&self, rollout: &Rollout) -> Result<()> {
+        self.conn().execute("UPDATE rollouts SET body = ?2 WHERE id = ?1", params![rollout.id, json(rollout)])?;
+        Ok(())
+    }
+
+    fn request_rollout(&self, id: i64, request: &str) -> Result<()> {
+        self.conn().execute("UPDATE rollouts SET request = ?2 WHERE id = ?1", params![id, request])?;
+        Ok(())
+    }
+
+    fn take_rollout_requests(&self) -> Result<Vec<(i64, String)>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let requests = {
+            let mut stmt = tx.prepare("SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        tx.execute("UPDATE rollouts SET request = NULL WHERE request IS NOT NULL", [])?;
+        tx.commit()?;
+        Ok(requests)
+    }
+
+    fn rollout(&self, id: i64) -> Result<Option<Rollout>> {
+        let body: Option<String> = self.conn().query_row("SELECT body FROM rollouts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        body.map(|b| parse("rollout", &b)).transpose()
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM rollouts ORDER BY id")?;
+        let bodies = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        bodies.iter().map(|b| parse("rollout", b)).collect()
+    }
+}
