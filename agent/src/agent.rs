@@ -60,7 +60,15 @@ impl Agent {
             .timeout_read(Duration::from_secs(15))
             .user_agent(concat!("muscle-agent/", env!("CARGO_PKG_VERSION")))
             .build();
-        let mut agent = Agent { cfg, store, state, services: BTreeMap::new(), desired: vec![], generation: 0, http };
+        let mut agent = Agent {
+            cfg,
+            store,
+            state,
+            services: BTreeMap::new(),
+            desired: vec![],
+            generation: 0,
+            http,
+        };
         agent.repair_all()?;
         Ok(agent)
     }
@@ -75,7 +83,13 @@ impl Agent {
 
     /// Runs until SIGTERM/SIGINT. Services keep running whatever the network does.
     pub fn run(&mut self) -> Result<()> {
-        eprintln!("muscle-agent {} ({}): id {}, server {}", env!("CARGO_PKG_VERSION"), muscle_inspect::host_arch(), self.state.agent_id, self.cfg.server);
+        eprintln!(
+            "muscle-agent {} ({}): id {}, server {}",
+            env!("CARGO_PKG_VERSION"),
+            muscle_inspect::host_arch(),
+            self.state.agent_id,
+            self.cfg.server
+        );
         let mut next_checkin = Instant::now();
         let mut backoff = self.cfg.interval;
         let mut was_down = false;
@@ -90,7 +104,11 @@ impl Agent {
                         }
                         backoff = self.cfg.interval;
                         // Report the outcome of a change at once rather than an interval later.
-                        if changed { Duration::ZERO } else { jitter(self.cfg.interval) }
+                        if changed {
+                            Duration::ZERO
+                        } else {
+                            jitter(self.cfg.interval)
+                        }
                     }
                     Err(e) => {
                         if !was_down {
@@ -130,7 +148,9 @@ impl Agent {
             req = req.set("Authorization", &format!("Bearer {token}"));
         }
         let response: CheckinResponse = match req.send_json(&request) {
-            Ok(resp) => resp.into_json().context("the server's check-in answer is not valid JSON")?,
+            Ok(resp) => resp
+                .into_json()
+                .context("the server's check-in answer is not valid JSON")?,
             Err(ureq::Error::Status(code, resp)) => {
                 let body = resp.into_string().unwrap_or_default();
                 anyhow::bail!("POST {url} answered {code}: {}", body.trim());
@@ -146,12 +166,22 @@ impl Agent {
 
     fn reconcile(&mut self) -> bool {
         let desired = self.desired.clone();
-        desired.iter().fold(false, |changed, d| self.reconcile_app(d) || changed)
+        desired
+            .iter()
+            .fold(false, |changed, d| self.reconcile_app(d) || changed)
     }
 
     /// What this agent tells the server.
     pub fn report(&mut self) -> CheckinRequest {
-        let apps = self.state.apps.keys().cloned().collect::<Vec<_>>().into_iter().map(|app| self.app_report(&app)).collect();
+        let apps = self
+            .state
+            .apps
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|app| self.app_report(&app))
+            .collect();
         CheckinRequest {
             agent_id: self.state.agent_id.clone(),
             arch: muscle_inspect::host_arch().to_owned(),
@@ -173,7 +203,9 @@ impl Agent {
         if let Some(svc) = self.services.get_mut(app) {
             report.running_version = svc.is_running().then(|| svc.version.clone());
             report.health = svc.health;
-            report.healthy_for_ms = svc.healthy_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+            report.healthy_for_ms = svc
+                .healthy_since
+                .map_or(0, |t| t.elapsed().as_millis() as u64);
             report.restarts = svc.restarts;
             if svc.health != Health::Healthy {
                 report.last_error = svc.last_problem.clone();
@@ -199,7 +231,9 @@ fn jitter(d: Duration) -> Duration {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn random_u32() -> u32 {

@@ -20,24 +20,41 @@ const PROGRESS_WINDOW: Duration = Duration::from_secs(10);
 
 /// Downloads `url` into `part` (resuming what is there) until it holds exactly `size` bytes with
 /// the given sha256. On a hash mismatch the partial file is deleted, so the next try starts over.
-pub fn fetch(http: &ureq::Agent, url: &str, part: &Path, size: u64, sha256: &str) -> Result<(), DownloadError> {
+pub fn fetch(
+    http: &ureq::Agent,
+    url: &str,
+    part: &Path,
+    size: u64,
+    sha256: &str,
+) -> Result<(), DownloadError> {
     let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
     if have > size {
         let _ = std::fs::remove_file(part);
-        return Err(DownloadError::Incomplete(format!("{}: larger than the signed size {size}; discarded", part.display())));
+        return Err(DownloadError::Incomplete(format!(
+            "{}: larger than the signed size {size}; discarded",
+            part.display()
+        )));
     }
     let mut hasher = Sha256::new();
-    let mut have = if have > 0 { rehash(part, &mut hasher).unwrap_or(0) } else { 0 };
+    let mut have = if have > 0 {
+        rehash(part, &mut hasher).unwrap_or(0)
+    } else {
+        0
+    };
     if have < size {
         have = transfer(http, url, part, size, have, &mut hasher)?;
     }
     if have != size {
-        return Err(DownloadError::Incomplete(format!("download of {url} incomplete: got {have} of {size} bytes; will resume")));
+        return Err(DownloadError::Incomplete(format!(
+            "download of {url} incomplete: got {have} of {size} bytes; will resume"
+        )));
     }
     let got = hex::encode(hasher.finalize());
     if got != sha256 {
         let _ = std::fs::remove_file(part);
-        return Err(DownloadError::Refused(format!("sha256 mismatch for {url}: got {got}, expected {sha256} from the manifest")));
+        return Err(DownloadError::Refused(format!(
+            "sha256 mismatch for {url}: got {got}, expected {sha256} from the manifest"
+        )));
     }
     Ok(())
 }
@@ -47,7 +64,14 @@ fn rehash(part: &Path, hasher: &mut Sha256) -> std::io::Result<u64> {
     std::io::copy(&mut file, hasher)
 }
 
-fn transfer(http: &ureq::Agent, url: &str, part: &Path, size: u64, mut have: u64, hasher: &mut Sha256) -> Result<u64, DownloadError> {
+fn transfer(
+    http: &ureq::Agent,
+    url: &str,
+    part: &Path,
+    size: u64,
+    mut have: u64,
+    hasher: &mut Sha256,
+) -> Result<u64, DownloadError> {
     let incomplete = |what: String| DownloadError::Incomplete(format!("download of {url}: {what}"));
     let mut req = http.get(url);
     if have > 0 {
@@ -56,7 +80,9 @@ fn transfer(http: &ureq::Agent, url: &str, part: &Path, size: u64, mut have: u64
     let resp = match req.call() {
         Ok(r) => r,
         Err(ureq::Error::Status(416, _)) => return Ok(have),
-        Err(ureq::Error::Status(code, _)) => return Err(incomplete(format!("server answered {code}"))),
+        Err(ureq::Error::Status(code, _)) => {
+            return Err(incomplete(format!("server answered {code}")))
+        }
         Err(e) => return Err(incomplete(e.to_string())),
     };
     let mut file = match resp.status() {
@@ -84,7 +110,9 @@ fn transfer(http: &ureq::Agent, url: &str, part: &Path, size: u64, mut have: u64
         if have + n as u64 > size {
             drop(file);
             let _ = std::fs::remove_file(part);
-            return Err(DownloadError::Refused(format!("{url} sent more than the signed size of {size} bytes")));
+            return Err(DownloadError::Refused(format!(
+                "{url} sent more than the signed size of {size} bytes"
+            )));
         }
         if let Err(e) = file.write_all(&buf[..n]) {
             drop(file);
@@ -103,6 +131,7 @@ fn transfer(http: &ureq::Agent, url: &str, part: &Path, size: u64, mut have: u64
             (window_start, window_bytes) = (Instant::now(), 0);
         }
     }
-    file.sync_all().map_err(|e| incomplete(format!("cannot sync {}: {e}", part.display())))?;
+    file.sync_all()
+        .map_err(|e| incomplete(format!("cannot sync {}: {e}", part.display())))?;
     Ok(have)
 }

@@ -10,11 +10,13 @@ use anyhow::{Context, Result};
 /// Replaces `path` with `bytes` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    let mut file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file =
+        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     sync_parent(path)
 }
 
@@ -22,8 +24,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn switch_symlink(link: &Path, target: &Path) -> Result<()> {
     let tmp = tmp_path(link);
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create symlink {}", tmp.display()))?;
-    fs::rename(&tmp, link).with_context(|| format!("cannot switch {} to {}", link.display(), target.display()))?;
+    std::os::unix::fs::symlink(target, &tmp)
+        .with_context(|| format!("cannot create symlink {}", tmp.display()))?;
+    fs::rename(&tmp, link)
+        .with_context(|| format!("cannot switch {} to {}", link.display(), target.display()))?;
     sync_parent(link)
 }
 
@@ -46,11 +50,17 @@ pub fn tmp_path(path: &Path) -> std::path::PathBuf {
 /// Removes leftovers of interrupted writes (`*.tmp`) in `dir`, recursively one level of versions.
 pub fn remove_tmp_leftovers(dir: &Path) -> usize {
     let mut removed = 0;
-    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "tmp") {
-            let gone = if path.is_dir() && !path.is_symlink() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let gone = if path.is_dir() && !path.is_symlink() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
             removed += usize::from(gone.is_ok());
         }
     }

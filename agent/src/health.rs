@@ -59,11 +59,15 @@ fn command(argv: &[String]) -> Result<(), String> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("health command {program} exited with {status}")),
+            Ok(Some(status)) => {
+                return Err(format!("health command {program} exited with {status}"))
+            }
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("health command {program} did not finish within {TIMEOUT:?}"));
+                return Err(format!(
+                    "health command {program} did not finish within {TIMEOUT:?}"
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("health command {program}: {e}")),

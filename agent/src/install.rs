@@ -22,14 +22,21 @@ enum InstallError {
     /// These bytes or this manifest will never be installed here.
     Refused(String),
     /// Installed, started, and not healthy in time: rolled back.
-    Unhealthy { reason: String, log_tail: Option<String> },
+    Unhealthy {
+        reason: String,
+        log_tail: Option<String>,
+    },
 }
 
 impl Agent {
     /// Moves `d.app` toward `d.version`. Returns whether anything changed on this host.
     pub fn reconcile_app(&mut self, d: &DesiredApp) -> bool {
         let st = self.state.apps.entry(d.app.clone()).or_default();
-        if st.current.as_ref().is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256) {
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256)
+        {
             return false;
         }
         if let Some(f) = &st.failure {
@@ -42,11 +49,16 @@ impl Agent {
         let st = self.state.apps.entry(d.app.clone()).or_default();
         match result {
             Ok(()) => {
-                eprintln!("muscle-agent: {}: {} is healthy and committed", d.app, d.version);
+                eprintln!(
+                    "muscle-agent: {}: {} is healthy and committed",
+                    d.app, d.version
+                );
             }
             Err(e) => {
                 let attempts = match &st.failure {
-                    Some(f) if f.version == d.version && f.sha256 == d.artifact.sha256 => f.attempts + 1,
+                    Some(f) if f.version == d.version && f.sha256 == d.artifact.sha256 => {
+                        f.attempts + 1
+                    }
                     _ => 1,
                 };
                 let (reason, log_tail, permanent) = match e {
@@ -54,7 +66,10 @@ impl Agent {
                     InstallError::Refused(r) => (r, None, true),
                     InstallError::Unhealthy { reason, log_tail } => (reason, log_tail, true),
                 };
-                eprintln!("muscle-agent: {}: {} not installed: {reason}", d.app, d.version);
+                eprintln!(
+                    "muscle-agent: {}: {} not installed: {reason}",
+                    d.app, d.version
+                );
                 st.failure = Some(Failure {
                     version: d.version.clone(),
                     sha256: d.artifact.sha256.clone(),
@@ -73,10 +88,19 @@ impl Agent {
 
     fn install(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
         let manifest = self.check_manifest(d)?;
-        let spec = d.service.expand(&self.cfg.vars).map_err(|e| InstallError::Refused(e.to_string()))?;
-        spec.validate(&d.app).map_err(|e| InstallError::Refused(e.to_string()))?;
+        let spec = d
+            .service
+            .expand(&self.cfg.vars)
+            .map_err(|e| InstallError::Refused(e.to_string()))?;
+        spec.validate(&d.app)
+            .map_err(|e| InstallError::Refused(e.to_string()))?;
         self.stage(d)?;
-        let new = Installed { version: d.version.clone(), binary: d.artifact.binary.clone(), sha256: d.artifact.sha256.clone(), spec };
+        let new = Installed {
+            version: d.version.clone(),
+            binary: d.artifact.binary.clone(),
+            sha256: d.artifact.sha256.clone(),
+            spec,
+        };
         self.switch(&d.app, new)?;
         let st = self.state.apps.get_mut(&d.app).expect("switch created it");
         st.highest_counter = st.highest_counter.max(manifest.counter);
@@ -88,19 +112,35 @@ impl Agent {
     /// The manifest must be signed by a trusted key (when keys are pinned), unexpired, not a
     /// replay, and must name exactly the artifact the server points at for this architecture.
     fn check_manifest(&self, d: &DesiredApp) -> Result<ReleaseManifest, InstallError> {
-        let refuse = |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
-        muscle_protocol::verify_signature(d.manifest.as_bytes(), d.signature.as_deref(), &self.cfg.trusted_keys)
-            .map_err(|e| refuse(format!("manifest signature: {e}")))?;
-        let manifest = ReleaseManifest::parse(d.manifest.as_bytes()).map_err(|e| refuse(e.to_string()))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
-        manifest.check_expiry(now).map_err(|e| refuse(e.to_string()))?;
+        let refuse =
+            |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
+        muscle_protocol::verify_signature(
+            d.manifest.as_bytes(),
+            d.signature.as_deref(),
+            &self.cfg.trusted_keys,
+        )
+        .map_err(|e| refuse(format!("manifest signature: {e}")))?;
+        let manifest =
+            ReleaseManifest::parse(d.manifest.as_bytes()).map_err(|e| refuse(e.to_string()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
+        manifest
+            .check_expiry(now)
+            .map_err(|e| refuse(e.to_string()))?;
         if manifest.version != d.version {
-            return Err(refuse(format!("the manifest is for version {}, not {}", manifest.version, d.version)));
+            return Err(refuse(format!(
+                "the manifest is for version {}, not {}",
+                manifest.version, d.version
+            )));
         }
         let arch = muscle_inspect::host_arch();
-        let artifact = manifest
-            .artifact(&d.artifact.binary, arch)
-            .ok_or_else(|| refuse(format!("the manifest has no {} binary for {arch}", d.artifact.binary)))?;
+        let artifact = manifest.artifact(&d.artifact.binary, arch).ok_or_else(|| {
+            refuse(format!(
+                "the manifest has no {} binary for {arch}",
+                d.artifact.binary
+            ))
+        })?;
         if artifact.sha256 != d.artifact.sha256 || artifact.size != d.artifact.size {
             return Err(refuse(format!(
                 "the artifact offered (sha256 {}, {} bytes) is not the one the manifest names (sha256 {}, {} bytes)",
@@ -122,20 +162,28 @@ impl Agent {
     fn stage(&mut self, d: &DesiredApp) -> Result<PathBuf, InstallError> {
         let paths = self.paths(&d.app);
         let transient = |what: String| InstallError::Transient(what);
-        paths.create().map_err(|e| transient(format!("cannot create {}: {e}", paths.dir.display())))?;
+        paths
+            .create()
+            .map_err(|e| transient(format!("cannot create {}: {e}", paths.dir.display())))?;
         let dest = paths.binary(&d.version, &d.artifact.binary);
-        if std::fs::read(&dest).is_ok_and(|b| muscle_protocol::sha256_hex(&b) == d.artifact.sha256) {
+        if std::fs::read(&dest).is_ok_and(|b| muscle_protocol::sha256_hex(&b) == d.artifact.sha256)
+        {
             return Ok(dest);
         }
         let part = paths.downloads.join(format!("{}.part", d.artifact.sha256));
         let url = self.artifact_url(&d.artifact.url);
-        download::fetch(&self.http, &url, &part, d.artifact.size, &d.artifact.sha256).map_err(|e| match e {
-            DownloadError::Refused(r) => InstallError::Refused(r),
-            DownloadError::Incomplete(r) => InstallError::Transient(r),
-        })?;
+        download::fetch(&self.http, &url, &part, d.artifact.size, &d.artifact.sha256).map_err(
+            |e| match e {
+                DownloadError::Refused(r) => InstallError::Refused(r),
+                DownloadError::Incomplete(r) => InstallError::Transient(r),
+            },
+        )?;
         if let Err(reason) = check_elf(&part) {
             let _ = std::fs::remove_file(&part);
-            return Err(InstallError::Refused(format!("{} {}: {reason}", d.app, d.version)));
+            return Err(InstallError::Refused(format!(
+                "{} {}: {reason}",
+                d.app, d.version
+            )));
         }
         let tmp_dir = fsutil::tmp_path(&paths.versions.join(&d.version));
         let final_dir = paths.versions.join(&d.version);
@@ -157,7 +205,11 @@ impl Agent {
         if url.starts_with("http://") || url.starts_with("https://") {
             url.to_owned()
         } else {
-            format!("{}/{}", self.cfg.server.trim_end_matches('/'), url.trim_start_matches('/'))
+            format!(
+                "{}/{}",
+                self.cfg.server.trim_end_matches('/'),
+                url.trim_start_matches('/')
+            )
         }
     }
 
@@ -167,7 +219,8 @@ impl Agent {
         let st = self.state.apps.entry(app.to_owned()).or_default();
         let old = st.current.clone();
         st.pending = Some(new.clone());
-        self.save().map_err(|e| InstallError::Transient(format!("{e:#}")))?;
+        self.save()
+            .map_err(|e| InstallError::Transient(format!("{e:#}")))?;
         self.stop_service(app);
         let started = fsutil::switch_symlink(&paths.current, &paths.versions.join(&new.version))
             .and_then(|_| self.start_service(app, &new));
@@ -182,12 +235,16 @@ impl Agent {
                 st.current = Some(new);
                 st.pending = None;
                 st.failure = None;
-                self.save().map_err(|e| InstallError::Transient(format!("{e:#}")))
+                self.save()
+                    .map_err(|e| InstallError::Transient(format!("{e:#}")))
             }
             Err(reason) => {
                 let log_tail = logs::tail(&paths.log, LOG_TAIL_BYTES);
                 self.roll_back(app, old);
-                Err(InstallError::Unhealthy { reason: format!("{} rolled back: {reason}", new.version), log_tail })
+                Err(InstallError::Unhealthy {
+                    reason: format!("{} rolled back: {reason}", new.version),
+                    log_tail,
+                })
             }
         }
     }
@@ -196,10 +253,14 @@ impl Agent {
         self.stop_service(app);
         let paths = self.paths(app);
         if let Some(old) = &old {
-            let restored = fsutil::switch_symlink(&paths.current, &paths.versions.join(&old.version))
-                .and_then(|_| self.start_service(app, old));
+            let restored =
+                fsutil::switch_symlink(&paths.current, &paths.versions.join(&old.version))
+                    .and_then(|_| self.start_service(app, old));
             if let Err(e) = restored {
-                eprintln!("muscle-agent: {app}: cannot restart {} after rollback: {e:#}", old.version);
+                eprintln!(
+                    "muscle-agent: {app}: cannot restart {} after rollback: {e:#}",
+                    old.version
+                );
             }
         } else {
             let _ = std::fs::remove_file(&paths.current);
@@ -226,7 +287,9 @@ impl Agent {
                 return Ok(());
             }
             if started.elapsed() >= deadline {
-                let last = check.err().unwrap_or_else(|| "healthy, but not for long enough".into());
+                let last = check
+                    .err()
+                    .unwrap_or_else(|| "healthy, but not for long enough".into());
                 return Err(format!("not healthy for {min:?} within healthy_deadline {deadline:?} (last check: {last})"));
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -237,8 +300,14 @@ impl Agent {
     fn clean_old_versions(&self, app: &str) {
         let paths = self.paths(app);
         let st = &self.state.apps[app];
-        let keep: Vec<&str> = [&st.current, &st.previous].into_iter().flatten().map(|i| i.version.as_str()).collect();
-        let Ok(entries) = std::fs::read_dir(&paths.versions) else { return };
+        let keep: Vec<&str> = [&st.current, &st.previous]
+            .into_iter()
+            .flatten()
+            .map(|i| i.version.as_str())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&paths.versions) else {
+            return;
+        };
         let mut others: Vec<(SystemTime, PathBuf)> = entries
             .flatten()
             .filter(|e| !keep.iter().any(|k| e.file_name() == *k))
@@ -255,13 +324,22 @@ impl Agent {
 /// The downloaded file must be an ELF for this host and fully static.
 fn check_elf(path: &std::path::Path) -> Result<(), String> {
     let facts = muscle_inspect::inspect_file(path).map_err(|e| e.to_string())?;
-    let host = muscle_inspect::Expectation::for_host().ok_or("this host's architecture is unknown to the verifier")?;
+    let host = muscle_inspect::Expectation::for_host()
+        .ok_or("this host's architecture is unknown to the verifier")?;
     let verdict = muscle_inspect::verify(&facts, &host);
     let must = ["elf-class", "elf-machine", "no-interp", "no-needed"];
-    let fatal: Vec<String> = verdict.failures().filter(|c| must.contains(&c.name)).map(|c| format!("{} ({})", c.name, c.evidence)).collect();
+    let fatal: Vec<String> = verdict
+        .failures()
+        .filter(|c| must.contains(&c.name))
+        .map(|c| format!("{} ({})", c.name, c.evidence))
+        .collect();
     if fatal.is_empty() {
         Ok(())
     } else {
-        Err(format!("not a static binary for this {} host: {}", muscle_inspect::host_arch(), fatal.join(", ")))
+        Err(format!(
+            "not a static binary for this {} host: {}",
+            muscle_inspect::host_arch(),
+            fatal.join(", ")
+        ))
     }
 }

@@ -60,7 +60,10 @@ mod tests {
         assert!(rotate_if_needed(&log, 50).unwrap());
         writeln!(w, "after rotation").unwrap();
         assert_eq!(tail(&log, 1000).unwrap(), "after rotation\n");
-        assert_eq!(std::fs::metadata(dir.join("service.log.1")).unwrap().len(), 101);
+        assert_eq!(
+            std::fs::metadata(dir.join("service.log.1")).unwrap().len(),
+            101
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

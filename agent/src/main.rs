@@ -102,7 +102,11 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status { state_dir, json } => status(&state_dir, json),
-        Command::SystemdUnit { app, state_dir, user } => systemd_unit(&app, &state_dir, user.as_deref()),
+        Command::SystemdUnit {
+            app,
+            state_dir,
+            user,
+        } => systemd_unit(&app, &state_dir, user.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("muscle-agent: error: {e:#}");
@@ -129,16 +133,24 @@ fn run(args: RunArgs) -> Result<()> {
     agent::Agent::start(cfg)?.run()
 }
 
-fn trusted_keys(flags: &[String], state_dir: &std::path::Path) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+fn trusted_keys(
+    flags: &[String],
+    state_dir: &std::path::Path,
+) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
     let file = state_dir.join("trusted-keys");
     let from_file = std::fs::read_to_string(&file).unwrap_or_default();
-    let lines = from_file.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let lines = from_file
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
     flags
         .iter()
         .map(String::as_str)
         .map(|k| (k, "--trusted-key".to_owned()))
         .chain(lines.map(|k| (k, file.display().to_string())))
-        .map(|(k, source)| muscle_protocol::parse_public_key(k).with_context(|| format!("{source}")))
+        .map(|(k, source)| {
+            muscle_protocol::parse_public_key(k).with_context(|| format!("{source}"))
+        })
         .collect()
 }
 
@@ -162,12 +174,19 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("agent {} ({})", state.agent_id, state_dir.display());
-    println!("{:<16} {:<10} {:<10} {:<9} {:<8} PROBLEM", "APP", "CURRENT", "PREVIOUS", "RUNNING", "PID");
+    println!(
+        "{:<16} {:<10} {:<10} {:<9} {:<8} PROBLEM",
+        "APP", "CURRENT", "PREVIOUS", "RUNNING", "PID"
+    );
     for (app, st) in &state.apps {
-        let v = |i: &Option<state::Installed>| i.as_ref().map_or("-".to_owned(), |i| i.version.clone());
+        let v =
+            |i: &Option<state::Installed>| i.as_ref().map_or("-".to_owned(), |i| i.version.clone());
         let alive = st.pid.is_some_and(process::is_alive);
         let problem = match (&st.pending, &st.failure) {
-            (Some(p), _) => format!("install of {} interrupted (repaired at next start)", p.version),
+            (Some(p), _) => format!(
+                "install of {} interrupted (repaired at next start)",
+                p.version
+            ),
             (None, Some(f)) => format!("{}: {}", f.version, f.reason),
             _ => String::new(),
         };
@@ -175,7 +194,11 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
             "{app:<16} {:<10} {:<10} {:<9} {:<8} {problem}",
             v(&st.current),
             v(&st.previous),
-            if alive { st.running_version.as_deref().unwrap_or("?") } else { "no" },
+            if alive {
+                st.running_version.as_deref().unwrap_or("?")
+            } else {
+                "no"
+            },
             st.pid.map_or("-".into(), |p| p.to_string()),
         );
     }
@@ -187,7 +210,12 @@ fn systemd_unit(app: &str, state_dir: &std::path::Path, user: Option<&str>) -> R
     let Some(current) = state.apps.get(app).and_then(|a| a.current.as_ref()) else {
         bail!("{app} has no committed version in {}", state_dir.display());
     };
-    let binary = paths::AppPaths::new(state_dir, app).current.join(&current.binary);
-    print!("{}", systemd::unit(app, &current.version, &binary, &current.spec, user));
+    let binary = paths::AppPaths::new(state_dir, app)
+        .current
+        .join(&current.binary);
+    print!(
+        "{}",
+        systemd::unit(app, &current.version, &binary, &current.spec, user)
+    );
     Ok(())
 }

@@ -76,7 +76,8 @@ pub fn spawn(binary: &Path, spec: &ServiceSpec, log: &Path, marker: &str) -> Res
         Some(dir) => cmd.current_dir(dir),
         None => cmd.current_dir(binary.parent().unwrap_or(Path::new("/"))),
     };
-    cmd.spawn().with_context(|| format!("cannot start {}", binary.display()))
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
 }
 
 pub fn signal_pid(pid: u32, signal: i32) {
@@ -90,7 +91,9 @@ pub fn signal_pid(pid: u32, signal: i32) {
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').map_or(false, |(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => stat.rsplit_once(')').map_or(false, |(_, rest)| {
+            !rest.trim_start().starts_with(['Z', 'X'])
+        }),
         Err(_) => false,
     }
 }
@@ -98,7 +101,9 @@ pub fn is_alive(pid: u32) -> bool {
 /// The pids of live processes whose environment carries `MARKER=marker`.
 pub fn find_marked(marker: &str) -> Vec<u32> {
     let needle = format!("{MARKER}={marker}");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())

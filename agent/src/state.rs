@@ -63,13 +63,18 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn new(state_dir: &Path) -> StateStore {
-        StateStore { path: state_dir.join("state.json") }
+        StateStore {
+            path: state_dir.join("state.json"),
+        }
     }
 
     pub fn load(&self) -> Result<AgentState> {
         match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-                format!("{} is not a valid agent state file (move it away to start afresh)", self.path.display())
+                format!(
+                    "{} is not a valid agent state file (move it away to start afresh)",
+                    self.path.display()
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", self.path.display())),

@@ -60,7 +60,11 @@ impl Service {
     /// Runs the health check once and updates `health` and `healthy_since`.
     pub fn check_health(&mut self, http: &ureq::Agent) -> Result<(), String> {
         self.last_check = Some(Instant::now());
-        let result = if self.is_running() { health::check(&self.spec.health, http) } else { Err("the process is not running".into()) };
+        let result = if self.is_running() {
+            health::check(&self.spec.health, http)
+        } else {
+            Err("the process is not running".into())
+        };
         match &result {
             Ok(()) => {
                 self.healthy_since.get_or_insert_with(Instant::now);
@@ -94,14 +98,30 @@ impl Service {
         let now = Instant::now();
         let policy = &self.spec.restart;
         self.recent_restarts.push_back(now);
-        while self.recent_restarts.front().is_some_and(|t| now.duration_since(*t) > policy.crash_loop_window) {
+        while self
+            .recent_restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.crash_loop_window)
+        {
             self.recent_restarts.pop_front();
         }
         let looping = self.recent_restarts.len() as u32 >= policy.crash_loop_restarts;
-        self.health = if looping { Health::CrashLoop } else { Health::Unhealthy };
+        self.health = if looping {
+            Health::CrashLoop
+        } else {
+            Health::Unhealthy
+        };
         self.healthy_since = None;
-        self.last_problem = Some(format!("{app} {} exited ({how}); restart #{} in {:?}", self.version, self.restarts + 1, self.backoff));
-        eprintln!("muscle-agent: {}", self.last_problem.as_deref().unwrap_or_default());
+        self.last_problem = Some(format!(
+            "{app} {} exited ({how}); restart #{} in {:?}",
+            self.version,
+            self.restarts + 1,
+            self.backoff
+        ));
+        eprintln!(
+            "muscle-agent: {}",
+            self.last_problem.as_deref().unwrap_or_default()
+        );
         self.restart_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(policy.max_backoff);
     }
@@ -134,7 +154,10 @@ impl Agent {
                 continue;
             }
             // A stable service earns its backoff back.
-            if svc.healthy_since.is_some_and(|t| t.elapsed() > svc.spec.restart.crash_loop_window) {
+            if svc
+                .healthy_since
+                .is_some_and(|t| t.elapsed() > svc.spec.restart.crash_loop_window)
+            {
                 svc.backoff = svc.spec.restart.initial_backoff;
                 if svc.health == Health::CrashLoop {
                     svc.health = Health::Healthy;
@@ -153,7 +176,10 @@ impl Agent {
         let binary = paths.binary(&installed.version, &installed.binary);
         let child = process::spawn(&binary, &installed.spec, &paths.log, &paths.marker())?;
         let pid = child.id();
-        self.services.insert(app.to_owned(), Service::new(installed, binary, Proc::Child(child)));
+        self.services.insert(
+            app.to_owned(),
+            Service::new(installed, binary, Proc::Child(child)),
+        );
         let st = self.state.apps.entry(app.to_owned()).or_default();
         st.pid = Some(pid);
         st.running_version = Some(installed.version.clone());
@@ -187,7 +213,8 @@ impl Agent {
         let marked = process::find_marked(&paths.marker());
         let st = self.state.apps.get_mut(app).expect("listed by the caller");
         let interrupted = st.pending.take();
-        let adoptable = interrupted.is_none() && st.running_version == st.current.as_ref().map(|c| c.version.clone());
+        let adoptable = interrupted.is_none()
+            && st.running_version == st.current.as_ref().map(|c| c.version.clone());
         let adopt = st.pid.filter(|pid| adoptable && marked.contains(pid));
         let current = st.current.clone();
         for pid in marked.iter().filter(|p| Some(**p) != adopt) {
@@ -196,7 +223,10 @@ impl Agent {
             orphan.stop(libc::SIGTERM, Duration::from_secs(5));
         }
         if let Some(pending) = &interrupted {
-            eprintln!("muscle-agent: {app}: install of {} was interrupted; back to the committed version", pending.version);
+            eprintln!(
+                "muscle-agent: {app}: install of {} was interrupted; back to the committed version",
+                pending.version
+            );
         }
         let Some(current) = current else {
             st.pid = None;
@@ -206,9 +236,15 @@ impl Agent {
         fsutil::switch_symlink(&paths.current, &paths.versions.join(&current.version))?;
         match adopt {
             Some(pid) => {
-                eprintln!("muscle-agent: {app}: adopted running {} (pid {pid})", current.version);
+                eprintln!(
+                    "muscle-agent: {app}: adopted running {} (pid {pid})",
+                    current.version
+                );
                 let binary = paths.binary(&current.version, &current.binary);
-                self.services.insert(app.to_owned(), Service::new(&current, binary, Proc::Adopted(pid)));
+                self.services.insert(
+                    app.to_owned(),
+                    Service::new(&current, binary, Proc::Adopted(pid)),
+                );
                 Ok(())
             }
             None => self.start_service(app, &current),

@@ -10,8 +10,10 @@ use crate::store::{Result, Store};
 pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     let mut log = Vec::new();
     for (id, request) in store.take_rollout_requests()? {
-        let Some(mut rollout) = store.rollout(id)? else { continue };
-        match rollout.apply_request(&request) {
+        let Some(mut rollout) = store.rollout(id)? else {
+            continue;
+        };
+        match rollout.apply_request(&request, now_ms) {
             Ok(actions) => {
                 apply(store, &actions)?;
                 store.update_rollout(&rollout)?;
@@ -20,8 +22,16 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
             Err(why) => log.push(format!("rollout {id}: {why}")),
         }
     }
-    let agents: BTreeMap<String, _> = store.agents()?.into_iter().map(|a| (a.id.clone(), a)).collect();
-    for mut rollout in store.rollouts()?.into_iter().filter(|r| r.status == Status::Running) {
+    let agents: BTreeMap<String, _> = store
+        .agents()?
+        .into_iter()
+        .map(|a| (a.id.clone(), a))
+        .collect();
+    for mut rollout in store
+        .rollouts()?
+        .into_iter()
+        .filter(|r| r.status == Status::Running)
+    {
         let before = rollout.clone();
         let app = rollout.app.clone();
         let previous = |agent: &str| store.assignment(agent, &app).ok().flatten();
@@ -30,7 +40,10 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         if rollout != before {
             store.update_rollout(&rollout)?;
             if rollout.message != before.message || rollout.status != before.status {
-                log.push(format!("rollout {} ({} {}): {:?}: {}", rollout.id, rollout.app, rollout.version, rollout.status, rollout.message));
+                log.push(format!(
+                    "rollout {} ({} {}): {:?}: {}",
+                    rollout.id, rollout.app, rollout.version, rollout.status, rollout.message
+                ));
             }
         }
     }
@@ -38,7 +51,12 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
 }
 
 fn apply(store: &dyn Store, actions: &[Action]) -> Result<()> {
-    for Action::Assign { agent_id, app, assignment } in actions {
+    for Action::Assign {
+        agent_id,
+        app,
+        assignment,
+    } in actions
+    {
         store.assign(agent_id, app, assignment.as_ref())?;
     }
     Ok(())

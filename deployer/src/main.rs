@@ -22,7 +22,11 @@ use crate::rollout::{Params, Rollout, Status};
 use crate::store::{FsBlobStore, SqliteStore, Store};
 
 #[derive(Parser)]
-#[command(name = "muscle-deploy", version, about = "Publish releases, serve agents, roll out in health-gated waves")]
+#[command(
+    name = "muscle-deploy",
+    version,
+    about = "Publish releases, serve agents, roll out in health-gated waves"
+)]
 struct Cli {
     /// Where the store lives (SQLite database + blobs/). Default: $MUSCLE_DATA_DIR, else ~/.local/share/muscle.
     #[arg(long, global = true, env = "MUSCLE_DATA_DIR")]
@@ -88,12 +92,20 @@ enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
-    Pause { id: i64 },
-    Resume { id: i64 },
+    Pause {
+        id: i64,
+    },
+    Resume {
+        id: i64,
+    },
     /// Stop the rollout where it is, without rolling back.
-    Abort { id: i64 },
+    Abort {
+        id: i64,
+    },
     /// Send every agent the rollout moved back to its previous version.
-    Rollback { id: i64 },
+    Rollback {
+        id: i64,
+    },
 }
 
 #[derive(Args)]
@@ -135,7 +147,9 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn main() {
@@ -162,38 +176,79 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out);
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir)
+            .with_context(|| format!("opening the store in {}", dir.display()))?,
+    );
     match cli.command {
-        Command::Publish { dir: release, trusted_keys } => {
+        Command::Publish {
+            dir: release,
+            trusted_keys,
+        } => {
             let blobs = FsBlobStore::open(&dir)?;
             let keys = load_keys(&trusted_keys, &dir)?;
             match publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())? {
-                publish::Published::New(m) => println!("published {} {} ({} artifacts)", m.app, m.version, m.artifacts.len()),
-                publish::Published::AlreadyThere(m) => println!("{} {} is already published; nothing to do", m.app, m.version),
+                publish::Published::New(m) => println!(
+                    "published {} {} ({} artifacts)",
+                    m.app,
+                    m.version,
+                    m.artifacts.len()
+                ),
+                publish::Published::AlreadyThere(m) => println!(
+                    "{} {} is already published; nothing to do",
+                    m.app, m.version
+                ),
             }
         }
         Command::Releases { json } => {
             let releases = store.releases()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&views::release_rows(&releases))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&views::release_rows(&releases))?
+                );
             } else {
                 print!("{}", views::releases_table(&releases));
             }
         }
-        Command::Serve { listen, blob_base_url, interval, tick } => {
+        Command::Serve {
+            listen,
+            blob_base_url,
+            interval,
+            tick,
+        } => {
             let blobs = Arc::new(FsBlobStore::open(&dir)?);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-                eprintln!("muscle-deploy: serving on http://{} (store {})", listener.local_addr()?, dir.display());
-                server::serve(server::Server { store, blobs, blob_base_url, interval }, listener, tick).await
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!(
+                    "muscle-deploy: serving on http://{} (store {})",
+                    listener.local_addr()?,
+                    dir.display()
+                );
+                server::serve(
+                    server::Server {
+                        store,
+                        blobs,
+                        blob_base_url,
+                        interval,
+                    },
+                    listener,
+                    tick,
+                )
+                .await
             })?;
         }
         Command::Rollout(cmd) => rollout_command(cmd, store.as_ref())?,
         Command::Fleet { json } => {
             let agents = store.agents()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&views::fleet_rows(&agents, now_ms()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&views::fleet_rows(&agents, now_ms()))?
+                );
             } else {
                 print!("{}", views::fleet_table(&agents, now_ms()));
             }
@@ -206,7 +261,11 @@ fn run(cli: Cli) -> Result<()> {
 fn load_keys(flags: &[String], data_dir: &Path) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
     let file = data_dir.join("trusted-keys");
     let text = std::fs::read_to_string(&file).unwrap_or_default();
-    let from_file = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|k| (k, file.display().to_string()));
+    let from_file = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|k| (k, file.display().to_string()));
     flags
         .iter()
         .map(|k| (k.as_str(), "--trusted-key".to_owned()))
@@ -219,7 +278,9 @@ fn keygen(out: &Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .context("reading /dev/urandom")?;
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -229,7 +290,10 @@ fn keygen(out: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
     writeln!(file, "{}", hex::encode(seed))?;
     println!("{}", muscle_protocol::public_key_hex(&key));
-    eprintln!("private key written to {} (mode 0600); the line above is the public key to trust", out.display());
+    eprintln!(
+        "private key written to {} (mode 0600); the line above is the public key to trust",
+        out.display()
+    );
     Ok(())
 }
 
@@ -245,7 +309,8 @@ fn rollout_command(cmd: RolloutCommand, store: &dyn Store) -> Result<()> {
 }
 
 fn read_service(path: &Path) -> Result<ServiceSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read service spec {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read service spec {}", path.display()))?;
     let spec = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(anyhow::Error::from)
     } else {
@@ -256,7 +321,12 @@ fn read_service(path: &Path) -> Result<ServiceSpec> {
 
 fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
     let Some(release) = store.release(&args.app, &args.version)? else {
-        let known: Vec<String> = store.releases()?.into_iter().filter(|r| r.app == args.app).map(|r| r.version).collect();
+        let known: Vec<String> = store
+            .releases()?
+            .into_iter()
+            .filter(|r| r.app == args.app)
+            .map(|r| r.version)
+            .collect();
         bail!("{} {} is not published (published versions: {}); run `muscle-deploy publish dist/{}-{}` first", args.app, args.version, if known.is_empty() { "none".into() } else { known.join(", ") }, args.app, args.version);
     };
     let mut service = match &args.service {
@@ -270,9 +340,18 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
         service.healthy_deadline = d;
     }
     service.validate(&args.app)?;
-    let active: Vec<Rollout> = store.rollouts()?.into_iter().filter(|r| r.app == args.app && r.status.is_active()).collect();
+    let active: Vec<Rollout> = store
+        .rollouts()?
+        .into_iter()
+        .filter(|r| r.app == args.app && r.status.is_active())
+        .collect();
     if !active.is_empty() && !args.supersede {
-        bail!("rollout {} of {} is still {:?}; wait for it, abort it, or pass --supersede", active[0].id, args.app, active[0].status);
+        bail!(
+            "rollout {} of {} is still {:?}; wait for it, abort it, or pass --supersede",
+            active[0].id,
+            args.app,
+            active[0].status
+        );
     }
     let params = Params {
         selector: args.selector.into_iter().collect::<BTreeMap<_, _>>(),
@@ -284,14 +363,32 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
         max_failures: args.max_failures.max(1),
         auto_rollback: args.auto_rollback,
     };
-    let rollout = Rollout::plan(&args.app, &args.version, service, params, &store.agents()?, now_ms()).map_err(anyhow::Error::msg)?;
+    let rollout = Rollout::plan(
+        &args.app,
+        &args.version,
+        service,
+        params,
+        &store.agents()?,
+        now_ms(),
+    )
+    .map_err(anyhow::Error::msg)?;
     check_artifacts(&release.manifest, &rollout)?;
     for old in &active {
         store.request_rollout(old.id, "supersede")?;
     }
     let id = store.create_rollout(&rollout)?;
-    let waves: Vec<String> = rollout.waves.iter().map(|w| format!("{} ({})", w.name, w.members.len())).collect();
-    println!("rollout {id}: {} {} to {} agents in waves: {}", args.app, args.version, rollout.members().count(), waves.join(", "));
+    let waves: Vec<String> = rollout
+        .waves
+        .iter()
+        .map(|w| format!("{} ({})", w.name, w.members.len()))
+        .collect();
+    println!(
+        "rollout {id}: {} {} to {} agents in waves: {}",
+        args.app,
+        args.version,
+        rollout.members().count(),
+        waves.join(", ")
+    );
     Ok(())
 }
 
@@ -299,18 +396,41 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
 fn check_artifacts(manifest: &str, rollout: &Rollout) -> Result<()> {
     let manifest = muscle_protocol::ReleaseManifest::parse(manifest.as_bytes())?;
     let binary = rollout.service.binary_name(&rollout.app);
-    let missing: Vec<String> = rollout.members().filter(|m| manifest.artifact(binary, &m.arch).is_none()).map(|m| format!("{} ({})", m.agent_id, m.arch)).collect();
+    let missing: Vec<String> = rollout
+        .members()
+        .filter(|m| manifest.artifact(binary, &m.arch).is_none())
+        .map(|m| format!("{} ({})", m.agent_id, m.arch))
+        .collect();
     if !missing.is_empty() {
-        let have: Vec<String> = manifest.artifacts.iter().map(|a| format!("{}/{}", a.arch, a.binary)).collect();
-        bail!("{} {} has no `{binary}` binary for agents {}; the release has {}", rollout.app, rollout.version, missing.join(", "), have.join(", "));
+        let have: Vec<String> = manifest
+            .artifacts
+            .iter()
+            .map(|a| format!("{}/{}", a.arch, a.binary))
+            .collect();
+        bail!(
+            "{} {} has no `{binary}` binary for agents {}; the release has {}",
+            rollout.app,
+            rollout.version,
+            missing.join(", "),
+            have.join(", ")
+        );
     }
     Ok(())
 }
 
 fn request(store: &dyn Store, id: i64, what: &str) -> Result<()> {
-    let Some(rollout) = store.rollout(id)? else { bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest") };
-    if matches!(rollout.status, Status::Succeeded | Status::Aborted | Status::Superseded | Status::RolledBack) && what != "rollback" {
-        bail!("rollout {id} is already {:?}; nothing to {what}", rollout.status);
+    let Some(rollout) = store.rollout(id)? else {
+        bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest")
+    };
+    if matches!(
+        rollout.status,
+        Status::Succeeded | Status::Aborted | Status::Superseded | Status::RolledBack
+    ) && what != "rollback"
+    {
+        bail!(
+            "rollout {id} is already {:?}; nothing to {what}",
+            rollout.status
+        );
     }
     store.request_rollout(id, what)?;
     println!("rollout {id}: {what} requested; the deployer applies it at its next tick");
@@ -345,7 +465,9 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let first = find(store)?;
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>10} [{bar:24}] {pos}/{len} {wide_msg}").expect("valid template").progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:24}] {pos}/{len} {wide_msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
     let bars: Vec<ProgressBar> = first
         .waves
         .iter()
@@ -363,7 +485,11 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
         for (bar, wave) in bars.iter().zip(&r.waves) {
             bar.set_position(wave.count(rollout::MemberState::Healthy) as u64);
             let failed = wave.count(rollout::MemberState::Failed);
-            bar.set_message(if failed > 0 { format!("{failed} failed") } else { String::new() });
+            bar.set_message(if failed > 0 {
+                format!("{failed} failed")
+            } else {
+                String::new()
+            });
         }
         if r.message != last_message {
             if !on_terminal {
@@ -374,7 +500,11 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
         if !r.status.is_active() {
             bars.iter().for_each(ProgressBar::abandon);
             print!("{}", views::rollout_summary(&r));
-            return if r.status == Status::Succeeded { Ok(()) } else { bail!("rollout {} ended {:?}", r.id, r.status) };
+            return if r.status == Status::Succeeded {
+                Ok(())
+            } else {
+                bail!("rollout {} ended {:?}", r.id, r.status)
+            };
         }
         std::thread::sleep(Duration::from_millis(300));
     }

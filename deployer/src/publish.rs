@@ -14,16 +14,34 @@ pub enum Published {
     AlreadyThere(ReleaseManifest),
 }
 
-pub fn publish(dir: &Path, store: &dyn Store, blobs: &dyn BlobStore, trusted: &[VerifyingKey], now_ms: u64) -> Result<Published> {
+pub fn publish(
+    dir: &Path,
+    store: &dyn Store,
+    blobs: &dyn BlobStore,
+    trusted: &[VerifyingKey],
+    now_ms: u64,
+) -> Result<Published> {
     let manifest_path = dir.join("manifest.json");
-    let manifest_text = std::fs::read_to_string(&manifest_path).with_context(|| format!("cannot read {} (is {} a release directory written by `cargo xtask release`?)", manifest_path.display(), dir.display()))?;
-    let manifest = ReleaseManifest::parse(manifest_text.as_bytes()).with_context(|| format!("{}", manifest_path.display()))?;
+    let manifest_text = std::fs::read_to_string(&manifest_path).with_context(|| {
+        format!(
+            "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
+            manifest_path.display(),
+            dir.display()
+        )
+    })?;
+    let manifest = ReleaseManifest::parse(manifest_text.as_bytes())
+        .with_context(|| format!("{}", manifest_path.display()))?;
     let sig_path = dir.join("manifest.json.sig");
-    let signature = std::fs::read_to_string(&sig_path).ok().map(|s| s.trim().to_owned());
+    let signature = std::fs::read_to_string(&sig_path)
+        .ok()
+        .map(|s| s.trim().to_owned());
     muscle_protocol::verify_signature(manifest_text.as_bytes(), signature.as_deref(), trusted)
         .with_context(|| format!("{}: signature check", sig_path.display()))?;
     if manifest.artifacts.is_empty() {
-        bail!("{}: field `artifacts` is empty: nothing to publish", manifest_path.display());
+        bail!(
+            "{}: field `artifacts` is empty: nothing to publish",
+            manifest_path.display()
+        );
     }
     let mut contents = Vec::new();
     for artifact in &manifest.artifacts {
@@ -55,27 +73,63 @@ pub fn publish(dir: &Path, store: &dyn Store, blobs: &dyn BlobStore, trusted: &[
 /// and a static binary for the architecture it claims.
 fn check_artifact(dir: &Path, a: &ManifestArtifact) -> Result<Vec<u8>> {
     let path = dir.join(&a.path);
-    let meta = std::fs::symlink_metadata(&path).with_context(|| format!("{}: listed in manifest.json but cannot be read", path.display()))?;
+    let meta = std::fs::symlink_metadata(&path).with_context(|| {
+        format!(
+            "{}: listed in manifest.json but cannot be read",
+            path.display()
+        )
+    })?;
     if !meta.is_file() {
-        bail!("{}: expected a regular file, found a symlink or directory", path.display());
+        bail!(
+            "{}: expected a regular file, found a symlink or directory",
+            path.display()
+        );
     }
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() as u64 != a.size {
-        bail!("{}: size is {} bytes, manifest.json says {}", path.display(), bytes.len(), a.size);
+        bail!(
+            "{}: size is {} bytes, manifest.json says {}",
+            path.display(),
+            bytes.len(),
+            a.size
+        );
     }
     let sha = muscle_protocol::sha256_hex(&bytes);
     if sha != a.sha256 {
-        bail!("{}: sha256 is {sha}, manifest.json says {}", path.display(), a.sha256);
+        bail!(
+            "{}: sha256 is {sha}, manifest.json says {}",
+            path.display(),
+            a.sha256
+        );
     }
-    let facts = muscle_inspect::inspect_bytes(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
+    let facts =
+        muscle_inspect::inspect_bytes(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
     if facts != a.elf {
-        bail!("{}: the ELF facts found differ from manifest.json's `elf` entry", path.display());
+        bail!(
+            "{}: the ELF facts found differ from manifest.json's `elf` entry",
+            path.display()
+        );
     }
-    let machine = muscle_inspect::machine_for_arch(&a.arch).with_context(|| format!("{}: unknown arch {:?} in manifest.json", path.display(), a.arch))?;
-    let expect = Expectation { target: a.target.clone(), machine: machine.to_owned(), class: facts.class, static_pie: None };
+    let machine = muscle_inspect::machine_for_arch(&a.arch).with_context(|| {
+        format!(
+            "{}: unknown arch {:?} in manifest.json",
+            path.display(),
+            a.arch
+        )
+    })?;
+    let expect = Expectation {
+        target: a.target.clone(),
+        machine: machine.to_owned(),
+        class: facts.class,
+        static_pie: None,
+    };
     let verdict = muscle_inspect::verify(&facts, &expect);
     if !verdict.passed() {
-        bail!("{}: failed verification: {}", path.display(), verdict.failure_summary());
+        bail!(
+            "{}: failed verification: {}",
+            path.display(),
+            verdict.failure_summary()
+        );
     }
     Ok(bytes)
 }

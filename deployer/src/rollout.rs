@@ -104,19 +104,39 @@ pub struct Rollout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Sets what `agent_id` runs for `app`; `None` removes the assignment.
-    Assign { agent_id: String, app: String, assignment: Option<Assignment> },
+    Assign {
+        agent_id: String,
+        app: String,
+        assignment: Option<Assignment>,
+    },
 }
 
 impl Rollout {
     /// Chooses the agents and the waves. Fails naming the selector when no agent matches.
-    pub fn plan(app: &str, version: &str, service: ServiceSpec, params: Params, agents: &[AgentRecord], now_ms: u64) -> Result<Rollout, String> {
+    pub fn plan(
+        app: &str,
+        version: &str,
+        service: ServiceSpec,
+        params: Params,
+        agents: &[AgentRecord],
+        now_ms: u64,
+    ) -> Result<Rollout, String> {
         let mut selected: Vec<&AgentRecord> = agents
             .iter()
             .filter(|a| now_ms.saturating_sub(a.last_seen_ms) < STALE_AFTER_MS)
-            .filter(|a| params.selector.iter().all(|(k, v)| a.labels.get(k) == Some(v) || (k == "arch" && &a.arch == v)))
+            .filter(|a| {
+                params
+                    .selector
+                    .iter()
+                    .all(|(k, v)| a.labels.get(k) == Some(v) || (k == "arch" && &a.arch == v))
+            })
             .collect();
         if selected.is_empty() {
-            let sel: Vec<String> = params.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let sel: Vec<String> = params
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             return Err(format!(
                 "no live agent matches the selector [{}] ({} agents known, none seen in the last {}s match)",
                 sel.join(", "),
@@ -125,19 +145,39 @@ impl Rollout {
             ));
         }
         selected.sort_by(|a, b| a.id.cmp(&b.id));
-        let member = |a: &AgentRecord| Member { agent_id: a.id.clone(), arch: a.arch.clone(), state: MemberState::Pending, previous: None, assigned_ms: None, error: None };
+        let member = |a: &AgentRecord| Member {
+            agent_id: a.id.clone(),
+            arch: a.arch.clone(),
+            state: MemberState::Pending,
+            previous: None,
+            assigned_ms: None,
+            error: None,
+        };
         let mut by_arch: BTreeMap<&str, Vec<&AgentRecord>> = BTreeMap::new();
         for a in &selected {
             by_arch.entry(a.arch.as_str()).or_default().push(a);
         }
-        let canary: Vec<Member> = by_arch.values().flat_map(|group| group.iter().take(params.canary_per_arch).map(|a| member(a))).collect();
-        let rest: Vec<Member> = selected.iter().filter(|a| !canary.iter().any(|c| c.agent_id == a.id)).map(|a| member(a)).collect();
+        let canary: Vec<Member> = by_arch
+            .values()
+            .flat_map(|group| group.iter().take(params.canary_per_arch).map(|a| member(a)))
+            .collect();
+        let rest: Vec<Member> = selected
+            .iter()
+            .filter(|a| !canary.iter().any(|c| c.agent_id == a.id))
+            .map(|a| member(a))
+            .collect();
         let mut waves = Vec::new();
         if !canary.is_empty() {
-            waves.push(Wave { name: "canary".into(), members: canary });
+            waves.push(Wave {
+                name: "canary".into(),
+                members: canary,
+            });
         }
         for (i, chunk) in rest.chunks(params.max_parallel.max(1)).enumerate() {
-            waves.push(Wave { name: format!("batch {}", i + 1), members: chunk.to_vec() });
+            waves.push(Wave {
+                name: format!("batch {}", i + 1),
+                members: chunk.to_vec(),
+            });
         }
         Ok(Rollout {
             id: 0,
@@ -155,7 +195,10 @@ impl Rollout {
     }
 
     pub fn failures(&self) -> u32 {
-        self.waves.iter().map(|w| w.count(MemberState::Failed) as u32).sum()
+        self.waves
+            .iter()
+            .map(|w| w.count(MemberState::Failed) as u32)
+            .sum()
     }
 
     pub fn members(&self) -> impl Iterator<Item = &Member> {
@@ -164,7 +207,12 @@ impl Rollout {
 
     /// One step: start the current wave's members, judge their health, and move on, halt or
     /// roll back. `previous` says what an agent runs for the app now (recorded for rollback).
-    pub fn advance(&mut self, agents: &BTreeMap<String, AgentRecord>, now_ms: u64, previous: &dyn Fn(&str) -> Option<Assignment>) -> Vec<Action> {
+    pub fn advance(
+        &mut self,
+        agents: &BTreeMap<String, AgentRecord>,
+        now_ms: u64,
+        previous: &dyn Fn(&str) -> Option<Assignment>,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.status != Status::Running {
             return actions;
@@ -173,7 +221,13 @@ impl Rollout {
             self.status = Status::Succeeded;
             return actions;
         };
-        let assignment = Assignment { agent_id: String::new(), app: self.app.clone(), version: self.version.clone(), service: self.service.clone(), rollout_id: Some(self.id) };
+        let assignment = Assignment {
+            agent_id: String::new(),
+            app: self.app.clone(),
+            version: self.version.clone(),
+            service: self.service.clone(),
+            rollout_id: Some(self.id),
+        };
         let mut progressed = false;
         for m in &mut wave.members {
             match m.state {
@@ -181,10 +235,24 @@ impl Rollout {
                     m.previous = previous(&m.agent_id);
                     m.state = MemberState::Updating;
                     m.assigned_ms = Some(now_ms);
-                    actions.push(Action::Assign { agent_id: m.agent_id.clone(), app: self.app.clone(), assignment: Some(Assignment { agent_id: m.agent_id.clone(), ..assignment.clone() }) });
+                    actions.push(Action::Assign {
+                        agent_id: m.agent_id.clone(),
+                        app: self.app.clone(),
+                        assignment: Some(Assignment {
+                            agent_id: m.agent_id.clone(),
+                            ..assignment.clone()
+                        }),
+                    });
                 }
                 MemberState::Updating => {
-                    if let Some(verdict) = judge(m, agents.get(&m.agent_id), &self.app, &self.version, &self.params, now_ms) {
+                    if let Some(verdict) = judge(
+                        m,
+                        agents.get(&m.agent_id),
+                        &self.app,
+                        &self.version,
+                        &self.params,
+                        now_ms,
+                    ) {
                         progressed |= verdict == MemberState::Healthy;
                         m.state = verdict;
                     }
@@ -195,17 +263,34 @@ impl Rollout {
         if progressed {
             self.last_progress_ms = now_ms;
         }
-        let wave_done = wave.members.iter().all(|m| matches!(m.state, MemberState::Healthy | MemberState::Failed));
+        let wave_done = wave
+            .members
+            .iter()
+            .all(|m| matches!(m.state, MemberState::Healthy | MemberState::Failed));
         let wave_name = wave.name.clone();
         if self.failures() >= self.params.max_failures.max(1) {
-            let failed: Vec<String> = self.members().filter(|m| m.state == MemberState::Failed).map(|m| format!("{}: {}", m.agent_id, m.error.as_deref().unwrap_or("failed"))).collect();
-            self.message = format!("halted in {wave_name}: {} failure(s) reached max_failures {} ({})", failed.len(), self.params.max_failures.max(1), failed.join("; "));
+            let failed: Vec<String> = self
+                .members()
+                .filter(|m| m.state == MemberState::Failed)
+                .map(|m| format!("{}: {}", m.agent_id, m.error.as_deref().unwrap_or("failed")))
+                .collect();
+            self.message = format!(
+                "halted in {wave_name}: {} failure(s) reached max_failures {} ({})",
+                failed.len(),
+                self.params.max_failures.max(1),
+                failed.join("; ")
+            );
             self.status = Status::Halted;
             if self.params.auto_rollback {
                 actions.extend(self.roll_back());
             }
-        } else if now_ms.saturating_sub(self.last_progress_ms) > self.params.progress_deadline.as_millis() as u64 {
-            self.message = format!("halted in {wave_name}: no agent became healthy within progress_deadline {:?}", self.params.progress_deadline);
+        } else if now_ms.saturating_sub(self.last_progress_ms)
+            > self.params.progress_deadline.as_millis() as u64
+        {
+            self.message = format!(
+                "halted in {wave_name}: no agent became healthy within progress_deadline {:?}",
+                self.params.progress_deadline
+            );
             self.status = Status::Halted;
             if self.params.auto_rollback {
                 actions.extend(self.roll_back());
@@ -217,7 +302,10 @@ impl Rollout {
                 self.status = Status::Succeeded;
                 self.message = format!("every agent runs {} healthy", self.version);
             } else {
-                self.message = format!("{wave_name} healthy; starting {}", self.waves[self.current_wave].name);
+                self.message = format!(
+                    "{wave_name} healthy; starting {}",
+                    self.waves[self.current_wave].name
+                );
             }
         }
         actions
@@ -227,8 +315,15 @@ impl Rollout {
     pub fn roll_back(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         for m in self.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
-            if matches!(m.state, MemberState::Updating | MemberState::Healthy | MemberState::Failed) {
-                actions.push(Action::Assign { agent_id: m.agent_id.clone(), app: self.app.clone(), assignment: m.previous.clone() });
+            if matches!(
+                m.state,
+                MemberState::Updating | MemberState::Healthy | MemberState::Failed
+            ) {
+                actions.push(Action::Assign {
+                    agent_id: m.agent_id.clone(),
+                    app: self.app.clone(),
+                    assignment: m.previous.clone(),
+                });
                 if m.state != MemberState::Failed {
                     m.state = MemberState::RolledBack;
                 }
@@ -240,16 +335,19 @@ impl Rollout {
     }
 
     /// Applies a CLI request. Unknown or inapplicable requests change nothing and say why.
-    pub fn apply_request(&mut self, request: &str) -> Result<Vec<Action>, String> {
+    pub fn apply_request(&mut self, request: &str, now_ms: u64) -> Result<Vec<Action>, String> {
         match (request, self.status) {
             ("pause", Status::Running) => self.status = Status::Paused,
             ("resume", Status::Paused) => {
                 self.status = Status::Running;
-                self.last_progress_ms = 0;
+                // Time spent paused does not count against progress_deadline.
+                self.last_progress_ms = now_ms;
             }
             ("abort", s) if s.is_active() => self.status = Status::Aborted,
             ("supersede", s) if s.is_active() => self.status = Status::Superseded,
-            ("rollback", Status::Running | Status::Paused | Status::Halted | Status::Succeeded) => return Ok(self.roll_back()),
+            ("rollback", Status::Running | Status::Paused | Status::Halted | Status::Succeeded) => {
+                return Ok(self.roll_back())
+            }
             (r, s) => return Err(format!("cannot {r} rollout {} while it is {s:?}", self.id)),
         }
         self.message = format!("{request} requested");
@@ -257,12 +355,30 @@ impl Rollout {
     }
 }
 
+/// How long the deployer waits for an agent's verdict. The agent itself enforces
+/// `healthy_deadline` from the moment it starts the new version and reports the outcome; this
+/// backstop, measured from the assignment, only catches agents that go silent (it also covers the
+/// check-in interval and the download).
+pub fn report_deadline(healthy_deadline: Duration) -> Duration {
+    healthy_deadline * 2 + Duration::from_secs(10)
+}
+
 /// The verdict on an updating member, from its agent's last report: `None` while undecided.
-fn judge(m: &mut Member, agent: Option<&AgentRecord>, app: &str, version: &str, params: &Params, now_ms: u64) -> Option<MemberState> {
+fn judge(
+    m: &mut Member,
+    agent: Option<&AgentRecord>,
+    app: &str,
+    version: &str,
+    params: &Params,
+    now_ms: u64,
+) -> Option<MemberState> {
     let report = agent.and_then(|a| a.report(app));
     if let Some(r) = report {
         if r.failed_version.as_deref() == Some(version) {
-            let mut error = r.last_error.clone().unwrap_or_else(|| "the agent refused or rolled back".into());
+            let mut error = r
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the agent refused or rolled back".into());
             if let Some(tail) = r.log_tail.as_deref().and_then(|t| t.lines().last()) {
                 error = format!("{error} [log: {tail}]");
             }
@@ -278,9 +394,11 @@ fn judge(m: &mut Member, agent: Option<&AgentRecord>, app: &str, version: &str, 
         }
     }
     let waited = now_ms.saturating_sub(m.assigned_ms.unwrap_or(now_ms));
-    if waited > params.healthy_deadline.as_millis() as u64 {
-        let last = report.and_then(|r| r.last_error.clone()).unwrap_or_else(|| "no report of the new version".into());
-        m.error = Some(format!("not healthy within healthy_deadline {:?} ({last})", params.healthy_deadline));
+    if waited > report_deadline(params.healthy_deadline).as_millis() as u64 {
+        let last = report
+            .and_then(|r| r.last_error.clone())
+            .unwrap_or_else(|| "no report of the new version".into());
+        m.error = Some(format!("no healthy report within {:?} (healthy_deadline {:?} plus download and reporting time; last: {last})", report_deadline(params.healthy_deadline), params.healthy_deadline));
         return Some(MemberState::Failed);
     }
     None

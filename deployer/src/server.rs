@@ -9,7 +9,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use muscle_protocol::{Artifact, CheckinRequest, CheckinResponse, DesiredApp, ReleaseManifest, MAX_CHECKIN_BYTES};
+use muscle_protocol::{
+    Artifact, CheckinRequest, CheckinResponse, DesiredApp, ReleaseManifest, MAX_CHECKIN_BYTES,
+};
 
 use crate::store::{AgentRecord, BlobStore, FsBlobStore, Store};
 use crate::{engine, now_ms};
@@ -36,7 +38,11 @@ pub fn router(server: Server) -> Router {
 }
 
 /// Serves until SIGTERM or Ctrl-C, advancing rollouts every `tick`.
-pub async fn serve(server: Server, listener: tokio::net::TcpListener, tick: Duration) -> anyhow::Result<()> {
+pub async fn serve(
+    server: Server,
+    listener: tokio::net::TcpListener,
+    tick: Duration,
+) -> anyhow::Result<()> {
     let store = server.store.clone();
     let engine = tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
@@ -44,21 +50,27 @@ pub async fn serve(server: Server, listener: tokio::net::TcpListener, tick: Dura
         loop {
             interval.tick().await;
             let store = store.clone();
-            match tokio::task::spawn_blocking(move || engine::tick(store.as_ref(), now_ms())).await {
-                Ok(Ok(log)) => log.iter().for_each(|line| eprintln!("muscle-deploy: {line}")),
+            match tokio::task::spawn_blocking(move || engine::tick(store.as_ref(), now_ms())).await
+            {
+                Ok(Ok(log)) => log
+                    .iter()
+                    .for_each(|line| eprintln!("muscle-deploy: {line}")),
                 Ok(Err(e)) => eprintln!("muscle-deploy: rollout engine: {e}"),
                 Err(e) => eprintln!("muscle-deploy: rollout engine panicked: {e}"),
             }
         }
     });
-    axum::serve(listener, router(server)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, router(server))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     engine.abort();
     eprintln!("muscle-deploy: stopped");
     Ok(())
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -79,7 +91,12 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 async fn checkin(State(s): State<Server>, body: Bytes) -> Result<Json<CheckinResponse>, ApiError> {
-    let req: CheckinRequest = serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid check-in body: {e}")))?;
+    let req: CheckinRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid check-in body: {e}"),
+        )
+    })?;
     validate(&req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let store = s.store.clone();
     let interval_ms = Some(s.interval.as_millis() as u64);
@@ -87,35 +104,67 @@ async fn checkin(State(s): State<Server>, body: Bytes) -> Result<Json<CheckinRes
     tokio::task::spawn_blocking(move || {
         let agent = store.record_checkin(&req, now_ms()).map_err(internal)?;
         if agent.desired_generation == req.generation {
-            return Ok(Json(CheckinResponse { generation: agent.desired_generation, unchanged: true, apps: vec![], interval_ms }));
+            return Ok(Json(CheckinResponse {
+                generation: agent.desired_generation,
+                unchanged: true,
+                apps: vec![],
+                interval_ms,
+            }));
         }
         let apps = desired_apps(store.as_ref(), &agent, blob_base.as_deref()).map_err(internal)?;
-        Ok(Json(CheckinResponse { generation: agent.desired_generation, unchanged: false, apps, interval_ms }))
+        Ok(Json(CheckinResponse {
+            generation: agent.desired_generation,
+            unchanged: false,
+            apps,
+            interval_ms,
+        }))
     })
     .await
     .map_err(internal)?
 }
 
 fn validate(req: &CheckinRequest) -> Result<(), String> {
-    let id_ok = !req.agent_id.is_empty() && req.agent_id.len() <= 128 && req.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let id_ok = !req.agent_id.is_empty()
+        && req.agent_id.len() <= 128
+        && req
+            .agent_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !id_ok {
-        return Err(format!("agent_id {:?}: expected 1-128 characters of [A-Za-z0-9._-]", req.agent_id));
+        return Err(format!(
+            "agent_id {:?}: expected 1-128 characters of [A-Za-z0-9._-]",
+            req.agent_id
+        ));
     }
     if muscle_inspect::machine_for_arch(&req.arch).is_none() {
-        return Err(format!("arch {:?}: expected an architecture as `uname -m` names it (x86_64, aarch64, ...)", req.arch));
+        return Err(format!(
+            "arch {:?}: expected an architecture as `uname -m` names it (x86_64, aarch64, ...)",
+            req.arch
+        ));
     }
     Ok(())
 }
 
 /// The desired state of one agent: its assignments resolved to artifacts of its architecture.
-fn desired_apps(store: &dyn Store, agent: &AgentRecord, blob_base: Option<&str>) -> crate::store::Result<Vec<DesiredApp>> {
+fn desired_apps(
+    store: &dyn Store,
+    agent: &AgentRecord,
+    blob_base: Option<&str>,
+) -> crate::store::Result<Vec<DesiredApp>> {
     let mut apps = Vec::new();
     for a in store.assignments(&agent.id)? {
-        let Some(release) = store.release(&a.app, &a.version)? else { continue };
-        let Ok(manifest) = ReleaseManifest::parse(release.manifest.as_bytes()) else { continue };
+        let Some(release) = store.release(&a.app, &a.version)? else {
+            continue;
+        };
+        let Ok(manifest) = ReleaseManifest::parse(release.manifest.as_bytes()) else {
+            continue;
+        };
         let binary = a.service.binary_name(&a.app).to_owned();
         let Some(artifact) = manifest.artifact(&binary, &agent.arch) else {
-            eprintln!("muscle-deploy: {} {} has no {binary} for {} (agent {})", a.app, a.version, agent.arch, agent.id);
+            eprintln!(
+                "muscle-deploy: {} {} has no {binary} for {} (agent {})",
+                a.app, a.version, agent.arch, agent.id
+            );
             continue;
         };
         let path = format!("/v1/blobs/sha256/{}", artifact.sha256);
@@ -123,7 +172,9 @@ fn desired_apps(store: &dyn Store, agent: &AgentRecord, blob_base: Option<&str>)
             app: a.app.clone(),
             version: a.version.clone(),
             artifact: Artifact {
-                url: blob_base.map_or(path.clone(), |base| format!("{}{path}", base.trim_end_matches('/'))),
+                url: blob_base.map_or(path.clone(), |base| {
+                    format!("{}{path}", base.trim_end_matches('/'))
+                }),
                 sha256: artifact.sha256.clone(),
                 size: artifact.size,
                 binary,
@@ -138,36 +189,68 @@ fn desired_apps(store: &dyn Store, agent: &AgentRecord, blob_base: Option<&str>)
 
 async fn blob(State(s): State<Server>, Path(hex): Path<String>, headers: HeaderMap) -> Response {
     if s.blobs.path(&hex).is_none() {
-        return ApiError(StatusCode::BAD_REQUEST, format!("{hex:?} is not a sha256: expected 64 lowercase hex digits")).into_response();
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{hex:?} is not a sha256: expected 64 lowercase hex digits"),
+        )
+        .into_response();
     }
     let etag = format!("\"{hex}\"");
-    if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
         return StatusCode::NOT_MODIFIED.into_response();
     }
     let blobs = s.blobs.clone();
     let key = hex.clone();
     let bytes = match tokio::task::spawn_blocking(move || blobs.get(&key)).await {
         Ok(Ok(Some(bytes))) => bytes,
-        Ok(Ok(None)) => return ApiError(StatusCode::NOT_FOUND, format!("no blob sha256:{hex}")).into_response(),
+        Ok(Ok(None)) => {
+            return ApiError(StatusCode::NOT_FOUND, format!("no blob sha256:{hex}")).into_response()
+        }
         Ok(Err(e)) => return internal(e).into_response(),
         Err(e) => return internal(e).into_response(),
     };
     let mut response_headers = HeaderMap::new();
-    response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
+    response_headers.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+    );
     // Content-addressed: the bytes behind this URL can never change.
-    response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    response_headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
     response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     let len = bytes.len() as u64;
-    match headers.get(header::RANGE).map(|r| parse_range(r.to_str().unwrap_or(""), len)) {
+    match headers
+        .get(header::RANGE)
+        .map(|r| parse_range(r.to_str().unwrap_or(""), len))
+    {
         None => (StatusCode::OK, response_headers, bytes).into_response(),
         Some(Some((start, end))) => {
             let range = format!("bytes {start}-{end}/{len}");
-            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).expect("digits"));
-            (StatusCode::PARTIAL_CONTENT, response_headers, bytes[start as usize..=end as usize].to_vec()).into_response()
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&range).expect("digits"),
+            );
+            (
+                StatusCode::PARTIAL_CONTENT,
+                response_headers,
+                bytes[start as usize..=end as usize].to_vec(),
+            )
+                .into_response()
         }
         Some(None) => {
-            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("digits"));
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("digits"),
+            );
             (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response()
         }
     }
@@ -183,14 +266,19 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
             (len.checked_sub(n.min(len))?, len.checked_sub(1)?)
         }
         (s, "") => (s.parse().ok()?, len.checked_sub(1)?),
-        (s, e) => (s.parse().ok()?, e.parse::<u64>().ok()?.min(len.checked_sub(1)?)),
+        (s, e) => (
+            s.parse().ok()?,
+            e.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+        ),
     };
     (start <= end && start < len).then_some((start, end))
 }
 
 async fn fleet(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
     let agents = s.store.agents().map_err(internal)?;
-    Ok(Json(serde_json::to_value(crate::views::fleet_rows(&agents, now_ms())).map_err(internal)?))
+    Ok(Json(
+        serde_json::to_value(crate::views::fleet_rows(&agents, now_ms())).map_err(internal)?,
+    ))
 }
 
 async fn rollouts(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -200,7 +288,9 @@ async fn rollouts(State(s): State<Server>) -> Result<Json<serde_json::Value>, Ap
 
 async fn releases(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
     let releases = s.store.releases().map_err(internal)?;
-    Ok(Json(serde_json::to_value(crate::views::release_rows(&releases)).map_err(internal)?))
+    Ok(Json(
+        serde_json::to_value(crate::views::release_rows(&releases)).map_err(internal)?,
+    ))
 }
 
 #[cfg(test)]

@@ -34,7 +34,12 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                 id: a.id.clone(),
                 arch: a.arch.clone(),
                 hostname: a.hostname.clone(),
-                labels: a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                labels: a
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 agent_version: a.agent_version.clone(),
                 apps: a
                     .apps
@@ -42,7 +47,10 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                     .map(|r| AppCell {
                         app: r.app.clone(),
                         version: r.running_version.clone().or(r.installed_version.clone()),
-                        health: serde_json::to_value(r.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                        health: serde_json::to_value(r.health)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
                         error: r.last_error.clone(),
                     })
                     .collect(),
@@ -57,12 +65,47 @@ pub fn fleet_table(agents: &[AgentRecord], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = fleet_rows(agents, now_ms)
         .into_iter()
         .map(|r| {
-            let apps = r.apps.iter().map(|c| format!("{} {} ({})", c.app, c.version.as_deref().unwrap_or("-"), c.health)).collect::<Vec<_>>().join(", ");
-            let seen = if r.stale { format!("{}s ago (stale)", r.last_seen_s) } else { format!("{}s ago", r.last_seen_s) };
-            vec![r.id, r.arch, r.hostname, r.labels, r.agent_version, apps, seen]
+            let apps = r
+                .apps
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} ({})",
+                        c.app,
+                        c.version.as_deref().unwrap_or("-"),
+                        c.health
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let seen = if r.stale {
+                format!("{}s ago (stale)", r.last_seen_s)
+            } else {
+                format!("{}s ago", r.last_seen_s)
+            };
+            vec![
+                r.id,
+                r.arch,
+                r.hostname,
+                r.labels,
+                r.agent_version,
+                apps,
+                seen,
+            ]
         })
         .collect();
-    table(&["AGENT", "ARCH", "HOSTNAME", "LABELS", "AGENT VERSION", "APPS", "LAST SEEN"], &rows)
+    table(
+        &[
+            "AGENT",
+            "ARCH",
+            "HOSTNAME",
+            "LABELS",
+            "AGENT VERSION",
+            "APPS",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
 }
 
 #[derive(Serialize)]
@@ -84,7 +127,14 @@ pub fn release_rows(releases: &[ReleaseRecord]) -> Vec<ReleaseRow> {
                 version: r.version.clone(),
                 counter: r.counter,
                 signed: r.signature.is_some(),
-                artifacts: manifest.map(|m| m.artifacts.iter().map(|a| format!("{}/{}", a.arch, a.binary)).collect()).unwrap_or_default(),
+                artifacts: manifest
+                    .map(|m| {
+                        m.artifacts
+                            .iter()
+                            .map(|a| format!("{}/{}", a.arch, a.binary))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect()
@@ -93,27 +143,49 @@ pub fn release_rows(releases: &[ReleaseRecord]) -> Vec<ReleaseRow> {
 pub fn releases_table(releases: &[ReleaseRecord]) -> String {
     let rows: Vec<Vec<String>> = release_rows(releases)
         .into_iter()
-        .map(|r| vec![r.app, r.version, r.counter.to_string(), if r.signed { "yes" } else { "no" }.into(), r.artifacts.join(" ")])
+        .map(|r| {
+            vec![
+                r.app,
+                r.version,
+                r.counter.to_string(),
+                if r.signed { "yes" } else { "no" }.into(),
+                r.artifacts.join(" "),
+            ]
+        })
         .collect();
     table(&["APP", "VERSION", "COUNTER", "SIGNED", "ARTIFACTS"], &rows)
 }
 
 pub fn rollout_summary(r: &Rollout) -> String {
-    let mut out = format!("rollout {}: {} {} — {:?}: {}\n", r.id, r.app, r.version, r.status, r.message);
+    let mut out = format!(
+        "rollout {}: {} {} — {:?}: {}\n",
+        r.id, r.app, r.version, r.status, r.message
+    );
     for (i, w) in r.waves.iter().enumerate() {
-        let marker = if i == r.current_wave && r.status.is_active() { ">" } else { " " };
+        let marker = if i == r.current_wave && r.status.is_active() {
+            ">"
+        } else {
+            " "
+        };
         let members: Vec<String> = w
             .members
             .iter()
             .map(|m| {
                 let state = format!("{:?}", m.state).to_lowercase();
                 match (&m.error, m.state) {
-                    (Some(e), MemberState::Failed) => format!("{} [{}] {state}: {e}", m.agent_id, m.arch),
+                    (Some(e), MemberState::Failed) => {
+                        format!("{} [{}] {state}: {e}", m.agent_id, m.arch)
+                    }
                     _ => format!("{} [{}] {state}", m.agent_id, m.arch),
                 }
             })
             .collect();
-        out += &format!("{marker} {:<8} {}/{} healthy\n", w.name, w.count(MemberState::Healthy), w.members.len());
+        out += &format!(
+            "{marker} {:<8} {}/{} healthy\n",
+            w.name,
+            w.count(MemberState::Healthy),
+            w.members.len()
+        );
         for m in members {
             out += &format!("      {m}\n");
         }
@@ -128,7 +200,17 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+            + "\n"
+    };
     let mut out = line(header.to_vec());
     for row in rows {
         out += &line(row.iter().map(String::as_str).collect());

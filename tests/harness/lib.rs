@@ -1,1 +1,43 @@
+//! The harness behind `cargo xtask demo` and the end-to-end tests: real releases built by the
+//! release code path (`cargo xtask release`), a real `muscle-deploy` process, and real agents of
+//! both architectures (aarch64 ones under qemu-user through binfmt_misc), all on loopback.
+//!
+//! Every process it starts is killed when its handle drops, services included, so a failing
+//! test leaves nothing running.
 
+mod build;
+mod deployer;
+mod fleet;
+mod wait;
+
+pub use build::{
+    host_deployer, release_agents, release_hello, workspace_root, Artifacts, HelloVersion,
+};
+pub use deployer::Deployer;
+pub use fleet::{Agent, AgentOptions, Fleet};
+pub use wait::wait_until;
+
+/// The release targets of the mixed fleet, as (triple, arch).
+pub const TARGETS: [(&str, &str); 2] = [
+    ("x86_64-unknown-linux-musl", "x86_64"),
+    ("aarch64-unknown-linux-musl", "aarch64"),
+];
+
+/// A port nobody listens on right now (the kernel's choice of an ephemeral port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("loopback is available")
+}
+
+/// Fails loudly when aarch64 binaries cannot run here: the ARM half of the fleet must never be
+/// skipped silently.
+pub fn require_aarch64_emulation() -> anyhow::Result<()> {
+    if std::env::consts::ARCH == "aarch64"
+        || std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists()
+    {
+        return Ok(());
+    }
+    anyhow::bail!("aarch64 binaries cannot run here: qemu-aarch64 is not registered with binfmt_misc; run `cargo xtask setup` (as root) first")
+}

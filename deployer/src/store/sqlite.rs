@@ -35,18 +35,25 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(data_dir: &Path) -> Result<SqliteStore> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io { path: data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
         let conn = Connection::open(data_dir.join("muscle.db"))?;
         // The server and CLI commands share the file: WAL lets them, busy_timeout makes them wait.
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -69,7 +76,8 @@ fn release_row(row: &rusqlite::Row) -> rusqlite::Result<ReleaseRecord> {
     })
 }
 
-const AGENT_COLUMNS: &str = "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation";
+const AGENT_COLUMNS: &str =
+    "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation";
 
 fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, String)> {
     let record = AgentRecord {
@@ -95,7 +103,11 @@ impl Store for SqliteStore {
     fn put_release(&self, r: &ReleaseRecord) -> Result<PutOutcome> {
         let conn = self.conn();
         let existing: Option<String> = conn
-            .query_row("SELECT manifest FROM releases WHERE app = ?1 AND version = ?2", params![r.app, r.version], |row| row.get(0))
+            .query_row(
+                "SELECT manifest FROM releases WHERE app = ?1 AND version = ?2",
+                params![r.app, r.version],
+                |row| row.get(0),
+            )
             .optional()?;
         match existing {
             Some(m) if m == r.manifest => Ok(PutOutcome::Identical),
@@ -124,7 +136,9 @@ impl Store for SqliteStore {
     fn releases(&self) -> Result<Vec<ReleaseRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT app, version, counter, manifest, signature, published_ms FROM releases ORDER BY app, published_ms")?;
-        let rows = stmt.query_map([], release_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = stmt
+            .query_map([], release_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
@@ -135,7 +149,11 @@ impl Store for SqliteStore {
              ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7",
             params![req.agent_id, req.arch, req.hostname, json(&req.labels), req.agent_version, now_ms as i64, json(&req.apps)],
         )?;
-        let generation: i64 = conn.query_row("SELECT desired_generation FROM agents WHERE id = ?1", [&req.agent_id], |r| r.get(0))?;
+        let generation: i64 = conn.query_row(
+            "SELECT desired_generation FROM agents WHERE id = ?1",
+            [&req.agent_id],
+            |r| r.get(0),
+        )?;
         Ok(AgentRecord {
             id: req.agent_id.clone(),
             arch: req.arch.clone(),
@@ -151,21 +169,30 @@ impl Store for SqliteStore {
     fn agents(&self) -> Result<Vec<AgentRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"))?;
-        let rows = stmt.query_map([], agent_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = stmt
+            .query_map([], agent_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter().map(finish_agent).collect()
     }
 
     fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT body FROM assignments WHERE agent_id = ?1 ORDER BY app")?;
-        let bodies = stmt.query_map([agent_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt =
+            conn.prepare("SELECT body FROM assignments WHERE agent_id = ?1 ORDER BY app")?;
+        let bodies = stmt
+            .query_map([agent_id], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         bodies.iter().map(|b| parse("assignment", b)).collect()
     }
 
     fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>> {
         let body: Option<String> = self
             .conn()
-            .query_row("SELECT body FROM assignments WHERE agent_id = ?1 AND app = ?2", params![agent_id, app], |r| r.get(0))
+            .query_row(
+                "SELECT body FROM assignments WHERE agent_id = ?1 AND app = ?2",
+                params![agent_id, app],
+                |r| r.get(0),
+            )
             .optional()?;
         body.map(|b| parse("assignment", &b)).transpose()
     }
@@ -182,8 +209,15 @@ impl Store for SqliteStore {
         };
         // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
         tx.execute("INSERT INTO counters (name, value) VALUES ('generation', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", [])?;
-        let generation: i64 = tx.query_row("SELECT value FROM counters WHERE name = 'generation'", [], |r| r.get(0))?;
-        tx.execute("UPDATE agents SET desired_generation = ?2 WHERE id = ?1", params![agent_id, generation])?;
+        let generation: i64 = tx.query_row(
+            "SELECT value FROM counters WHERE name = 'generation'",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE agents SET desired_generation = ?2 WHERE id = ?1",
+            params![agent_id, generation],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -191,22 +225,34 @@ impl Store for SqliteStore {
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute("INSERT INTO rollouts (app, body) VALUES (?1, '{}')", [&rollout.app])?;
+        tx.execute(
+            "INSERT INTO rollouts (app, body) VALUES (?1, '{}')",
+            [&rollout.app],
+        )?;
         let id = tx.last_insert_rowid();
         let mut stored = rollout.clone();
         stored.id = id;
-        tx.execute("UPDATE rollouts SET body = ?2 WHERE id = ?1", params![id, json(&stored)])?;
+        tx.execute(
+            "UPDATE rollouts SET body = ?2 WHERE id = ?1",
+            params![id, json(&stored)],
+        )?;
         tx.commit()?;
         Ok(id)
     }
 
     fn update_rollout(&self, rollout: &Rollout) -> Result<()> {
-        self.conn().execute("UPDATE rollouts SET body = ?2 WHERE id = ?1", params![rollout.id, json(rollout)])?;
+        self.conn().execute(
+            "UPDATE rollouts SET body = ?2 WHERE id = ?1",
+            params![rollout.id, json(rollout)],
+        )?;
         Ok(())
     }
 
     fn request_rollout(&self, id: i64, request: &str) -> Result<()> {
-        self.conn().execute("UPDATE rollouts SET request = ?2 WHERE id = ?1", params![id, request])?;
+        self.conn().execute(
+            "UPDATE rollouts SET request = ?2 WHERE id = ?1",
+            params![id, request],
+        )?;
         Ok(())
     }
 
@@ -214,24 +260,38 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let requests = {
-            let mut stmt = tx.prepare("SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = tx.prepare(
+                "SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
-        tx.execute("UPDATE rollouts SET request = NULL WHERE request IS NOT NULL", [])?;
+        tx.execute(
+            "UPDATE rollouts SET request = NULL WHERE request IS NOT NULL",
+            [],
+        )?;
         tx.commit()?;
         Ok(requests)
     }
 
     fn rollout(&self, id: i64) -> Result<Option<Rollout>> {
-        let body: Option<String> = self.conn().query_row("SELECT body FROM rollouts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM rollouts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
         body.map(|b| parse("rollout", &b)).transpose()
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT body FROM rollouts ORDER BY id")?;
-        let bodies = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let bodies = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         bodies.iter().map(|b| parse("rollout", b)).collect()
     }
 }

@@ -1,0 +1,142 @@
+//! Building what the fleet runs, through the same `cargo xtask release` users run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is one level below the root")
+        .to_owned()
+}
+
+/// A release directory and its binaries.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub dir: PathBuf,
+}
+
+impl Artifacts {
+    pub fn binary(&self, triple: &str, name: &str) -> PathBuf {
+        self.dir.join(triple).join(name)
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask release` with `args`; returns the release directory it wrote into `out`.
+fn xtask_release(args: &[&str], out: &Path) -> Result<Artifacts> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "xtask",
+        "--",
+        "release",
+        "--json",
+        "--out",
+    ])
+    .arg(out)
+    .args(args);
+    let output = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("`xtask release --json` printed no manifest")?;
+    let name = format!(
+        "{}-{}",
+        manifest["app"].as_str().unwrap_or_default(),
+        manifest["version"].as_str().unwrap_or_default()
+    );
+    Ok(Artifacts {
+        dir: out.join(name),
+    })
+}
+
+/// The deployer built for this host (it is not deployed to the fleet, it drives it).
+pub fn host_deployer() -> Result<PathBuf> {
+    run(cargo().args(["build", "--quiet", "--package", "muscle-deploy"]))?;
+    let path = workspace_root().join("target/debug/muscle-deploy");
+    path.exists()
+        .then_some(path.clone())
+        .with_context(|| format!("{} was not built", path.display()))
+}
+
+/// The agent released for every target (static musl, x86_64 and aarch64).
+pub fn release_agents(out: &Path) -> Result<Artifacts> {
+    xtask_release(&["--package", "muscle-agent"], out)
+}
+
+/// One version of hello-service to release.
+#[derive(Debug, Clone, Copy)]
+pub struct HelloVersion<'a> {
+    pub version: &'a str,
+    /// Built with the `unhealthy` feature: its health check always fails.
+    pub unhealthy: bool,
+}
+
+/// Releases hello-service as `version` from a scratch workspace: a copy of
+/// `examples/hello-service` with its version bumped, released with `--manifest-path` the way a
+/// user releases their own project.
+pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
+    let src = workspace_root().join("examples/hello-service");
+    let scratch = out.join("src").join(format!("hello-service-{}", v.version));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(scratch.join("src"))?;
+    std::fs::copy(src.join("src/main.rs"), scratch.join("src/main.rs"))?;
+    let manifest = std::fs::read_to_string(src.join("Cargo.toml"))?;
+    let bumped = manifest.replacen(
+        "version = \"0.1.0\"",
+        &format!("version = \"{}\"", v.version),
+        1,
+    );
+    if bumped == manifest && v.version != "0.1.0" {
+        bail!("examples/hello-service/Cargo.toml no longer says version = \"0.1.0\"; update the harness");
+    }
+    // An empty [workspace] makes the copy its own workspace, outside ours.
+    std::fs::write(
+        scratch.join("Cargo.toml"),
+        format!("{bumped}\n[workspace]\n"),
+    )?;
+    run(cargo()
+        .args(["generate-lockfile", "--offline", "--manifest-path"])
+        .arg(scratch.join("Cargo.toml")))?;
+    let manifest_path = scratch.join("Cargo.toml");
+    let mut args = vec![
+        "--manifest-path",
+        manifest_path.to_str().context("non-UTF-8 path")?,
+    ];
+    if v.unhealthy {
+        args.extend(["--features", "unhealthy"]);
+    }
+    xtask_release(&args, out)
+}

@@ -1,0 +1,143 @@
+//! A real `muscle-deploy serve` process on loopback, and its CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{free_port, wait_until};
+
+pub struct Deployer {
+    pub bin: PathBuf,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Deployer {
+    /// Starts `muscle-deploy serve` on a free loopback port with its store in `data_dir`.
+    pub fn start(bin: &Path, data_dir: &Path) -> Result<Deployer> {
+        std::fs::create_dir_all(data_dir)?;
+        let mut d = Deployer {
+            bin: bin.to_owned(),
+            data_dir: data_dir.to_owned(),
+            port: free_port(),
+            child: None,
+            log: data_dir.join("deployer.log"),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--interval",
+                "500ms",
+                "--tick",
+                "200ms",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        let url = format!("{}/healthz", self.url());
+        wait_until(
+            "the deployer to answer /healthz",
+            Duration::from_secs(30),
+            || Ok(ureq::get(&url).call().ok().map(|_| ())),
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a `muscle-deploy` CLI command against this deployer's store.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run muscle-deploy")
+    }
+
+    /// Like [`cli`](Self::cli), failing unless the command succeeds; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "muscle-deploy {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn publish(&self, release: &Path) -> Result<String> {
+        self.ok(&["publish", release.to_str().context("non-UTF-8 path")?])
+    }
+
+    pub fn rollout(&self, id: Option<i64>) -> Result<serde_json::Value> {
+        let id = id.map(|i| i.to_string());
+        let mut args = vec!["rollout", "status", "--json"];
+        args.extend(id.as_deref());
+        Ok(serde_json::from_str(&self.ok(&args)?)?)
+    }
+
+    pub fn fleet(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(&self.ok(&["fleet", "--json"])?)?)
+    }
+
+    /// Waits until the rollout's status is no longer running or paused; returns it.
+    pub fn wait_rollout_end(&self, id: i64, timeout: Duration) -> Result<serde_json::Value> {
+        wait_until(&format!("rollout {id} to end"), timeout, || {
+            let r = self.rollout(Some(id))?;
+            let status = r["status"].as_str().unwrap_or_default();
+            if status == "running" || status == "paused" {
+                bail!("{status}: {}", r["message"]);
+            }
+            Ok(Some(r))
+        })
+    }
+
+    /// SIGKILL: no graceful shutdown, exactly like a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Deployer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

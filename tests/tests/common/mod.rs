@@ -1,0 +1,101 @@
+//! What every end-to-end test needs: the builds (once per test binary) and a scratch directory.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use muscle_e2e::{
+    host_deployer, release_agents, release_hello, workspace_root, Artifacts, HelloVersion,
+};
+
+pub struct Builds {
+    pub deployer: PathBuf,
+    pub agents: Artifacts,
+    pub v1: Artifacts,
+    pub v2: Artifacts,
+    /// A release whose health check always fails.
+    pub v3_bad: Artifacts,
+}
+
+impl Builds {
+    pub fn agent(&self, arch: &str) -> PathBuf {
+        let triple = muscle_e2e::TARGETS
+            .iter()
+            .find(|(_, a)| *a == arch)
+            .expect("a known arch")
+            .0;
+        self.agents.binary(triple, "muscle-agent")
+    }
+
+    /// One agent binary per architecture, for `Fleet::start`.
+    pub fn both_arches(&self) -> Vec<(PathBuf, &'static str)> {
+        vec![
+            (self.agent("x86_64"), "x86_64"),
+            (self.agent("aarch64"), "aarch64"),
+        ]
+    }
+}
+
+pub fn builds() -> &'static Builds {
+    static BUILDS: OnceLock<Builds> = OnceLock::new();
+    BUILDS.get_or_init(|| {
+        muscle_e2e::require_aarch64_emulation().expect("the ARM half of the fleet needs qemu-user");
+        let out = workspace_root().join("target/e2e-dist");
+        let build = || -> anyhow::Result<Builds> {
+            Ok(Builds {
+                deployer: host_deployer()?,
+                agents: release_agents(&out)?,
+                v1: release_hello(
+                    HelloVersion {
+                        version: "0.1.0",
+                        unhealthy: false,
+                    },
+                    &out,
+                )?,
+                v2: release_hello(
+                    HelloVersion {
+                        version: "0.2.0",
+                        unhealthy: false,
+                    },
+                    &out,
+                )?,
+                v3_bad: release_hello(
+                    HelloVersion {
+                        version: "0.3.0",
+                        unhealthy: true,
+                    },
+                    &out,
+                )?,
+            })
+        };
+        build().expect("building the fleet's releases")
+    })
+}
+
+/// A fresh directory for one test, under target/ (short paths, cleaned at the next run).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/e2e").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("target/ is writable");
+    dir
+}
+
+pub fn service_spec() -> String {
+    workspace_root()
+        .join("examples/hello-service/service.toml")
+        .display()
+        .to_string()
+}
+
+/// The state of `agent` in a rollout's waves, e.g. "healthy".
+pub fn member_state(rollout: &serde_json::Value, agent: &str) -> String {
+    rollout["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["members"].as_array().cloned().unwrap_or_default())
+        .find(|m| m["agent_id"] == agent)
+        .map(|m| m["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}

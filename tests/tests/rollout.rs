@@ -1,0 +1,269 @@
+//! Rollouts across a real mixed ARM/x86 fleet: real deployer, real agents (aarch64 ones under
+//! qemu-user), real hello-service releases built by `cargo xtask release`.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use muscle_e2e::{Deployer, Fleet};
+
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[test]
+fn mixed_arch_rollout_goes_canary_per_arch_then_batches_and_a_bad_version_is_rolled_back(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("mixed-arch");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    for release in [&b.v1, &b.v2, &b.v3_bad] {
+        deployer.publish(&release.dir)?;
+    }
+    let fleet = Fleet::start(deployer, &b.both_arches(), 2, &dir)?;
+    let spec = common::service_spec();
+
+    // v1 then v2: every agent converges; the canary wave holds exactly one agent per arch.
+    for version in ["0.1.0", "0.2.0"] {
+        let id = fleet.start_rollout(&[
+            "hello-service",
+            version,
+            "--service",
+            &spec,
+            "--max-parallel",
+            "2",
+            "--auto-rollback",
+        ])?;
+        let r = fleet.deployer.wait_rollout_end(id, ROLLOUT_TIMEOUT)?;
+        assert_eq!(r["status"], "succeeded", "{r:#}");
+        let waves = r["waves"].as_array().unwrap();
+        assert_eq!(waves[0]["name"], "canary");
+        let mut canary_arches: Vec<&str> = waves[0]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["arch"].as_str().unwrap())
+            .collect();
+        canary_arches.sort();
+        assert_eq!(
+            canary_arches,
+            ["aarch64", "x86_64"],
+            "one canary per architecture"
+        );
+        assert_eq!(waves[1]["name"], "batch 1");
+        assert_eq!(waves[1]["members"].as_array().unwrap().len(), 2);
+        for agent in &fleet.agents {
+            assert_eq!(
+                agent.service_version()?,
+                version,
+                "{} serves {version}",
+                agent.opts.id
+            );
+            assert_eq!(
+                agent.service_pids().len(),
+                1,
+                "{} runs exactly one service process",
+                agent.opts.id
+            );
+        }
+    }
+    // The aarch64 agents run the aarch64 build: the installed file says so.
+    for agent in fleet.agents.iter().filter(|a| a.opts.arch == "aarch64") {
+        let bin = agent
+            .opts
+            .state_dir
+            .join("apps/hello-service/versions/0.2.0/hello-service");
+        let facts = muscle_inspect_facts(&bin)?;
+        assert_eq!(facts, "EM_AARCH64", "{}", bin.display());
+    }
+
+    // v3's health always fails: halted in the canary wave, rolled back, batches never touched.
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.3.0",
+        "--service",
+        &spec,
+        "--healthy-deadline",
+        "10s",
+        "--auto-rollback",
+    ])?;
+    let r = fleet.deployer.wait_rollout_end(id, ROLLOUT_TIMEOUT)?;
+    assert_eq!(r["status"], "rolled_back", "{r:#}");
+    assert!(
+        r["message"].as_str().unwrap().contains("halted in canary"),
+        "{}",
+        r["message"]
+    );
+    let canary: Vec<String> = r["waves"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["agent_id"].as_str().unwrap().to_owned())
+        .collect();
+    for agent in &fleet.agents {
+        let in_canary = canary.contains(&agent.opts.id);
+        // Every agent is back on (or never left) 0.2.0, with one process.
+        muscle_e2e::wait_until(
+            "0.2.0 served after the rollback",
+            Duration::from_secs(60),
+            || Ok((agent.service_version()? == "0.2.0").then_some(())),
+        )?;
+        assert_eq!(agent.service_pids().len(), 1);
+        let state = agent.state()?;
+        let app = &state["apps"]["hello-service"];
+        assert_eq!(app["current"]["version"], "0.2.0");
+        if in_canary {
+            assert_eq!(
+                app["failure"]["version"], "0.3.0",
+                "{} reported its failure",
+                agent.opts.id
+            );
+            assert!(
+                app["failure"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("rolled back"),
+                "{app:#}"
+            );
+        } else {
+            assert_eq!(
+                common::member_state(&r, &agent.opts.id),
+                "pending",
+                "{} was never asked to move",
+                agent.opts.id
+            );
+            assert!(
+                !agent
+                    .opts
+                    .state_dir
+                    .join("apps/hello-service/versions/0.3.0")
+                    .exists(),
+                "{} never downloaded 0.3.0",
+                agent.opts.id
+            );
+        }
+    }
+    // The deployer heard why: the canaries' reports carry the failure.
+    for id in &canary {
+        let error = muscle_e2e::wait_until(
+            "the canary's failure report",
+            Duration::from_secs(20),
+            || {
+                let fleet_view = fleet.deployer.fleet()?;
+                let row = fleet_view
+                    .iter()
+                    .find(|a| a["id"] == id.as_str())
+                    .cloned()
+                    .unwrap_or_default();
+                Ok(row["apps"][0]["error"].as_str().map(str::to_owned))
+            },
+        )?;
+        assert!(
+            error.contains("0.3.0 rolled back") && error.contains("503"),
+            "{id}: {error}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn pause_holds_a_rollout_resume_finishes_it_and_abort_stops_it() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("pause-resume");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    deployer.publish(&b.v2.dir)?;
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 3, &dir)?;
+    let spec = common::service_spec();
+
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &spec,
+        "--max-parallel",
+        "1",
+    ])?;
+    fleet.deployer.ok(&["rollout", "pause", &id.to_string()])?;
+    muscle_e2e::wait_until("the pause to apply", Duration::from_secs(10), || {
+        Ok((fleet.deployer.rollout(Some(id))?["status"] == "paused").then_some(()))
+    })?;
+    let paused = fleet.deployer.rollout(Some(id))?;
+    std::thread::sleep(Duration::from_secs(4));
+    let later = fleet.deployer.rollout(Some(id))?;
+    assert_eq!(
+        later["current_wave"], paused["current_wave"],
+        "a paused rollout does not advance"
+    );
+    assert_eq!(common::member_state(&later, "x86_64-3"), "pending");
+
+    fleet.deployer.ok(&["rollout", "resume", &id.to_string()])?;
+    let r = fleet.deployer.wait_rollout_end(id, ROLLOUT_TIMEOUT)?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert_eq!(
+        r["waves"].as_array().unwrap().len(),
+        3,
+        "canary + 2 batches of 1"
+    );
+
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.2.0",
+        "--service",
+        &spec,
+        "--max-parallel",
+        "1",
+    ])?;
+    fleet.deployer.ok(&["rollout", "abort", &id.to_string()])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(30))?;
+    assert_eq!(r["status"], "aborted");
+    std::thread::sleep(Duration::from_secs(3));
+    // Aborted before the batches: the last agent still runs 0.1.0.
+    assert_eq!(
+        common::member_state(&fleet.deployer.rollout(Some(id))?, "x86_64-3"),
+        "pending"
+    );
+    assert_eq!(fleet.agent("x86_64-3").service_version()?, "0.1.0");
+    // A second active rollout is refused unless it supersedes.
+    let out = fleet.deployer.cli(&[
+        "rollout",
+        "start",
+        "hello-service",
+        "0.2.0",
+        "--service",
+        &spec,
+    ])?;
+    assert!(
+        out.status.success(),
+        "the aborted rollout is no longer active: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fleet.deployer.cli(&[
+        "rollout",
+        "start",
+        "hello-service",
+        "0.2.0",
+        "--service",
+        &spec,
+    ])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--supersede"));
+    Ok(())
+}
+
+/// The ELF machine of a file, by object inspection (the same library the agent uses).
+fn muscle_inspect_facts(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path)?;
+    // e_machine is the little-endian u16 at offset 18 of an ELF header.
+    anyhow::ensure!(
+        bytes.starts_with(b"\x7fELF"),
+        "{} is not an ELF",
+        path.display()
+    );
+    Ok(match u16::from_le_bytes([bytes[18], bytes[19]]) {
+        62 => "EM_X86_64".into(),
+        183 => "EM_AARCH64".into(),
+        other => format!("e_machine {other}"),
+    })
+}
