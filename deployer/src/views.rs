@@ -171,7 +171,10 @@ pub fn rollout_summary(r: &Rollout) -> String {
             .members
             .iter()
             .map(|m| {
-                let state = format!("{:?}", m.state).to_lowercase();
+                let state = serde_json::to_value(m.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
                 match (&m.error, m.state) {
                     (Some(e), MemberState::Failed) => {
                         format!("{} [{}] {state}: {e}", m.agent_id, m.arch)

