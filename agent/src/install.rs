@@ -12,8 +12,6 @@ use crate::download::{self, DownloadError};
 use crate::state::{Failure, Installed};
 use crate::{fsutil, logs};
 
-/// After this many failed attempts a transient failure (network, disk) becomes permanent.
-const MAX_ATTEMPTS: u32 = 5;
 const LOG_TAIL_BYTES: u64 = 2048;
 
 enum InstallError {
@@ -39,10 +37,13 @@ impl Agent {
         {
             return false;
         }
-        if let Some(f) = &st.failure {
-            if f.version == d.version && f.sha256 == d.artifact.sha256 && f.permanent {
-                return false;
-            }
+        let offer = offer_id(d);
+        if st
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.offer == offer && f.permanent)
+        {
+            return false;
         }
         eprintln!("muscle-agent: {}: installing {}", d.app, d.version);
         let result = self.install(d);
@@ -62,7 +63,9 @@ impl Agent {
                     _ => 1,
                 };
                 let (reason, log_tail, permanent) = match e {
-                    InstallError::Transient(r) => (r, None, attempts >= MAX_ATTEMPTS),
+                    // Retried at every check-in, resuming the download; the deployer's deadline
+                    // decides when the rollout gives up on this agent.
+                    InstallError::Transient(r) => (r, None, false),
                     InstallError::Refused(r) => (r, None, true),
                     InstallError::Unhealthy { reason, log_tail } => (reason, log_tail, true),
                 };
@@ -73,6 +76,7 @@ impl Agent {
                 st.failure = Some(Failure {
                     version: d.version.clone(),
                     sha256: d.artifact.sha256.clone(),
+                    offer,
                     reason,
                     log_tail,
                     permanent,
@@ -319,6 +323,15 @@ impl Agent {
             let _ = std::fs::remove_dir_all(path);
         }
     }
+}
+
+/// What identifies an offer: the bytes, the manifest and its signature. A refusal is final for
+/// one offer; the same version re-signed or re-released is a new offer.
+fn offer_id(d: &DesiredApp) -> String {
+    let signature = d.signature.as_deref().unwrap_or("");
+    muscle_protocol::sha256_hex(
+        format!("{}\n{}\n{signature}", d.artifact.sha256, d.manifest).as_bytes(),
+    )
 }
 
 /// The downloaded file must be an ELF for this host and fully static.

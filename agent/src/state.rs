@@ -50,6 +50,8 @@ pub struct Installed {
 pub struct Failure {
     pub version: String,
     pub sha256: String,
+    /// Identifies the offer (bytes, manifest, signature) that failed.
+    pub offer: String,
     pub reason: String,
     pub log_tail: Option<String>,
     /// A permanent failure is not retried until the desired version changes.

@@ -8,6 +8,7 @@
 mod build;
 mod deployer;
 mod fleet;
+mod scripted;
 mod wait;
 
 pub use build::{
@@ -15,6 +16,7 @@ pub use build::{
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};
+pub use scripted::ScriptedServer;
 pub use wait::wait_until;
 
 /// The release targets of the mixed fleet, as (triple, arch).

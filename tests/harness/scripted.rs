@@ -1,0 +1,153 @@
+//! A scripted deployer for the agent's bad-input tests: it answers check-ins with exactly the
+//! desired state a test crafts (a tampered manifest, a wrong hash, a truncated blob, ...), which
+//! the real deployer would refuse to publish, and records every report it receives.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+#[derive(Default)]
+struct Script {
+    /// The `apps` of every check-in answer.
+    apps: Value,
+    generation: u64,
+    /// Blob bytes by URL path, and how many of them to send before hanging up (truncation).
+    blobs: HashMap<String, (Vec<u8>, Option<usize>)>,
+    reports: Vec<Value>,
+    /// Every blob request as (path, first byte asked for).
+    blob_requests: Vec<(String, usize)>,
+}
+
+#[derive(Clone)]
+pub struct ScriptedServer {
+    pub port: u16,
+    script: Arc<Mutex<Script>>,
+}
+
+impl ScriptedServer {
+    pub fn start() -> ScriptedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("loopback");
+        let port = listener.local_addr().expect("bound").port();
+        let script = Arc::new(Mutex::new(Script {
+            apps: Value::Array(vec![]),
+            ..Default::default()
+        }));
+        let shared = script.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let script = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = handle(stream, &script);
+                });
+            }
+        });
+        ScriptedServer { port, script }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Serves `bytes` at `path`, cut after `truncate_at` bytes when given.
+    pub fn put_blob(&self, path: &str, bytes: Vec<u8>, truncate_at: Option<usize>) {
+        self.script
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(path.to_owned(), (bytes, truncate_at));
+    }
+
+    /// From now on, check-ins get `apps` (a JSON array of `DesiredApp`) as the desired state.
+    pub fn set_desired(&self, apps: Value) {
+        let mut s = self.script.lock().unwrap();
+        s.apps = apps;
+        s.generation += 1;
+    }
+
+    pub fn reports(&self) -> Vec<Value> {
+        self.script.lock().unwrap().reports.clone()
+    }
+
+    pub fn blob_requests(&self) -> Vec<(String, usize)> {
+        self.script.lock().unwrap().blob_requests.clone()
+    }
+
+    /// The last report's entry for `app`.
+    pub fn last_app_report(&self, app: &str) -> Option<Value> {
+        let reports = self.reports();
+        let last = reports.last()?;
+        last["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == app)
+            .cloned()
+    }
+}
+
+fn handle(stream: TcpStream, script: &Mutex<Script>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    );
+    let (mut length, mut range_start) = (0usize, 0usize);
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? <= 2 {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if let Some(v) = lower.strip_prefix("range: bytes=") {
+            range_start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    let mut out = stream;
+    if method == "POST" && path == "/v1/checkin" {
+        let report: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let answer = {
+            let mut s = script.lock().unwrap();
+            s.reports.push(report);
+            serde_json::json!({ "generation": s.generation, "unchanged": false, "apps": s.apps })
+        };
+        let text = answer.to_string();
+        return write!(out, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}", text.len());
+    }
+    let blob = {
+        let mut s = script.lock().unwrap();
+        s.blob_requests.push((path.clone(), range_start));
+        s.blobs.get(&path).cloned()
+    };
+    match blob {
+        Some((bytes, truncate)) => {
+            let start = range_start.min(bytes.len());
+            let status = if range_start > 0 {
+                "206 Partial Content"
+            } else {
+                "200 OK"
+            };
+            // The advertised length is the whole remainder; a truncated blob hangs up early.
+            write!(
+                out,
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                bytes.len() - start
+            )?;
+            let end = truncate.map_or(bytes.len(), |t| t.max(start).min(bytes.len()));
+            out.write_all(&bytes[start..end])
+        }
+        None => write!(
+            out,
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ),
+    }
+}
