@@ -212,7 +212,9 @@ impl Agent {
             }
         }
         if let Some(f) = st.failure {
-            report.failed_version = Some(f.version);
+            // Only a final refusal fails a rollout member at once; a transient error (network,
+            // disk) is retried, and the deployer's deadline decides.
+            report.failed_version = f.permanent.then_some(f.version);
             report.last_error = Some(f.reason);
             report.log_tail = f.log_tail;
         }

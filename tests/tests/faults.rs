@@ -1,0 +1,274 @@
+//! Real processes killed at real moments: agents SIGKILLed mid-install, the deployer SIGKILLed
+//! mid-rollout, agents cut off from the deployer, and a full disk under an agent.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use muscle_e2e::{wait_until, Agent, Deployer, Fleet};
+
+const APP: &str = "hello-service";
+
+/// Exactly one service process runs, it is healthy, it serves the agent's committed version, and
+/// no install is left half-done. Returns that version.
+fn one_healthy_version(agent: &Agent) -> Result<String> {
+    wait_until(
+        "exactly one healthy committed version",
+        Duration::from_secs(60),
+        || {
+            let state = agent.state()?;
+            let app = &state["apps"][APP];
+            ensure!(
+                app["pending"].is_null(),
+                "install still pending: {}",
+                app["pending"]["version"]
+            );
+            let pids = agent.service_pids();
+            ensure!(
+                pids.len() == 1,
+                "{} service processes: {pids:?}",
+                pids.len()
+            );
+            let health = ureq::get(&format!("http://127.0.0.1:{}/healthz", agent.port))
+                .timeout(Duration::from_secs(2))
+                .call()?;
+            ensure!(health.status() == 200, "health {}", health.status());
+            let serving = agent.service_version()?;
+            ensure!(
+                app["current"]["version"] == serving.as_str(),
+                "serves {serving}, committed {}",
+                app["current"]["version"]
+            );
+            Ok(Some(serving))
+        },
+    )
+}
+
+#[test]
+fn an_agent_killed_at_any_point_of_an_install_comes_back_with_exactly_one_healthy_version(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("crash-loop");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    deployer.publish(&b.v2.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[APP, "0.1.0", "--service", &spec])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
+        "succeeded"
+    );
+
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..24u64 {
+        let target = if i % 2 == 0 { "0.2.0" } else { "0.1.0" };
+        fleet.start_rollout(&[
+            APP,
+            target,
+            "--service",
+            &spec,
+            "--supersede",
+            "--min-healthy-time",
+            "1s",
+        ])?;
+        // Spread the kills over download, stop, switch, start and health probation.
+        std::thread::sleep(Duration::from_millis(300 + (i * 137) % 2200));
+        let agent = fleet.agent_mut("x86_64-1");
+        agent.kill9();
+        agent.restart()?;
+        let version = one_healthy_version(fleet.agent("x86_64-1"))
+            .with_context(|| format!("iteration {i}"))?;
+        seen.insert(version);
+    }
+    // Both versions were found running after some crash, many kills landed mid-install, and the
+    // last rollout still converges.
+    assert_eq!(
+        seen.len(),
+        2,
+        "kills landed both before and after commits: {seen:?}"
+    );
+    let interrupted = fleet
+        .agent("x86_64-1")
+        .log()
+        .matches("was interrupted")
+        .count();
+    assert!(
+        interrupted >= 5,
+        "only {interrupted} of 24 kills landed during an install"
+    );
+    wait_until(
+        "the last rollout's version",
+        Duration::from_secs(90),
+        || Ok((one_healthy_version(fleet.agent("x86_64-1"))? == "0.1.0").then_some(())),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_deployer_killed_mid_rollout_resumes_it_and_cut_off_agents_keep_serving() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("deployer-crash");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    deployer.publish(&b.v2.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 4, &dir)?;
+    let spec = common::service_spec();
+
+    let id = fleet.start_rollout(&[APP, "0.1.0", "--service", &spec, "--max-parallel", "1"])?;
+    wait_until(
+        "the rollout to pass its canary wave",
+        Duration::from_secs(90),
+        || {
+            Ok(
+                (fleet.deployer.rollout(Some(id))?["current_wave"].as_u64() >= Some(1))
+                    .then_some(()),
+            )
+        },
+    )?;
+    let before = fleet.deployer.rollout(Some(id))?;
+    fleet.deployer.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.deployer.restart()?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(120))?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    // It continued rather than starting over: the canary kept its original assignment time.
+    assert_eq!(
+        r["waves"][0]["members"][0]["assigned_ms"],
+        before["waves"][0]["members"][0]["assigned_ms"]
+    );
+    for agent in &fleet.agents {
+        assert_eq!(agent.service_version()?, "0.1.0");
+    }
+
+    // The deployer goes away: services keep running, untouched, while agents back off.
+    let pids: Vec<Vec<u32>> = fleet.agents.iter().map(Agent::service_pids).collect();
+    fleet.deployer.kill9();
+    std::thread::sleep(Duration::from_secs(6));
+    for (agent, pids) in fleet.agents.iter().zip(&pids) {
+        assert_eq!(
+            &agent.service_pids(),
+            pids,
+            "{} kept its service",
+            agent.opts.id
+        );
+        assert_eq!(agent.service_version()?, "0.1.0");
+        assert!(
+            agent.log().contains("check-in failed"),
+            "{} noticed the outage",
+            agent.opts.id
+        );
+    }
+    // It comes back: the agents catch up with a new rollout.
+    fleet.deployer.restart()?;
+    let id = fleet.start_rollout(&[APP, "0.2.0", "--service", &spec, "--max-parallel", "2"])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(180))?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    for agent in &fleet.agents {
+        assert_eq!(agent.service_version()?, "0.2.0");
+        assert!(
+            agent.log().contains("server reachable again"),
+            "{}",
+            agent.opts.id
+        );
+    }
+    Ok(())
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "this test needs root to mount a small tmpfs (CI runs as root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_and_nothing_is_half_installed() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("disk-full");
+    let v1_size = std::fs::metadata(b.v1.binary("x86_64-unknown-linux-musl", APP))?.len();
+    // Room for one version, its log and state, not for a second version.
+    let tmpfs = Tmpfs::mount(
+        &dir.join("x86_64-1"),
+        &format!("{}k", v1_size * 3 / 2 / 1024),
+    )?;
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    deployer.publish(&b.v2.dir)?;
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[APP, "0.1.0", "--service", &spec])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
+        "succeeded"
+    );
+    let agent = fleet.agent("x86_64-1");
+    let pids = agent.service_pids();
+
+    fleet.start_rollout(&[APP, "0.2.0", "--service", &spec])?;
+    let error = wait_until(
+        "the full disk to be reported",
+        Duration::from_secs(60),
+        || {
+            let row = fleet
+                .deployer
+                .fleet()?
+                .into_iter()
+                .next()
+                .context("no agent")?;
+            Ok(row["apps"][0]["error"]
+                .as_str()
+                .filter(|e| e.contains("No space left on device"))
+                .map(str::to_owned))
+        },
+    )?;
+    assert!(error.contains("cannot write"), "{error}");
+    assert_eq!(agent.service_pids(), pids, "0.1.0 kept running");
+    assert_eq!(agent.service_version()?, "0.1.0");
+    let app_dir = tmpfs.0.join("apps").join(APP);
+    assert!(
+        !app_dir.join("versions/0.2.0").exists(),
+        "no half-installed version"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(app_dir.join("downloads"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the failed download was cleaned up: {leftovers:?}"
+    );
+    assert_eq!(agent.state()?["apps"][APP]["current"]["version"], "0.1.0");
+    drop(fleet);
+    Ok(())
+}
