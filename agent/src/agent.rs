@@ -164,11 +164,14 @@ impl Agent {
         Ok(self.reconcile())
     }
 
+    /// Reconciles every desired app (each one, even after one changed something).
     fn reconcile(&mut self) -> bool {
         let desired = self.desired.clone();
-        desired
-            .iter()
-            .fold(false, |changed, d| self.reconcile_app(d) || changed)
+        let mut changed = false;
+        for d in &desired {
+            changed |= self.reconcile_app(d);
+        }
+        changed
     }
 
     /// What this agent tells the server.

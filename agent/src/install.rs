@@ -317,7 +317,7 @@ impl Agent {
             .filter(|e| !keep.iter().any(|k| e.file_name() == *k))
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        others.sort_by(|a, b| b.0.cmp(&a.0));
+        others.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
         let room = self.cfg.keep_versions.saturating_sub(keep.len());
         for (_, path) in others.into_iter().skip(room) {
             let _ = std::fs::remove_dir_all(path);

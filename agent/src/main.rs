@@ -148,9 +148,7 @@ fn trusted_keys(
         .map(String::as_str)
         .map(|k| (k, "--trusted-key".to_owned()))
         .chain(lines.map(|k| (k, file.display().to_string())))
-        .map(|(k, source)| {
-            muscle_protocol::parse_public_key(k).with_context(|| format!("{source}"))
-        })
+        .map(|(k, source)| muscle_protocol::parse_public_key(k).with_context(|| source))
         .collect()
 }
 

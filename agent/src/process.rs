@@ -91,9 +91,9 @@ pub fn signal_pid(pid: u32, signal: i32) {
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').map_or(false, |(_, rest)| {
-            !rest.trim_start().starts_with(['Z', 'X'])
-        }),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => false,
     }
 }

@@ -403,3 +403,235 @@ fn judge(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muscle_protocol::AppReport;
+
+    const NOW: u64 = 1_000_000;
+
+    fn agent(id: &str, arch: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            arch: arch.into(),
+            hostname: "h".into(),
+            labels: BTreeMap::from([("site".into(), "lab".into())]),
+            agent_version: "0.1.0".into(),
+            last_seen_ms: NOW,
+            apps: vec![],
+            desired_generation: 0,
+        }
+    }
+
+    fn params() -> Params {
+        Params {
+            selector: BTreeMap::new(),
+            canary_per_arch: 1,
+            max_parallel: 2,
+            min_healthy_time: Duration::from_secs(2),
+            healthy_deadline: Duration::from_secs(30),
+            progress_deadline: Duration::from_secs(600),
+            max_failures: 1,
+            auto_rollback: true,
+        }
+    }
+
+    fn fleet() -> Vec<AgentRecord> {
+        vec![
+            agent("a1", "aarch64"),
+            agent("a2", "aarch64"),
+            agent("x1", "x86_64"),
+            agent("x2", "x86_64"),
+            agent("x3", "x86_64"),
+        ]
+    }
+
+    fn report(agents: &mut BTreeMap<String, AgentRecord>, id: &str, r: AppReport) {
+        agents.get_mut(id).unwrap().apps = vec![r];
+    }
+
+    fn healthy(version: &str) -> AppReport {
+        AppReport {
+            app: "app".into(),
+            installed_version: Some(version.into()),
+            running_version: Some(version.into()),
+            health: Health::Healthy,
+            healthy_for_ms: 5_000,
+            ..Default::default()
+        }
+    }
+
+    fn previous(_: &str) -> Option<Assignment> {
+        None
+    }
+
+    #[test]
+    fn plans_one_canary_per_arch_then_batches() {
+        let r = Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let ids = |w: &Wave| {
+            w.members
+                .iter()
+                .map(|m| m.agent_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&r.waves[0]), ["a1", "x1"]);
+        assert_eq!(ids(&r.waves[1]), ["a2", "x2"]);
+        assert_eq!(ids(&r.waves[2]), ["x3"]);
+    }
+
+    #[test]
+    fn selectors_and_staleness_choose_agents_and_an_empty_choice_is_an_error() {
+        let mut agents = fleet();
+        agents[0].last_seen_ms = NOW - STALE_AFTER_MS - 1;
+        let p = Params {
+            selector: BTreeMap::from([("arch".into(), "aarch64".into())]),
+            ..params()
+        };
+        let r = Rollout::plan("app", "2", ServiceSpec::default(), p, &agents, NOW).unwrap();
+        assert_eq!(
+            r.members().map(|m| m.agent_id.as_str()).collect::<Vec<_>>(),
+            ["a2"]
+        );
+        let p = Params {
+            selector: BTreeMap::from([("site".into(), "mars".into())]),
+            ..params()
+        };
+        let err = Rollout::plan("app", "2", ServiceSpec::default(), p, &agents, NOW).unwrap_err();
+        assert!(err.contains("site=mars"), "{err}");
+    }
+
+    #[test]
+    fn a_wave_advances_only_on_reported_health() {
+        let mut r =
+            Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let mut agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        let actions = r.advance(&agents, NOW, &previous);
+        assert_eq!(actions.len(), 2, "the canaries are assigned");
+        // Installed and running is not enough: it must be healthy for min_healthy_time.
+        report(
+            &mut agents,
+            "a1",
+            AppReport {
+                healthy_for_ms: 500,
+                ..healthy("2")
+            },
+        );
+        report(&mut agents, "x1", healthy("2"));
+        assert!(r.advance(&agents, NOW + 1000, &previous).is_empty());
+        assert_eq!(r.current_wave, 0);
+        report(&mut agents, "a1", healthy("2"));
+        r.advance(&agents, NOW + 2000, &previous);
+        assert_eq!(r.current_wave, 1);
+        let actions = r.advance(&agents, NOW + 2100, &previous);
+        assert_eq!(actions.len(), 2, "batch 1 is assigned");
+        for id in ["a2", "x2", "x3"] {
+            report(&mut agents, id, healthy("2"));
+        }
+        r.advance(&agents, NOW + 3000, &previous);
+        r.advance(&agents, NOW + 3100, &previous);
+        r.advance(&agents, NOW + 3200, &previous);
+        assert_eq!(r.status, Status::Succeeded, "{}", r.message);
+    }
+
+    #[test]
+    fn a_failed_canary_halts_and_rolls_back_what_was_moved() {
+        let mut r =
+            Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let mut agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        let old = Assignment {
+            agent_id: String::new(),
+            app: "app".into(),
+            version: "1".into(),
+            service: ServiceSpec::default(),
+            rollout_id: None,
+        };
+        let prev = |id: &str| {
+            Some(Assignment {
+                agent_id: id.into(),
+                ..old.clone()
+            })
+        };
+        r.advance(&agents, NOW, &prev);
+        report(
+            &mut agents,
+            "x1",
+            AppReport {
+                failed_version: Some("2".into()),
+                last_error: Some("unhealthy".into()),
+                ..healthy("1")
+            },
+        );
+        let actions = r.advance(&agents, NOW + 1000, &prev);
+        assert_eq!(r.status, Status::RolledBack);
+        assert!(r.message.contains("halted in canary"), "{}", r.message);
+        let restored: Vec<_> = actions
+            .iter()
+            .map(
+                |Action::Assign {
+                     agent_id,
+                     assignment,
+                     ..
+                 }| {
+                    (
+                        agent_id.as_str(),
+                        assignment.as_ref().map(|a| a.version.as_str()),
+                    )
+                },
+            )
+            .collect();
+        assert_eq!(
+            restored,
+            [("a1", Some("1")), ("x1", Some("1"))],
+            "only the canaries were moved, and they go back"
+        );
+        assert!(r.waves[1]
+            .members
+            .iter()
+            .all(|m| m.state == MemberState::Pending));
+    }
+
+    #[test]
+    fn a_silent_member_fails_at_the_report_deadline_and_pause_resume_abort_apply() {
+        let mut r = Rollout::plan(
+            "app",
+            "2",
+            ServiceSpec::default(),
+            Params {
+                auto_rollback: false,
+                ..params()
+            },
+            &fleet(),
+            NOW,
+        )
+        .unwrap();
+        let agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        r.advance(&agents, NOW, &previous);
+        let deadline = report_deadline(params().healthy_deadline).as_millis() as u64;
+        r.advance(&agents, NOW + deadline, &previous);
+        assert_eq!(r.status, Status::Running, "not before the deadline");
+        r.advance(&agents, NOW + deadline + 1, &previous);
+        assert_eq!(r.status, Status::Halted);
+        assert!(r.message.contains("no healthy report"), "{}", r.message);
+
+        let mut r =
+            Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        r.apply_request("pause", NOW).unwrap();
+        assert!(
+            r.advance(&agents, NOW, &previous).is_empty(),
+            "a paused rollout does nothing"
+        );
+        assert!(r
+            .apply_request("pause", NOW)
+            .unwrap_err()
+            .contains("Paused"));
+        r.apply_request("resume", NOW).unwrap();
+        assert_eq!(r.advance(&agents, NOW, &previous).len(), 2);
+        r.apply_request("abort", NOW).unwrap();
+        assert_eq!(r.status, Status::Aborted);
+        assert!(r.advance(&agents, NOW + 1, &previous).is_empty());
+    }
+}

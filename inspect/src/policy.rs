@@ -183,7 +183,8 @@ mod tests {
 
     #[test]
     fn each_check_names_itself_and_its_evidence() {
-        let cases: Vec<(fn(&mut ElfFacts), &str, &str)> = vec![
+        type Case = (fn(&mut ElfFacts), &'static str, &'static str);
+        let cases: Vec<Case> = vec![
             (|f| f.class = 32, "elf-class", "ELFCLASS32"),
             (
                 |f| f.machine = "EM_X86_64".into(),

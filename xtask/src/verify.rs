@@ -1,6 +1,6 @@
 //! `cargo xtask verify`: the release verification policy, standalone.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -50,12 +50,12 @@ pub fn run(args: VerifyArgs) -> Result<i32> {
     Ok(exit_code(&results))
 }
 
-fn verify_file(file: &PathBuf, forced: Option<&TargetSpec>, all: &[TargetSpec]) -> FileResult {
+fn verify_file(file: &Path, forced: Option<&TargetSpec>, all: &[TargetSpec]) -> FileResult {
     let facts = match muscle_inspect::inspect_file(file) {
         Ok(f) => f,
         Err(e) => {
             return FileResult {
-                file: file.clone(),
+                file: file.to_owned(),
                 target: None,
                 error: Some(e.in_file(file)),
                 facts: None,
@@ -90,7 +90,7 @@ fn verify_file(file: &PathBuf, forced: Option<&TargetSpec>, all: &[TargetSpec]) 
     };
     let verdict = muscle_inspect::verify(&facts, &expectation);
     FileResult {
-        file: file.clone(),
+        file: file.to_owned(),
         target: Some(expectation.target),
         error: None,
         facts: Some(facts),
