@@ -335,7 +335,7 @@ fn offer_id(d: &DesiredApp) -> String {
 }
 
 /// The downloaded file must be an ELF for this host and fully static.
-fn check_elf(path: &std::path::Path) -> Result<(), String> {
+pub fn check_elf(path: &std::path::Path) -> Result<(), String> {
     let facts = muscle_inspect::inspect_file(path).map_err(|e| e.to_string())?;
     let host = muscle_inspect::Expectation::for_host()
         .ok_or("this host's architecture is unknown to the verifier")?;

@@ -37,6 +37,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Download and verify one artifact exactly as an install does (resume, sha256, size bound,
+    /// static ELF for this host), without installing it: for pre-seeding and benchmarks.
+    Fetch {
+        url: String,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        size: u64,
+        /// Where the verified file goes (mode 0755).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the hardened systemd unit for an installed app's committed version.
     SystemdUnit {
         app: String,
@@ -102,6 +114,12 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status { state_dir, json } => status(&state_dir, json),
+        Command::Fetch {
+            url,
+            sha256,
+            size,
+            out,
+        } => fetch(&url, &sha256, size, &out),
         Command::SystemdUnit {
             app,
             state_dir,
@@ -201,6 +219,28 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn fetch(url: &str, sha256: &str, size: u64, out: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let part = fsutil::tmp_path(out);
+    let http = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout_read(Duration::from_secs(15))
+        .build();
+    download::fetch(&http, url, &part, size, sha256).map_err(|e| match e {
+        download::DownloadError::Refused(r) | download::DownloadError::Incomplete(r) => {
+            anyhow::anyhow!(r)
+        }
+    })?;
+    if let Err(reason) = install::check_elf(&part) {
+        let _ = std::fs::remove_file(&part);
+        bail!("{url}: {reason}");
+    }
+    std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&part, out)
+        .with_context(|| format!("cannot move the download to {}", out.display()))?;
+    fsutil::sync_parent(out)
 }
 
 fn systemd_unit(app: &str, state_dir: &std::path::Path, user: Option<&str>) -> Result<()> {

@@ -82,10 +82,20 @@ fn xtask_release(args: &[&str], out: &Path) -> Result<Artifacts> {
     })
 }
 
-/// The deployer built for this host (it is not deployed to the fleet, it drives it).
-pub fn host_deployer() -> Result<PathBuf> {
-    run(cargo().args(["build", "--quiet", "--package", "muscle-deploy"]))?;
-    let path = workspace_root().join("target/debug/muscle-deploy");
+/// The deployer built for this host (it is not deployed to the fleet, it drives it): a debug
+/// build for tests and the demo, an optimised one for benchmarks.
+pub fn host_deployer(optimised: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--quiet", "--package", "muscle-deploy"]);
+    if optimised {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let path = workspace_root().join(if optimised {
+        "target/release/muscle-deploy"
+    } else {
+        "target/debug/muscle-deploy"
+    });
     path.exists()
         .then_some(path.clone())
         .with_context(|| format!("{} was not built", path.display()))

@@ -195,7 +195,8 @@ impl Fleet {
             }
         }
         let fleet = Fleet { agents, deployer };
-        fleet.wait_checked_in(Duration::from_secs(60))?;
+        let timeout = Duration::from_secs(60 + 2 * fleet.agents.len() as u64);
+        fleet.wait_checked_in(timeout)?;
         Ok(fleet)
     }
 

@@ -37,7 +37,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let dist = root.join("dist");
 
     step("build: muscle-deploy for this host; muscle-agent and hello-service 0.1.0, 0.2.0, 0.3.0 (unhealthy) for x86_64 and aarch64 musl");
-    let deployer_bin = host_deployer()?;
+    let deployer_bin = host_deployer(false)?;
     let agents = release_agents(&dist)?;
     let releases = [
         release_hello(

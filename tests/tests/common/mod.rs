@@ -44,7 +44,7 @@ pub fn builds() -> &'static Builds {
         let out = workspace_root().join("target/e2e-dist");
         let build = || -> anyhow::Result<Builds> {
             Ok(Builds {
-                deployer: host_deployer()?,
+                deployer: host_deployer(false)?,
                 agents: release_agents(&out)?,
                 v1: release_hello(
                     HelloVersion {

@@ -156,6 +156,19 @@ fn cargo_command(
     if let Some(features) = &args.features {
         cmd.args(["--features", features]);
     }
+    set_target_env(&mut cmd, ws, target, provenance);
+    cmd
+}
+
+/// The environment that makes cargo build `target` the way a release does: the target's linker
+/// and C compiler, our flags only, and a fixed SOURCE_DATE_EPOCH. Also used by the benchmark's
+/// plain-cargo baseline, so both share one warm cache.
+pub fn set_target_env(
+    cmd: &mut Command,
+    ws: &Workspace,
+    target: &TargetSpec,
+    provenance: &Provenance,
+) {
     let key = target.env_key();
     cmd.env(format!("CARGO_TARGET_{key}_LINKER"), &target.linker)
         .env(
@@ -175,7 +188,6 @@ fn cargo_command(
     }
     // Our flags are the whole story: a stray RUSTFLAGS in someone's shell must not change a release.
     cmd.env_remove("RUSTFLAGS");
-    cmd
 }
 
 /// The target's flags plus path remapping, so that builds from two checkouts are byte-identical.

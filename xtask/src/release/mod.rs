@@ -1,9 +1,9 @@
 //! `cargo xtask release`: static cross-builds, verified by object inspection, with checksums, a
 //! manifest and an optional signature.
 
-mod build;
+pub mod build;
 mod dist;
-mod workspace;
+pub mod workspace;
 
 use std::path::PathBuf;
 
