@@ -21,7 +21,7 @@ pub struct Config {
     pub vars: BTreeMap<String, String>,
     pub interval: Duration,
     pub trusted_keys: Vec<VerifyingKey>,
-    pub token: Option<String>,
+    pub enroll_token: Option<String>,
     pub leave_services_running: bool,
     pub log_max_bytes: u64,
     pub keep_versions: usize,
@@ -139,24 +139,57 @@ impl Agent {
         self.save()
     }
 
-    /// One check-in and the reconcile it asks for. Returns whether anything changed on this host.
-    fn checkin(&mut self) -> Result<bool> {
-        let request = self.report();
-        let url = format!("{}/v1/checkin", self.cfg.server.trim_end_matches('/'));
+    /// POSTs `body` as JSON to `path` on the server with `bearer`, and reads the JSON answer.
+    fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &impl serde::Serialize,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.cfg.server.trim_end_matches('/'));
         let mut req = self.http.post(&url);
-        if let Some(token) = &self.cfg.token {
-            req = req.set("Authorization", &format!("Bearer {token}"));
+        if let Some(secret) = bearer {
+            req = req.set("Authorization", &format!("Bearer {secret}"));
         }
-        let response: CheckinResponse = match req.send_json(&request) {
+        match req.send_json(body) {
             Ok(resp) => resp
                 .into_json()
-                .context("the server's check-in answer is not valid JSON")?,
+                .with_context(|| format!("the answer of POST {url} is not the JSON expected")),
             Err(ureq::Error::Status(code, resp)) => {
                 let body = resp.into_string().unwrap_or_default();
                 anyhow::bail!("POST {url} answered {code}: {}", body.trim());
             }
-            Err(e) => return Err(e).with_context(|| format!("POST {url}")),
+            Err(e) => Err(e).with_context(|| format!("POST {url}")),
+        }
+    }
+
+    /// This agent's credential: read from the state dir, or obtained by enrolling once.
+    fn credential(&mut self, request: &CheckinRequest) -> Result<Option<String>> {
+        let path = self.cfg.state_dir.join("credential");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return Ok(Some(text.trim().to_owned()));
+        }
+        let Some(token) = self.cfg.enroll_token.clone() else {
+            return Ok(None);
         };
+        #[derive(serde::Deserialize)]
+        struct Enrolled {
+            credential: String,
+        }
+        let enrolled: Enrolled = self
+            .post("/v1/enroll", Some(&token), request)
+            .context("enrolling")?;
+        crate::fsutil::write_atomic_private(&path, enrolled.credential.as_bytes())?;
+        eprintln!("muscle-agent: enrolled as {}", self.state.agent_id);
+        Ok(Some(enrolled.credential))
+    }
+
+    /// One check-in and the reconcile it asks for. Returns whether anything changed on this host.
+    fn checkin(&mut self) -> Result<bool> {
+        let request = self.report();
+        let credential = self.credential(&request)?;
+        let response: CheckinResponse =
+            self.post("/v1/checkin", credential.as_deref(), &request)?;
         if !response.unchanged {
             self.desired = response.apps;
             self.generation = response.generation;

@@ -82,9 +82,10 @@ struct RunArgs {
     /// A trusted ed25519 public key (hex, repeatable). Also read from STATE_DIR/trusted-keys.
     #[arg(long = "trusted-key")]
     trusted_keys: Vec<String>,
-    /// Bearer token sent with every check-in.
-    #[arg(long, env = "MUSCLE_AGENT_TOKEN")]
-    token: Option<String>,
+    /// Enrol with this token on first contact; the credential the server returns is kept in
+    /// STATE_DIR/credential and sent with every check-in.
+    #[arg(long, env = "MUSCLE_ENROLL_TOKEN")]
+    enroll_token: Option<String>,
     /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
     #[arg(long)]
     leave_services_running: bool,
@@ -143,7 +144,7 @@ fn run(args: RunArgs) -> Result<()> {
         vars: args.vars.into_iter().collect(),
         interval: args.interval,
         trusted_keys,
-        token: args.token,
+        enroll_token: args.enroll_token,
         leave_services_running: args.leave_services_running,
         log_max_bytes: args.log_max_bytes,
         keep_versions: args.keep_versions.max(2),

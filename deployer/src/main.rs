@@ -1,6 +1,7 @@
 //! `muscle-deploy`: publishes releases into its store, serves agents, and rolls releases out
 //! across the fleet in health-gated waves.
 
+mod auth;
 mod engine;
 mod publish;
 mod rollout;
@@ -63,6 +64,12 @@ enum Command {
         /// How often the rollout engine advances rollouts.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         tick: Duration,
+        /// Require agents to enrol with this token, then check in with their own credential.
+        #[arg(long, env = "MUSCLE_ENROLL_TOKEN")]
+        enroll_token: Option<String>,
+        /// Require this token for the JSON views (/v1/fleet, /v1/rollouts, /v1/releases).
+        #[arg(long, env = "MUSCLE_ADMIN_TOKEN")]
+        admin_token: Option<String>,
     },
     /// Start, follow and steer rollouts.
     #[command(subcommand)]
@@ -216,7 +223,13 @@ fn run(cli: Cli) -> Result<()> {
             blob_base_url,
             interval,
             tick,
+            enroll_token,
+            admin_token,
         } => {
+            let auth = server::Auth {
+                enroll_token,
+                admin_token,
+            };
             let blobs = Arc::new(FsBlobStore::open(&dir)?);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
@@ -234,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
                         blobs,
                         blob_base_url,
                         interval,
+                        auth,
                     },
                     listener,
                     tick,

@@ -13,6 +13,8 @@ use muscle_protocol::{
     Artifact, CheckinRequest, CheckinResponse, DesiredApp, ReleaseManifest, MAX_CHECKIN_BYTES,
 };
 
+use crate::auth;
+pub use crate::auth::Auth;
 use crate::store::{AgentRecord, BlobStore, FsBlobStore, Store};
 use crate::{engine, now_ms};
 
@@ -23,10 +25,12 @@ pub struct Server {
     /// Where agents download blobs from, when not from this server (a CDN, nginx, ...).
     pub blob_base_url: Option<String>,
     pub interval: Duration,
+    pub auth: Auth,
 }
 
 pub fn router(server: Server) -> Router {
     Router::new()
+        .route("/v1/enroll", post(enroll))
         .route("/v1/checkin", post(checkin))
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .route("/v1/fleet", get(fleet))
@@ -90,14 +94,105 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-async fn checkin(State(s): State<Server>, body: Bytes) -> Result<Json<CheckinResponse>, ApiError> {
-    let req: CheckinRequest = serde_json::from_slice(&body).map_err(|e| {
+fn unauthorized(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, why.into())
+}
+
+fn parse_checkin(body: &[u8]) -> Result<CheckinRequest, ApiError> {
+    let req: CheckinRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid check-in body: {e}"),
         )
     })?;
     validate(&req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    Ok(req)
+}
+
+/// `POST /v1/enroll`: an agent presents the enrolment token and its first report, and gets its
+/// own credential, once.
+async fn enroll(
+    State(s): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(token) = &s.auth.enroll_token else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "enrolment is not enabled on this deployer (serve --enroll-token)".into(),
+        ));
+    };
+    if !auth::bearer(&headers).is_some_and(|b| auth::same_secret(b, token)) {
+        return Err(unauthorized(
+            "enrolment needs `Authorization: Bearer <enrolment token>`",
+        ));
+    }
+    let req = parse_checkin(&body)?;
+    let store = s.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let already = || {
+            let why = format!(
+                "agent {} is already enrolled; an agent enrols once",
+                req.agent_id
+            );
+            ApiError(StatusCode::CONFLICT, why)
+        };
+        if store
+            .credential_sha256(&req.agent_id)
+            .map_err(internal)?
+            .is_some()
+        {
+            return Err(already());
+        }
+        store.record_checkin(&req, now_ms()).map_err(internal)?;
+        let credential = auth::new_credential().map_err(internal)?;
+        let hash = muscle_protocol::sha256_hex(credential.as_bytes());
+        if !store
+            .set_credential(&req.agent_id, &hash)
+            .map_err(internal)?
+        {
+            return Err(already());
+        }
+        Ok(Json(serde_json::json!({ "credential": credential })))
+    })
+    .await
+    .map_err(internal)?
+}
+
+/// With enrolment on, a check-in must carry the credential of the agent it names; nothing of a
+/// refused check-in is recorded.
+fn check_agent_credential(s: &Server, headers: &HeaderMap, agent_id: &str) -> Result<(), ApiError> {
+    if s.auth.enroll_token.is_none() {
+        return Ok(());
+    }
+    let presented = auth::bearer(headers).ok_or_else(|| {
+        unauthorized("check-ins need `Authorization: Bearer <agent credential>`; enrol first")
+    })?;
+    match s.store.credential_sha256(agent_id).map_err(internal)? {
+        Some(hash) if auth::matches_hash(presented, &hash) => Ok(()),
+        _ => Err(unauthorized(format!(
+            "invalid credential for agent {agent_id}"
+        ))),
+    }
+}
+
+/// The JSON views need the admin token when one is configured.
+fn check_admin(s: &Server, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &s.auth.admin_token {
+        Some(token) if !auth::bearer(headers).is_some_and(|b| auth::same_secret(b, token)) => Err(
+            unauthorized("this endpoint needs `Authorization: Bearer <admin token>`"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+async fn checkin(
+    State(s): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<CheckinResponse>, ApiError> {
+    let req = parse_checkin(&body)?;
+    check_agent_credential(&s, &headers, &req.agent_id)?;
     let store = s.store.clone();
     let interval_ms = Some(s.interval.as_millis() as u64);
     let blob_base = s.blob_base_url.clone();
@@ -274,19 +369,31 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-async fn fleet(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn fleet(
+    State(s): State<Server>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&s, &headers)?;
     let agents = s.store.agents().map_err(internal)?;
     Ok(Json(
         serde_json::to_value(crate::views::fleet_rows(&agents, now_ms())).map_err(internal)?,
     ))
 }
 
-async fn rollouts(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn rollouts(
+    State(s): State<Server>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&s, &headers)?;
     let rollouts = s.store.rollouts().map_err(internal)?;
     Ok(Json(serde_json::to_value(rollouts).map_err(internal)?))
 }
 
-async fn releases(State(s): State<Server>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn releases(
+    State(s): State<Server>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&s, &headers)?;
     let releases = s.store.releases().map_err(internal)?;
     Ok(Json(
         serde_json::to_value(crate::views::release_rows(&releases)).map_err(internal)?,

@@ -12,6 +12,8 @@ pub struct Deployer {
     pub bin: PathBuf,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Extra `serve` arguments (tokens, ...), kept across restarts.
+    pub serve_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -19,11 +21,17 @@ pub struct Deployer {
 impl Deployer {
     /// Starts `muscle-deploy serve` on a free loopback port with its store in `data_dir`.
     pub fn start(bin: &Path, data_dir: &Path) -> Result<Deployer> {
+        Deployer::start_with(bin, data_dir, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra `serve` arguments.
+    pub fn start_with(bin: &Path, data_dir: &Path, serve_args: &[&str]) -> Result<Deployer> {
         std::fs::create_dir_all(data_dir)?;
         let mut d = Deployer {
             bin: bin.to_owned(),
             data_dir: data_dir.to_owned(),
             port: free_port(),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: data_dir.join("deployer.log"),
         };
@@ -48,6 +56,7 @@ impl Deployer {
                 "--tick",
                 "200ms",
             ])
+            .args(&self.serve_args)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -179,6 +179,17 @@ impl Fleet {
         count: usize,
         dir: &Path,
     ) -> Result<Fleet> {
+        Fleet::start_with(deployer, binaries, count, dir, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra `muscle-agent run` arguments for every agent.
+    pub fn start_with(
+        deployer: Deployer,
+        binaries: &[(PathBuf, &str)],
+        count: usize,
+        dir: &Path,
+        agent_args: &[&str],
+    ) -> Result<Fleet> {
         let mut agents = Vec::new();
         for (bin, arch) in binaries {
             for i in 1..=count {
@@ -189,7 +200,7 @@ impl Fleet {
                     arch: arch.to_string(),
                     state_dir: dir.join(&id),
                     labels: vec![("site".into(), "lab".into())],
-                    extra_args: vec![],
+                    extra_args: agent_args.iter().map(|a| a.to_string()).collect(),
                 };
                 agents.push(Agent::start(opts, &deployer.url())?);
             }

@@ -87,6 +87,10 @@ pub trait Store: Send + Sync {
     /// Records a check-in and returns the agent as stored (with its desired generation).
     fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<AgentRecord>;
     fn agents(&self) -> Result<Vec<AgentRecord>>;
+    /// The sha256 of an enrolled agent's credential.
+    fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>>;
+    /// Sets the credential of a recorded agent that has none; false when it already has one.
+    fn set_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool>;
 
     fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>>;
     fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>>;

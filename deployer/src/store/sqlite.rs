@@ -18,7 +18,9 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, arch TEXT NOT NULL, hostname TEXT NOT NULL, labels TEXT NOT NULL,
     agent_version TEXT NOT NULL, last_seen_ms INTEGER NOT NULL, apps TEXT NOT NULL,
-    desired_generation INTEGER NOT NULL DEFAULT 0);
+    desired_generation INTEGER NOT NULL DEFAULT 0,
+    -- sha256 of the agent's credential, set once at enrolment.
+    credential_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS assignments (
     agent_id TEXT NOT NULL, app TEXT NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (agent_id, app));
@@ -164,6 +166,26 @@ impl Store for SqliteStore {
             apps: req.apps.clone(),
             desired_generation: generation as u64,
         })
+    }
+
+    fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>> {
+        let found: Option<Option<String>> = self
+            .conn()
+            .query_row(
+                "SELECT credential_sha256 FROM agents WHERE id = ?1",
+                [agent_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.flatten())
+    }
+
+    fn set_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE agents SET credential_sha256 = ?2 WHERE id = ?1 AND credential_sha256 IS NULL",
+            params![agent_id, credential_sha256],
+        )?;
+        Ok(changed == 1)
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {

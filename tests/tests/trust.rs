@@ -1,0 +1,241 @@
+//! The chain of trust end to end: enrolment and per-agent credentials, the admin token, keys made
+//! by `muscle-deploy keygen`, releases signed by `cargo xtask release --sign`, publish refusing
+//! unsigned or strangers' releases, and agents pinning the key.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use muscle_e2e::{workspace_root, Deployer, Fleet};
+use serde_json::json;
+
+const ENROLL: &str = "enrol-3f9c2a";
+const ADMIN: &str = "admin-77b1e0";
+
+/// POSTs `body` with an optional bearer; returns (status, body).
+fn post(url: &str, bearer: Option<&str>, body: &serde_json::Value) -> (u16, String) {
+    let mut req = ureq::post(url).set("content-type", "application/json");
+    if let Some(b) = bearer {
+        req = req.set("Authorization", &format!("Bearer {b}"));
+    }
+    match req.send_string(&body.to_string()) {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn get(url: &str, bearer: Option<&str>) -> u16 {
+    let mut req = ureq::get(url);
+    if let Some(b) = bearer {
+        req = req.set("Authorization", &format!("Bearer {b}"));
+    }
+    match req.call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+#[test]
+fn agents_enrol_once_and_checkins_without_their_credential_get_401_and_change_nothing() -> Result<()>
+{
+    let b = common::builds();
+    let dir = common::scratch("enrolment");
+    let deployer = Deployer::start_with(
+        &b.deployer,
+        &dir.join("data"),
+        &["--enroll-token", ENROLL, "--admin-token", ADMIN],
+    )?;
+    deployer.publish(&b.v1.dir)?;
+    let fleet = Fleet::start_with(
+        deployer,
+        &b.both_arches(),
+        1,
+        &dir,
+        &["--enroll-token", ENROLL],
+    )?;
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &common::service_spec(),
+    ])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
+        "succeeded"
+    );
+
+    let x86 = fleet.agent("x86_64-1");
+    let credential_file = x86.opts.state_dir.join("credential");
+    assert_eq!(
+        std::fs::metadata(&credential_file)?.permissions().mode() & 0o777,
+        0o600
+    );
+    let x86_credential = std::fs::read_to_string(&credential_file)?;
+    let before = fleet.deployer.fleet()?;
+
+    let base = fleet.deployer.url();
+    let forged = |id: &str| json!({"agent_id": id, "arch": "x86_64", "hostname": "evil", "agent_version": "6.6.6", "apps": []});
+    let (status, body) = post(&format!("{base}/v1/checkin"), None, &forged("x86_64-1"));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("enrol first"), "{body}");
+    let (status, body) = post(
+        &format!("{base}/v1/checkin"),
+        Some("0000"),
+        &forged("x86_64-1"),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("invalid credential for agent x86_64-1"),
+        "{body}"
+    );
+    // One agent's credential does not speak for another.
+    let (status, _) = post(
+        &format!("{base}/v1/checkin"),
+        Some(x86_credential.trim()),
+        &forged("aarch64-1"),
+    );
+    assert_eq!(status, 401);
+    // Enrolment needs the token, and happens once per agent.
+    let (status, _) = post(
+        &format!("{base}/v1/enroll"),
+        Some("wrong"),
+        &forged("newcomer"),
+    );
+    assert_eq!(status, 401);
+    let (status, body) = post(
+        &format!("{base}/v1/enroll"),
+        Some(ENROLL),
+        &forged("x86_64-1"),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("already enrolled"), "{body}");
+
+    // Nothing of the refused requests was recorded.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = fleet.deployer.fleet()?;
+    assert_eq!(after.len(), before.len(), "no agent was added");
+    for row in &after {
+        assert_ne!(row["hostname"], "evil");
+        assert_ne!(row["agent_version"], "6.6.6");
+        assert_eq!(row["apps"][0]["version"], "0.1.0");
+    }
+    // The JSON views need the admin token.
+    assert_eq!(get(&format!("{base}/v1/fleet"), None), 401);
+    assert_eq!(get(&format!("{base}/v1/fleet"), Some("not-it")), 401);
+    assert_eq!(get(&format!("{base}/v1/fleet"), Some(ADMIN)), 200);
+    Ok(())
+}
+
+#[test]
+fn signed_releases_flow_from_xtask_to_a_key_pinning_agent_and_unsigned_ones_are_refused(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("signed");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+
+    // keygen: a private key only its owner reads, the public key on stdout.
+    let key = dir.join("release.key");
+    let public = deployer
+        .ok(&["keygen", "--out", key.to_str().unwrap()])?
+        .trim()
+        .to_owned();
+    assert_eq!(public.len(), 64);
+    assert_eq!(std::fs::metadata(&key)?.permissions().mode() & 0o777, 0o600);
+    let out = deployer.cli(&["keygen", "--out", key.to_str().unwrap()])?;
+    assert!(!out.status.success(), "keygen never overwrites a key");
+
+    // cargo xtask release --sign, on the scratch workspace of hello-service 0.2.0.
+    let manifest_path =
+        b.v2.dir
+            .parent()
+            .unwrap()
+            .join("src/hello-service-0.2.0/Cargo.toml");
+    let out_dir = dir.join("dist");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "release",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--json",
+            "--sign",
+        ])
+        .arg(&key)
+        .arg("--manifest-path")
+        .arg(&manifest_path)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signed = out_dir.join("hello-service-0.2.0");
+    assert!(signed.join("manifest.json.sig").exists());
+
+    // Publish with the key trusted: unsigned and strangers' releases are refused.
+    let trust = ["--trusted-key", public.as_str()];
+    let publish = |release: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["publish", release.to_str().unwrap()];
+        args.extend(extra);
+        deployer.cli(&args)
+    };
+    let out = publish(&b.v1.dir, &trust)?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not signed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stranger = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    let out = publish(&signed, &["--trusted-key", stranger])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not verify"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = publish(&signed, &trust)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An agent pinning the key installs it, the signature checked on the device.
+    let fleet = Fleet::start_with(
+        deployer,
+        &[(b.agent("x86_64"), "x86_64")],
+        1,
+        &dir,
+        &["--trusted-key", &public],
+    )?;
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.2.0",
+        "--service",
+        &common::service_spec(),
+    ])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
+        "succeeded"
+    );
+    assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.2.0");
+    Ok(())
+}
