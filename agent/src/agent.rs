@@ -35,6 +35,7 @@ pub struct Agent {
     desired: Vec<DesiredApp>,
     generation: u64,
     pub(crate) http: ureq::Agent,
+    started: Instant,
 }
 
 /// Set by SIGTERM/SIGINT; the loop notices it within a tick.
@@ -68,7 +69,10 @@ impl Agent {
             desired: vec![],
             generation: 0,
             http,
+            started: Instant::now(),
         };
+        // Before touching services: this start may be a self-update's, to count or revert.
+        agent.check_self_update()?;
         agent.repair_all()?;
         Ok(agent)
     }
@@ -190,6 +194,8 @@ impl Agent {
         let credential = self.credential(&request)?;
         let response: CheckinResponse =
             self.post("/v1/checkin", credential.as_deref(), &request)?;
+        // Checking in is what a new agent binary has to prove.
+        self.commit_self_update()?;
         if !response.unchanged {
             self.desired = response.apps;
             self.generation = response.generation;
@@ -209,15 +215,9 @@ impl Agent {
 
     /// What this agent tells the server.
     pub fn report(&mut self) -> CheckinRequest {
-        let apps = self
-            .state
-            .apps
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|app| self.app_report(&app))
-            .collect();
+        let names: Vec<String> = self.state.apps.keys().cloned().collect();
+        let mut apps: Vec<AppReport> = names.iter().map(|app| self.app_report(app)).collect();
+        apps.push(self.self_report());
         CheckinRequest {
             agent_id: self.state.agent_id.clone(),
             arch: muscle_inspect::host_arch().to_owned(),
@@ -226,6 +226,27 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             generation: self.generation,
             apps,
+        }
+    }
+
+    /// The agent as an app: always running, healthy since it started (what a self-update
+    /// rollout waits for), with its last failed update.
+    fn self_report(&self) -> AppReport {
+        let version = env!("CARGO_PKG_VERSION").to_owned();
+        let failure = self.state.agent.failure.clone();
+        AppReport {
+            app: crate::selfupdate::SELF_APP.to_owned(),
+            installed_version: Some(version.clone()),
+            running_version: Some(version),
+            health: Health::Healthy,
+            healthy_for_ms: self.started.elapsed().as_millis() as u64,
+            restarts: 0,
+            failed_version: failure
+                .as_ref()
+                .filter(|f| f.permanent)
+                .map(|f| f.version.clone()),
+            last_error: failure.as_ref().map(|f| f.reason.clone()),
+            log_tail: None,
         }
     }
 

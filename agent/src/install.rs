@@ -9,12 +9,13 @@ use muscle_protocol::{DesiredApp, ReleaseManifest};
 
 use crate::agent::Agent;
 use crate::download::{self, DownloadError};
-use crate::state::{Failure, Installed};
+use crate::selfupdate::SELF_APP;
+use crate::state::{AppState, Failure, Installed};
 use crate::{fsutil, logs};
 
 const LOG_TAIL_BYTES: u64 = 2048;
 
-enum InstallError {
+pub(crate) enum InstallError {
     /// Worth retrying at the next check-in: a cut download, a full disk.
     Transient(String),
     /// These bytes or this manifest will never be installed here.
@@ -29,39 +30,43 @@ enum InstallError {
 impl Agent {
     /// Moves `d.app` toward `d.version`. Returns whether anything changed on this host.
     pub fn reconcile_app(&mut self, d: &DesiredApp) -> bool {
-        let st = self.state.apps.entry(d.app.clone()).or_default();
-        if st
-            .current
-            .as_ref()
-            .is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256)
-        {
-            return false;
-        }
+        let is_self = d.app == SELF_APP;
+        let st = self.app_state_mut(&d.app);
+        let at_desired = if is_self {
+            d.version == env!("CARGO_PKG_VERSION")
+        } else {
+            st.current
+                .as_ref()
+                .is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256)
+        };
         let offer = offer_id(d);
-        if st
-            .failure
-            .as_ref()
-            .is_some_and(|f| f.offer == offer && f.permanent)
+        if at_desired
+            || st
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.offer == offer && f.permanent)
         {
             return false;
         }
         eprintln!("muscle-agent: {}: installing {}", d.app, d.version);
-        let result = self.install(d);
-        let st = self.state.apps.entry(d.app.clone()).or_default();
+        // A successful self-update does not return: the new agent takes over this process.
+        let result = if is_self {
+            self.update_self(d)
+        } else {
+            self.install(d)
+        };
+        let st = self.app_state_mut(&d.app);
         match result {
-            Ok(()) => {
-                eprintln!(
-                    "muscle-agent: {}: {} is healthy and committed",
-                    d.app, d.version
-                );
-            }
+            Ok(()) => eprintln!(
+                "muscle-agent: {}: {} is healthy and committed",
+                d.app, d.version
+            ),
             Err(e) => {
-                let attempts = match &st.failure {
-                    Some(f) if f.version == d.version && f.sha256 == d.artifact.sha256 => {
-                        f.attempts + 1
-                    }
-                    _ => 1,
-                };
+                let attempts = st
+                    .failure
+                    .as_ref()
+                    .filter(|f| f.offer == offer)
+                    .map_or(1, |f| f.attempts + 1);
                 let (reason, log_tail, permanent) = match e {
                     // Retried at every check-in, resuming the download; the deployer's deadline
                     // decides when the rollout gives up on this agent.
@@ -90,6 +95,23 @@ impl Agent {
         true
     }
 
+    /// The remembered state of `app`; the agent's own lives apart from the services'.
+    pub(crate) fn app_state_mut(&mut self, app: &str) -> &mut AppState {
+        if app == SELF_APP {
+            &mut self.state.agent
+        } else {
+            self.state.apps.entry(app.to_owned()).or_default()
+        }
+    }
+
+    pub(crate) fn app_state(&self, app: &str) -> AppState {
+        if app == SELF_APP {
+            self.state.agent.clone()
+        } else {
+            self.state.apps.get(app).cloned().unwrap_or_default()
+        }
+    }
+
     fn install(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
         let manifest = self.check_manifest(d)?;
         let spec = d
@@ -115,7 +137,7 @@ impl Agent {
 
     /// The manifest must be signed by a trusted key (when keys are pinned), unexpired, not a
     /// replay, and must name exactly the artifact the server points at for this architecture.
-    fn check_manifest(&self, d: &DesiredApp) -> Result<ReleaseManifest, InstallError> {
+    pub(crate) fn check_manifest(&self, d: &DesiredApp) -> Result<ReleaseManifest, InstallError> {
         let refuse =
             |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
         muscle_protocol::verify_signature(
@@ -151,7 +173,7 @@ impl Agent {
                 d.artifact.sha256, d.artifact.size, artifact.sha256, artifact.size
             )));
         }
-        let st = self.state.apps.get(&d.app).cloned().unwrap_or_default();
+        let st = self.app_state(&d.app);
         let ran_here = st.ran.get(&d.version) == Some(&d.artifact.sha256);
         if manifest.counter < st.highest_counter && !ran_here {
             return Err(refuse(format!(
@@ -163,7 +185,7 @@ impl Agent {
     }
 
     /// Puts the verified binary at `versions/<version>/<binary>`, downloading it if needed.
-    fn stage(&mut self, d: &DesiredApp) -> Result<PathBuf, InstallError> {
+    pub(crate) fn stage(&mut self, d: &DesiredApp) -> Result<PathBuf, InstallError> {
         let paths = self.paths(&d.app);
         let transient = |what: String| InstallError::Transient(what);
         paths
@@ -327,7 +349,7 @@ impl Agent {
 
 /// What identifies an offer: the bytes, the manifest and its signature. A refusal is final for
 /// one offer; the same version re-signed or re-released is a new offer.
-fn offer_id(d: &DesiredApp) -> String {
+pub(crate) fn offer_id(d: &DesiredApp) -> String {
     let signature = d.signature.as_deref().unwrap_or("");
     muscle_protocol::sha256_hex(
         format!("{}\n{}\n{signature}", d.artifact.sha256, d.manifest).as_bytes(),

@@ -8,6 +8,7 @@ mod install;
 mod logs;
 mod paths;
 mod process;
+mod selfupdate;
 mod state;
 mod supervisor;
 mod systemd;
@@ -36,6 +37,15 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Check in once with the report read from stdin: how a new agent binary proves itself
+    /// before a self-update hands over to it.
+    #[command(hide = true)]
+    Probe {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        state_dir: PathBuf,
     },
     /// Download and verify one artifact exactly as an install does (resume, sha256, size bound,
     /// static ELF for this host), without installing it: for pre-seeding and benchmarks.
@@ -121,6 +131,7 @@ fn main() {
             size,
             out,
         } => fetch(&url, &sha256, size, &out),
+        Command::Probe { server, state_dir } => selfupdate::probe(&server, &state_dir),
         Command::SystemdUnit {
             app,
             state_dir,

@@ -37,7 +37,14 @@ impl Proc {
                 Ok(None) => None,
                 Err(e) => Some(format!("cannot wait: {e}")),
             },
-            Proc::Adopted(pid) => (!is_alive(*pid)).then(|| "exited".to_owned()),
+            Proc::Adopted(pid) => {
+                // After a self-update's exec, adopted services are still our children: reap
+                // them (for anyone else's process this is a harmless ECHILD).
+                let mut status = 0;
+                // SAFETY: waitpid on a pid with WNOHANG only reads the status into `status`.
+                unsafe { libc::waitpid(*pid as libc::pid_t, &mut status, libc::WNOHANG) };
+                (!is_alive(*pid)).then(|| "exited".to_owned())
+            }
         }
     }
 

@@ -14,6 +14,26 @@ pub struct AgentState {
     pub agent_id: String,
     #[serde(default)]
     pub apps: BTreeMap<String, AppState>,
+    /// The agent itself as an app: its release counters and its last failed update.
+    #[serde(default)]
+    pub agent: AppState,
+    /// A self-update that was exec'd but has not yet checked in.
+    #[serde(default)]
+    pub self_update: Option<SelfUpdate>,
+}
+
+/// An agent binary swap in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfUpdate {
+    pub version: String,
+    pub sha256: String,
+    pub offer: String,
+    /// The binary that ran before, to go back to.
+    pub from: PathBuf,
+    /// The new binary.
+    pub to: PathBuf,
+    /// How many times the new binary has started without checking in.
+    pub starts: u32,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -12,7 +12,8 @@ mod scripted;
 mod wait;
 
 pub use build::{
-    host_deployer, release_agents, release_hello, workspace_root, Artifacts, HelloVersion,
+    host_deployer, release_agent_version, release_agents, release_broken_agent, release_hello,
+    workspace_root, Artifacts, HelloVersion,
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};

@@ -126,12 +126,21 @@ fn wait_refused(
                 failure["version"] == version && failure["sha256"] == sha && matches,
                 "agent state: {failure}"
             );
+            // The server heard it: a final refusal fails the version; a transient one (a cut
+            // download) is only reported as the last error while the agent retries.
             let r = server.last_app_report(APP).context("no report yet")?;
+            let last_error = r["last_error"].as_str().unwrap_or_default();
+            let failed_version = if failure["permanent"] == true {
+                Value::from(version)
+            } else {
+                Value::Null
+            };
             anyhow::ensure!(
-                r["failed_version"] == version && r["last_error"] == failure["reason"],
+                r["failed_version"] == failed_version
+                    && expect.iter().all(|e| last_error.contains(e)),
                 "last report: {r}"
             );
-            Ok(r["last_error"].as_str().map(str::to_owned))
+            Ok(Some(last_error.to_owned()))
         },
     )
 }
