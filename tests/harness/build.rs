@@ -156,16 +156,38 @@ pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
 pub fn release_agent_version(version: &str, out: &Path) -> Result<Artifacts> {
     let clone = out.join("src").join(format!("muscle-{version}"));
     let _ = std::fs::remove_dir_all(&clone);
-    run(Command::new("git").args(["clone", "--quiet", "--no-hardlinks"]).arg(workspace_root()).arg(&clone))?;
+    run(Command::new("git")
+        .args(["clone", "--quiet", "--no-hardlinks"])
+        .arg(workspace_root())
+        .arg(&clone))?;
     let manifest = clone.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest)?;
-    let current = format!("[workspace.package]\nversion = \"{}\"", env!("CARGO_PKG_VERSION"));
+    let current = format!(
+        "[workspace.package]\nversion = \"{}\"",
+        env!("CARGO_PKG_VERSION")
+    );
     if !text.contains(&current) {
         bail!("{} has no `{current}` to bump", manifest.display());
     }
-    std::fs::write(&manifest, text.replace(&current, &format!("[workspace.package]\nversion = \"{version}\"")))?;
-    run(cargo().args(["update", "--workspace", "--offline", "--manifest-path"]).arg(&manifest))?;
-    xtask_release(&["--manifest-path", manifest.to_str().context("non-UTF-8 path")?, "--package", "muscle-agent"], out)
+    std::fs::write(
+        &manifest,
+        text.replace(
+            &current,
+            &format!("[workspace.package]\nversion = \"{version}\""),
+        ),
+    )?;
+    run(cargo()
+        .args(["update", "--workspace", "--offline", "--manifest-path"])
+        .arg(&manifest))?;
+    xtask_release(
+        &[
+            "--manifest-path",
+            manifest.to_str().context("non-UTF-8 path")?,
+            "--package",
+            "muscle-agent",
+        ],
+        out,
+    )
 }
 
 /// A "muscle-agent" release whose binary exits at once: a broken agent update.
@@ -178,6 +200,17 @@ pub fn release_broken_agent(version: &str, out: &Path) -> Result<Artifacts> {
         format!("[package]\nname = \"muscle-agent\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[workspace]\n\n[profile.release]\nstrip = true\n"),
     )?;
     std::fs::write(scratch.join("src/main.rs"), "fn main() {\n    eprintln!(\"broken agent: exiting at once\");\n    std::process::exit(3);\n}\n")?;
-    run(cargo().args(["generate-lockfile", "--offline", "--manifest-path"]).arg(scratch.join("Cargo.toml")))?;
-    xtask_release(&["--manifest-path", scratch.join("Cargo.toml").to_str().context("non-UTF-8 path")?], out)
+    run(cargo()
+        .args(["generate-lockfile", "--offline", "--manifest-path"])
+        .arg(scratch.join("Cargo.toml")))?;
+    xtask_release(
+        &[
+            "--manifest-path",
+            scratch
+                .join("Cargo.toml")
+                .to_str()
+                .context("non-UTF-8 path")?,
+        ],
+        out,
+    )
 }

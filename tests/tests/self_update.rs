@@ -7,13 +7,21 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use muscle_e2e::{release_agent_version, release_broken_agent, wait_until, workspace_root, Deployer, Fleet};
+use muscle_e2e::{
+    release_agent_version, release_broken_agent, wait_until, workspace_root, Deployer, Fleet,
+};
 
 const SELF: &str = "muscle-agent";
 
 /// The fleet row's report for `app`.
 fn app_row(row: &serde_json::Value, app: &str) -> serde_json::Value {
-    row["apps"].as_array().into_iter().flatten().find(|a| a["app"] == app).cloned().unwrap_or_default()
+    row["apps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["app"] == app)
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[test]
@@ -28,52 +36,133 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
         deployer.publish(&release.dir)?;
     }
     let fleet = Fleet::start(deployer, &b.both_arches(), 1, &dir)?;
-    let id = fleet.start_rollout(&["hello-service", "0.1.0", "--service", &common::service_spec()])?;
-    assert_eq!(fleet.deployer.wait_rollout_end(id, Duration::from_secs(180))?["status"], "succeeded");
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &common::service_spec(),
+    ])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
+        "succeeded"
+    );
     let services: Vec<Vec<u32>> = fleet.agents.iter().map(|a| a.service_pids()).collect();
     let agent_pids: Vec<Option<u32>> = fleet.agents.iter().map(|a| a.pid()).collect();
 
     // A real new agent: verified, probed, exec'd in place; services untouched.
-    let id = fleet.start_rollout(&[SELF, "0.1.1", "--min-healthy-time", "1s", "--healthy-deadline", "60s"])?;
-    let r = fleet.deployer.wait_rollout_end(id, Duration::from_secs(240))?;
+    let id = fleet.start_rollout(&[
+        SELF,
+        "0.1.1",
+        "--min-healthy-time",
+        "1s",
+        "--healthy-deadline",
+        "60s",
+    ])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(240))?;
     assert_eq!(r["status"], "succeeded", "{r:#}");
     for (i, agent) in fleet.agents.iter().enumerate() {
-        let row = fleet.deployer.fleet()?.into_iter().find(|r| r["id"] == agent.opts.id.as_str()).unwrap();
-        assert_eq!(row["agent_version"], "0.1.1", "{} runs the new agent", agent.opts.id);
+        let row = fleet
+            .deployer
+            .fleet()?
+            .into_iter()
+            .find(|r| r["id"] == agent.opts.id.as_str())
+            .unwrap();
+        assert_eq!(
+            row["agent_version"], "0.1.1",
+            "{} runs the new agent",
+            agent.opts.id
+        );
         assert_eq!(agent.pid(), agent_pids[i], "exec keeps the process");
-        assert!(agent.log().contains("agent updated to 0.1.1"), "{}", agent.log());
-        assert_eq!(agent.service_pids(), services[i], "{}'s service was not restarted", agent.opts.id);
+        assert!(
+            agent.log().contains("agent updated to 0.1.1"),
+            "{}",
+            agent.log()
+        );
+        assert_eq!(
+            agent.service_pids(),
+            services[i],
+            "{}'s service was not restarted",
+            agent.opts.id
+        );
         assert_eq!(agent.service_version()?, "0.1.0");
-        let staged = agent.opts.state_dir.join("apps/muscle-agent/versions/0.1.1/muscle-agent");
+        let staged = agent
+            .opts
+            .state_dir
+            .join("apps/muscle-agent/versions/0.1.1/muscle-agent");
         let elf = std::fs::read(&staged)?;
         let machine = u16::from_le_bytes([elf[18], elf[19]]);
-        assert_eq!(machine, if agent.opts.arch == "aarch64" { 183 } else { 62 }, "an {} agent updates only to an {} agent", agent.opts.arch, agent.opts.arch);
+        assert_eq!(
+            machine,
+            if agent.opts.arch == "aarch64" {
+                183
+            } else {
+                62
+            },
+            "an {} agent updates only to an {} agent",
+            agent.opts.arch,
+            agent.opts.arch
+        );
     }
     // The new agent still supervises: a killed service comes back.
     let x86 = fleet.agent("x86_64-1");
     let pid = x86.service_pids()[0];
     // SAFETY: kill(2) on a service process of this test.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    wait_until("the service restarted by the updated agent", Duration::from_secs(30), || {
-        let pids = x86.service_pids();
-        Ok((pids.len() == 1 && pids[0] != pid && x86.service_version().is_ok()).then_some(()))
-    })?;
+    wait_until(
+        "the service restarted by the updated agent",
+        Duration::from_secs(30),
+        || {
+            let pids = x86.service_pids();
+            Ok((pids.len() == 1 && pids[0] != pid && x86.service_version().is_ok()).then_some(()))
+        },
+    )?;
 
     // A broken agent release: the probe fails, nothing is exec'd, the failure is reported and the
     // rollout halts in its canary wave and rolls back.
-    let id = fleet.start_rollout(&[SELF, "0.1.2", "--min-healthy-time", "1s", "--healthy-deadline", "60s", "--auto-rollback"])?;
-    let r = fleet.deployer.wait_rollout_end(id, Duration::from_secs(180))?;
+    let id = fleet.start_rollout(&[
+        SELF,
+        "0.1.2",
+        "--min-healthy-time",
+        "1s",
+        "--healthy-deadline",
+        "60s",
+        "--auto-rollback",
+    ])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(180))?;
     assert_eq!(r["status"], "rolled_back", "{r:#}");
-    let failed: Vec<&serde_json::Value> = r["waves"][0]["members"].as_array().unwrap().iter().filter(|m| m["state"] == "failed").collect();
+    let failed: Vec<&serde_json::Value> = r["waves"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "failed")
+        .collect();
     assert!(!failed.is_empty(), "{r:#}");
     for m in failed {
         let error = m["error"].as_str().unwrap();
-        assert!(error.contains("failed its probe") && error.contains("exiting at once"), "{error}");
+        assert!(
+            error.contains("failed its probe") && error.contains("exiting at once"),
+            "{error}"
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     for agent in &fleet.agents {
-        let row = fleet.deployer.fleet()?.into_iter().find(|r| r["id"] == agent.opts.id.as_str()).unwrap();
-        assert_eq!(row["agent_version"], "0.1.1", "{} still runs the good agent", agent.opts.id);
+        let row = fleet
+            .deployer
+            .fleet()?
+            .into_iter()
+            .find(|r| r["id"] == agent.opts.id.as_str())
+            .unwrap();
+        assert_eq!(
+            row["agent_version"], "0.1.1",
+            "{} still runs the good agent",
+            agent.opts.id
+        );
         assert_eq!(app_row(&row, "hello-service")["health"], "healthy");
         assert_eq!(agent.service_version()?, "0.1.0");
     }
