@@ -26,6 +26,7 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("hyperfine", "hyperfine"),
     ("curl", "curl"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn run(args: SetupArgs) -> Result<i32> {
