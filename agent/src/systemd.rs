@@ -124,7 +124,11 @@ mod tests {
             ..Default::default()
         };
         let file = dir.join("muscle-hello.service");
-        std::fs::write(&file, unit("hello", "1.0.0", Path::new("/bin/true"), &spec, None)).unwrap();
+        std::fs::write(
+            &file,
+            unit("hello", "1.0.0", Path::new("/bin/true"), &spec, None),
+        )
+        .unwrap();
         let out = std::process::Command::new("systemd-analyze")
             .arg("verify")
             .arg(&file)
@@ -132,8 +136,14 @@ mod tests {
             .expect("systemd-analyze is installed by `cargo xtask setup` (package systemd)");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
-        let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("muscle-hello.service")).collect();
-        assert!(complaints.is_empty(), "systemd-analyze complains: {complaints:#?}");
+        let complaints: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("muscle-hello.service"))
+            .collect();
+        assert!(
+            complaints.is_empty(),
+            "systemd-analyze complains: {complaints:#?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -205,6 +205,20 @@ fn bad_artifacts_are_refused_and_the_running_version_keeps_running() -> Result<(
     )?;
     assert_untouched(&agent, "0.1.0", &pids, "0.2.0")?;
 
+    // Endless data: the server sends more than the signed size (the same offer as the corrupt
+    // blob, tried again because another refusal came in between).
+    let mut endless = v2.clone();
+    endless.extend(std::iter::repeat_n(0u8, 1 << 20));
+    let sha = offer(&server, "0.2.0", &m2.to_string(), None, endless, None)?;
+    wait_refused(
+        &server,
+        "0.2.0",
+        &sha,
+        &agent,
+        &["sent more than the signed size"],
+    )?;
+    assert_untouched(&agent, "0.1.0", &pids, "0.2.0")?;
+
     // A dynamically linked binary (this machine's /bin/ls).
     let ls = std::fs::read("/bin/ls")?;
     let mut m = m2.clone();
