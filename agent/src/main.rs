@@ -81,10 +81,10 @@ struct RunArgs {
     #[arg(long)]
     id: Option<String>,
     /// A label for rollout selectors (repeatable).
-    #[arg(long = "label", value_parser = key_value)]
+    #[arg(long = "label", value_parser = muscle_protocol::parse_key_value)]
     labels: Vec<(String, String)>,
     /// A variable for `${name}` in service specs (repeatable).
-    #[arg(long = "var", value_parser = key_value)]
+    #[arg(long = "var", value_parser = muscle_protocol::parse_key_value)]
     vars: Vec<(String, String)>,
     /// Check-in interval (jittered by ±10%).
     #[arg(long, default_value = "5s", value_parser = muscle_protocol::duration::parse)]
@@ -111,13 +111,6 @@ struct RunArgs {
 fn version() -> &'static str {
     static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     VERSION.get_or_init(|| format!("{} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH))
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected key=value, got {s:?}")),
-    }
 }
 
 fn main() {

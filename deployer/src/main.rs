@@ -123,7 +123,7 @@ struct StartArgs {
     #[arg(long)]
     service: Option<PathBuf>,
     /// Only agents with this label (repeatable; `arch=aarch64` selects by architecture).
-    #[arg(long = "selector", value_parser = key_value)]
+    #[arg(long = "selector", value_parser = muscle_protocol::parse_key_value)]
     selector: Vec<(String, String)>,
     #[arg(long, default_value_t = 1)]
     canary_per_arch: usize,
@@ -144,13 +144,6 @@ struct StartArgs {
     /// Replace the app's active rollout instead of refusing to start.
     #[arg(long)]
     supersede: bool,
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected key=value, got {s:?}")),
-    }
 }
 
 pub fn now_ms() -> u64 {

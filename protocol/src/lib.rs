@@ -53,5 +53,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// Parses a label, selector or variable written `key=value` (the value may be empty).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
 /// The largest check-in body the deployer accepts (and the agent sends).
 pub const MAX_CHECKIN_BYTES: usize = 256 * 1024;
