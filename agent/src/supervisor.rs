@@ -68,10 +68,12 @@ impl Service {
         match &result {
             Ok(()) => {
                 self.healthy_since.get_or_insert_with(Instant::now);
+                // A crash loop stays reported, with its cause, until the service has been stable
+                // for a whole crash-loop window (see `supervise`).
                 if self.health != Health::CrashLoop {
                     self.health = Health::Healthy;
+                    self.last_problem = None;
                 }
-                self.last_problem = None;
             }
             Err(problem) => {
                 self.healthy_since = None;
@@ -161,6 +163,7 @@ impl Agent {
                 svc.backoff = svc.spec.restart.initial_backoff;
                 if svc.health == Health::CrashLoop {
                     svc.health = Health::Healthy;
+                    svc.last_problem = None;
                 }
             }
             if svc.proc.is_some() && svc.last_check.is_none_or(|t| t.elapsed() >= HEALTH_EVERY) {

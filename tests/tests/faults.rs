@@ -272,3 +272,103 @@ fn a_full_disk_is_reported_and_nothing_is_half_installed() -> Result<()> {
     drop(fleet);
     Ok(())
 }
+
+#[test]
+fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_stops_them(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("supervision");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
+    let id = fleet.start_rollout(&[
+        APP,
+        "0.1.0",
+        "--service",
+        &common::service_spec(),
+        "--max-parallel",
+        "2",
+    ])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
+        "succeeded"
+    );
+
+    // kill -9 the service, again and again: restarted each time, then reported as a crash loop
+    // (5 restarts within a minute, the spec's default).
+    let agent = fleet.agent("x86_64-1");
+    for round in 1..=5 {
+        let pid = *agent.service_pids().first().context("a service runs")?;
+        // SAFETY: kill(2) on the service process this test started through the agent.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        wait_until(
+            &format!("restart #{round}"),
+            Duration::from_secs(30),
+            || {
+                let pids = agent.service_pids();
+                Ok(
+                    (pids.len() == 1 && pids[0] != pid && agent.service_version().is_ok())
+                        .then_some(()),
+                )
+            },
+        )?;
+    }
+    let row = wait_until(
+        "the crash loop to be reported",
+        Duration::from_secs(20),
+        || {
+            let row = fleet
+                .deployer
+                .fleet()?
+                .into_iter()
+                .find(|r| r["id"] == "x86_64-1")
+                .context("no row")?;
+            Ok((row["apps"][0]["health"] == "crash_loop").then_some(row))
+        },
+    )?;
+    assert!(
+        row["apps"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exited"),
+        "{row}"
+    );
+    assert!(
+        agent.log().matches("exited (signal: 9").count() >= 5,
+        "{}",
+        agent.log()
+    );
+
+    // SIGTERM stops the agent and, by default, its services, gracefully.
+    let agent = fleet.agent_mut("x86_64-1");
+    agent.terminate()?;
+    assert!(
+        agent.service_pids().is_empty(),
+        "the service was stopped with the agent"
+    );
+    assert!(agent.log().contains("stopping services"));
+    assert!(agent.state()?["apps"][APP]["pid"].is_null());
+
+    // With --leave-services-running the service outlives the agent, and the next agent adopts it.
+    let agent = fleet.agent_mut("x86_64-2");
+    agent
+        .opts
+        .extra_args
+        .push("--leave-services-running".into());
+    agent.restart()?;
+    wait_until("the restarted agent", Duration::from_secs(20), || {
+        Ok(agent.log().contains("adopted running 0.1.0").then_some(()))
+    })?;
+    let pids = agent.service_pids();
+    agent.terminate()?;
+    assert_eq!(agent.service_pids(), pids, "the service kept running");
+    assert!(agent.log().contains("services left running"));
+    agent.restart()?;
+    wait_until("the service re-adopted", Duration::from_secs(20), || {
+        Ok((agent.log().matches("adopted running 0.1.0").count() >= 2).then_some(()))
+    })?;
+    assert_eq!(agent.service_pids(), pids, "adopted, not restarted");
+    Ok(())
+}
