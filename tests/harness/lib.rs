@@ -26,12 +26,22 @@ pub const TARGETS: [(&str, &str); 2] = [
     ("aarch64-unknown-linux-musl", "aarch64"),
 ];
 
-/// A port nobody listens on right now (the kernel's choice of an ephemeral port).
+/// A port nobody listens on right now, below Linux's ephemeral range (32768 and up): a port the
+/// kernel picked would be free now, but could be handed to some client socket before the
+/// service binds it (seen with 50 agents checking in).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("loopback is available")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread test processes apart; step through the range within one.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 25;
+    for _ in 0..12_000 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 on loopback")
 }
 
 /// Fails loudly when aarch64 binaries cannot run here: the ARM half of the fleet must never be
