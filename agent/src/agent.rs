@@ -22,6 +22,8 @@ pub struct Config {
     pub interval: Duration,
     pub trusted_keys: Vec<VerifyingKey>,
     pub enroll_token: Option<String>,
+    /// The CA bundle an `https://` server's certificate must chain to (default: Mozilla's roots).
+    pub ca_file: Option<PathBuf>,
     pub leave_services_running: bool,
     pub log_max_bytes: u64,
     pub keep_versions: usize,
@@ -56,11 +58,7 @@ impl Agent {
             state.agent_id = format!("{}-{:08x}", hostname(), random_u32());
         }
         store.save(&state)?;
-        let http = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout_read(Duration::from_secs(15))
-            .user_agent(concat!("muscle-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let http = crate::http::client(cfg.ca_file.as_deref())?;
         let mut agent = Agent {
             cfg,
             store,

@@ -4,6 +4,7 @@ mod agent;
 mod download;
 mod fsutil;
 mod health;
+mod http;
 mod install;
 mod logs;
 mod paths;
@@ -46,6 +47,8 @@ enum Command {
         server: String,
         #[arg(long)]
         state_dir: PathBuf,
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Download and verify one artifact exactly as an install does (resume, sha256, size bound,
     /// static ELF for this host), without installing it: for pre-seeding and benchmarks.
@@ -58,6 +61,9 @@ enum Command {
         /// Where the verified file goes (mode 0755).
         #[arg(long)]
         out: PathBuf,
+        /// Trust this CA bundle (PEM) for an `https://` URL.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Print the hardened systemd unit for an installed app's committed version.
     SystemdUnit {
@@ -96,6 +102,9 @@ struct RunArgs {
     /// STATE_DIR/credential and sent with every check-in.
     #[arg(long, env = "MUSCLE_ENROLL_TOKEN")]
     enroll_token: Option<String>,
+    /// Trust this CA bundle (PEM) for an `https://` server instead of Mozilla's roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
     #[arg(long)]
     leave_services_running: bool,
@@ -123,8 +132,13 @@ fn main() {
             sha256,
             size,
             out,
-        } => fetch(&url, &sha256, size, &out),
-        Command::Probe { server, state_dir } => selfupdate::probe(&server, &state_dir),
+            ca_file,
+        } => fetch(&url, &sha256, size, &out, ca_file.as_deref()),
+        Command::Probe {
+            server,
+            state_dir,
+            ca_file,
+        } => selfupdate::probe(&server, &state_dir, ca_file.as_deref()),
         Command::SystemdUnit {
             app,
             state_dir,
@@ -149,6 +163,7 @@ fn run(args: RunArgs) -> Result<()> {
         interval: args.interval,
         trusted_keys,
         enroll_token: args.enroll_token,
+        ca_file: args.ca_file,
         leave_services_running: args.leave_services_running,
         log_max_bytes: args.log_max_bytes,
         keep_versions: args.keep_versions.max(2),
@@ -226,13 +241,16 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn fetch(url: &str, sha256: &str, size: u64, out: &std::path::Path) -> Result<()> {
+fn fetch(
+    url: &str,
+    sha256: &str,
+    size: u64,
+    out: &std::path::Path,
+    ca_file: Option<&std::path::Path>,
+) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let part = fsutil::tmp_path(out);
-    let http = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout_read(Duration::from_secs(15))
-        .build();
+    let http = http::client(ca_file)?;
     download::fetch(&http, url, &part, size, sha256).map_err(|e| match e {
         download::DownloadError::Refused(r) | download::DownloadError::Incomplete(r) => {
             anyhow::anyhow!(r)

@@ -60,12 +60,16 @@ impl Agent {
     /// Runs the new binary once in probe mode with this agent's report: it must check in.
     fn probe(&mut self, new: &Path) -> Result<(), InstallError> {
         let report = serde_json::to_vec(&self.report()).expect("reports serialize");
-        let mut child = Command::new(new)
-            .arg("probe")
+        let mut cmd = Command::new(new);
+        cmd.arg("probe")
             .arg("--server")
             .arg(&self.cfg.server)
             .arg("--state-dir")
-            .arg(&self.cfg.state_dir)
+            .arg(&self.cfg.state_dir);
+        if let Some(ca) = &self.cfg.ca_file {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -196,12 +200,14 @@ fn exec_self(binary: &Path) -> std::io::Error {
 }
 
 /// `muscle-agent probe`: one check-in with the report on stdin, under this binary's version.
-pub fn probe(server: &str, state_dir: &Path) -> Result<()> {
+pub fn probe(server: &str, state_dir: &Path, ca_file: Option<&Path>) -> Result<()> {
     let mut report: serde_json::Value =
         serde_json::from_reader(std::io::stdin()).context("reading the report on stdin")?;
     report["agent_version"] = env!("CARGO_PKG_VERSION").into();
     let url = format!("{}/v1/checkin", server.trim_end_matches('/'));
-    let mut req = ureq::post(&url).timeout(Duration::from_secs(20));
+    let mut req = crate::http::client(ca_file)?
+        .post(&url)
+        .timeout(Duration::from_secs(20));
     if let Ok(credential) = std::fs::read_to_string(state_dir.join("credential")) {
         req = req.set("Authorization", &format!("Bearer {}", credential.trim()));
     }

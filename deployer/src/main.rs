@@ -70,6 +70,12 @@ enum Command {
         /// Require this token for the JSON views (/v1/fleet, /v1/rollouts, /v1/releases).
         #[arg(long, env = "MUSCLE_ADMIN_TOKEN")]
         admin_token: Option<String>,
+        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Start, follow and steer rollouts.
     #[command(subcommand)]
@@ -218,7 +224,13 @@ fn run(cli: Cli) -> Result<()> {
             tick,
             enroll_token,
             admin_token,
+            tls_cert,
+            tls_key,
         } => {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| server::Tls { cert, key });
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let auth = server::Auth {
                 enroll_token,
                 admin_token,
@@ -230,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 eprintln!(
-                    "muscle-deploy: serving on http://{} (store {})",
+                    "muscle-deploy: serving on {scheme}://{} (store {})",
                     listener.local_addr()?,
                     dir.display()
                 );
@@ -244,6 +256,7 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     listener,
                     tick,
+                    tls,
                 )
                 .await
             })?;

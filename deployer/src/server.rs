@@ -42,10 +42,18 @@ pub fn router(server: Server) -> Router {
 }
 
 /// Serves until SIGTERM or Ctrl-C, advancing rollouts every `tick`.
+/// A certificate chain and its private key, PEM files, to serve HTTPS.
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Serves until SIGTERM or Ctrl-C (over TLS when `tls` is given), advancing rollouts every `tick`.
 pub async fn serve(
     server: Server,
     listener: tokio::net::TcpListener,
     tick: Duration,
+    tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     let store = server.store.clone();
     let engine = tokio::spawn(async move {
@@ -64,11 +72,43 @@ pub async fn serve(
             }
         }
     });
-    axum::serve(listener, router(server))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    match tls {
+        None => {
+            axum::serve(listener, router(server))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+        Some(tls) => serve_tls(router(server), listener, tls).await?,
+    }
     engine.abort();
     eprintln!("muscle-deploy: stopped");
+    Ok(())
+}
+
+async fn serve_tls(app: Router, listener: tokio::net::TcpListener, tls: Tls) -> anyhow::Result<()> {
+    use anyhow::Context;
+    // rustls is built with ring only (no aws-lc: nothing to build with cmake).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot load the TLS certificate {} and key {} (PEM files expected)",
+                tls.cert.display(),
+                tls.key.display()
+            )
+        })?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let listener = listener.into_std()?;
+    axum_server::from_tcp_rustls(listener, config)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await?;
     Ok(())
 }
 

@@ -63,6 +63,15 @@ impl Deployer {
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         self.child = Some(child);
         let url = format!("{}/healthz", self.url());
+        if self.tls() {
+            // The harness speaks plain HTTP only: a TLS deployer is up once it accepts.
+            let addr = ("127.0.0.1", self.port);
+            return wait_until(
+                "the deployer to accept connections",
+                Duration::from_secs(30),
+                || Ok(std::net::TcpStream::connect(addr).ok().map(|_| ())),
+            );
+        }
         wait_until(
             "the deployer to answer /healthz",
             Duration::from_secs(30),
@@ -70,8 +79,13 @@ impl Deployer {
         )
     }
 
+    fn tls(&self) -> bool {
+        self.serve_args.iter().any(|a| a == "--tls-cert")
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Runs a `muscle-deploy` CLI command against this deployer's store.

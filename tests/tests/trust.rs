@@ -239,3 +239,156 @@ fn signed_releases_flow_from_xtask_to_a_key_pinning_agent_and_unsigned_ones_are_
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.2.0");
     Ok(())
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("tls");
+    // A private CA, and a certificate for 127.0.0.1 signed by it.
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=muscle test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &dir,
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        ]
+        .concat(),
+    )?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    )?;
+    let path = |name: &str| dir.join(name).display().to_string();
+
+    let deployer = Deployer::start_with(
+        &b.deployer,
+        &dir.join("data"),
+        &[
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("server.key"),
+        ],
+    )?;
+    assert!(deployer.url().starts_with("https://"));
+    deployer.publish(&b.v1.dir)?;
+    let fleet = Fleet::start_with(
+        deployer,
+        &b.both_arches(),
+        1,
+        &dir,
+        &["--ca-file", &path("ca.pem")],
+    )?;
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &common::service_spec(),
+    ])?;
+    assert_eq!(
+        fleet
+            .deployer
+            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
+        "succeeded"
+    );
+    for agent in &fleet.agents {
+        assert_eq!(
+            agent.service_version()?,
+            "0.1.0",
+            "{} installed over https",
+            agent.opts.id
+        );
+    }
+
+    // An agent that trusts only the public roots refuses this server's certificate.
+    let opts = muscle_e2e::AgentOptions {
+        id: "untrusting".into(),
+        bin: b.agent("x86_64"),
+        arch: "x86_64".into(),
+        state_dir: dir.join("untrusting"),
+        labels: vec![],
+        extra_args: vec![],
+    };
+    let stranger = muscle_e2e::Agent::start(opts, &fleet.deployer.url())?;
+    let log = muscle_e2e::wait_until(
+        "the certificate to be refused",
+        Duration::from_secs(30),
+        || {
+            let log = stranger.log();
+            Ok(log.contains("check-in failed").then_some(log))
+        },
+    )?;
+    assert!(
+        log.contains("UnknownIssuer") || log.contains("invalid peer certificate"),
+        "{log}"
+    );
+    assert!(fleet
+        .deployer
+        .fleet()?
+        .iter()
+        .all(|r| r["id"] != "untrusting"));
+    Ok(())
+}
