@@ -358,3 +358,41 @@ fn verify_names_each_failed_check_with_its_evidence() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_opt_in_glibc_target_builds_fully_static_with_crt_static() -> Result<()> {
+    common::builds();
+    let dir = common::scratch("glibc-static");
+    let manifest = workspace_root().join("target/e2e-dist/src/hello-service-0.1.0/Cargo.toml");
+    let out = xtask(&[
+        "release",
+        "--target",
+        "aarch64-unknown-linux-gnu",
+        "--manifest-path",
+        manifest.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--json",
+    ])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest: Value = serde_json::from_slice(&out.stdout)?;
+    let artifact = &manifest["artifacts"][0];
+    assert_eq!(artifact["target"], "aarch64-unknown-linux-gnu");
+    assert!(
+        artifact["elf"]["interpreter"].is_null()
+            && artifact["elf"]["needed"].as_array().unwrap().is_empty(),
+        "{artifact}"
+    );
+    let bin = dir.join("hello-service-0.1.0/aarch64-unknown-linux-gnu/hello-service");
+    let file = tool("file", &["-b"], &bin)?;
+    assert!(
+        file.contains("ARM aarch64") && file.contains("statically linked"),
+        "{file}"
+    );
+    let run = Command::new(&bin).arg("--version").output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        "hello-service 0.1.0 (aarch64)"
+    );
+    Ok(())
+}

@@ -15,6 +15,9 @@ pub struct TargetSpec {
     pub elf_machine: String,
     pub elf_class: u8,
     pub static_pie: bool,
+    /// Built by a release without `--target` (an opt-in target says `default = false`).
+    #[serde(default = "built_by_default")]
+    pub default: bool,
     pub linker: String,
     #[serde(default)]
     pub rustflags: Vec<String>,
@@ -28,6 +31,10 @@ pub struct TargetSpec {
     /// Runs binaries of this target on a host of another architecture.
     #[serde(default)]
     pub runner: String,
+}
+
+fn built_by_default() -> bool {
+    true
 }
 
 impl TargetSpec {
@@ -84,10 +91,10 @@ fn load(path: &Path) -> Result<TargetSpec> {
     Ok(spec)
 }
 
-/// The targets named in `wanted`, or all of them when it is empty.
+/// The targets named in `wanted`, or the default ones when it is empty.
 pub fn select(all: &[TargetSpec], wanted: &[String]) -> Result<Vec<TargetSpec>> {
     if wanted.is_empty() {
-        return Ok(all.to_vec());
+        return Ok(all.iter().filter(|t| t.default).cloned().collect());
     }
     wanted
         .iter()
@@ -115,6 +122,16 @@ mod tests {
         assert!(
             triples.contains(&"aarch64-unknown-linux-musl"),
             "{triples:?}"
+        );
+        let default: Vec<_> = select(&all, &[])
+            .unwrap()
+            .into_iter()
+            .map(|t| t.triple)
+            .collect();
+        assert_eq!(
+            default,
+            ["aarch64-unknown-linux-musl", "x86_64-unknown-linux-musl"],
+            "opt-in targets are left out by default"
         );
         let err = select(&all, &["sparc-unknown-none".into()]).unwrap_err();
         assert!(

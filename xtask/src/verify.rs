@@ -65,9 +65,11 @@ fn verify_file(file: &Path, forced: Option<&TargetSpec>, all: &[TargetSpec]) -> 
     };
     let expectation = match forced {
         Some(t) => t.expectation(),
+        // A default target first: an aarch64 binary is reported as musl, not as opt-in gnu.
         None => match all
             .iter()
-            .find(|t| t.elf_machine == facts.machine && t.elf_class == facts.class)
+            .filter(|t| t.elf_machine == facts.machine && t.elf_class == facts.class)
+            .min_by_key(|t| !t.default)
         {
             Some(t) => t.expectation(),
             None => Expectation {
