@@ -15,7 +15,7 @@ use muscle_protocol::{
 
 use crate::auth;
 pub use crate::auth::Auth;
-use crate::store::{AgentRecord, BlobStore, FsBlobStore, Store};
+use crate::store::{BlobStore, FsBlobStore, Store};
 use crate::{engine, now_ms};
 
 #[derive(Clone)]
@@ -233,29 +233,37 @@ async fn checkin(
 ) -> Result<Json<CheckinResponse>, ApiError> {
     let req = parse_checkin(&body)?;
     check_agent_credential(&s, &headers, &req.agent_id)?;
-    let store = s.store.clone();
     let interval_ms = Some(s.interval.as_millis() as u64);
-    let blob_base = s.blob_base_url.clone();
-    tokio::task::spawn_blocking(move || {
-        let agent = store.record_checkin(&req, now_ms()).map_err(internal)?;
-        if agent.desired_generation == req.generation {
-            return Ok(Json(CheckinResponse {
-                generation: agent.desired_generation,
-                unchanged: true,
-                apps: vec![],
-                interval_ms,
-            }));
-        }
-        let apps = desired_apps(store.as_ref(), &agent, blob_base.as_deref()).map_err(internal)?;
-        Ok(Json(CheckinResponse {
-            generation: agent.desired_generation,
-            unchanged: false,
-            apps,
+    // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
+    // blocking pool (measured by `cargo xtask bench`).
+    let generation = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
+    if generation == req.generation {
+        return Ok(Json(CheckinResponse {
+            generation,
+            unchanged: true,
+            apps: vec![],
             interval_ms,
-        }))
+        }));
+    }
+    let store = s.store.clone();
+    let blob_base = s.blob_base_url.clone();
+    let apps = tokio::task::spawn_blocking(move || {
+        desired_apps(
+            store.as_ref(),
+            &req.agent_id,
+            &req.arch,
+            blob_base.as_deref(),
+        )
     })
     .await
     .map_err(internal)?
+    .map_err(internal)?;
+    Ok(Json(CheckinResponse {
+        generation,
+        unchanged: false,
+        apps,
+        interval_ms,
+    }))
 }
 
 fn validate(req: &CheckinRequest) -> Result<(), String> {
@@ -283,11 +291,12 @@ fn validate(req: &CheckinRequest) -> Result<(), String> {
 /// The desired state of one agent: its assignments resolved to artifacts of its architecture.
 fn desired_apps(
     store: &dyn Store,
-    agent: &AgentRecord,
+    agent_id: &str,
+    arch: &str,
     blob_base: Option<&str>,
 ) -> crate::store::Result<Vec<DesiredApp>> {
     let mut apps = Vec::new();
-    for a in store.assignments(&agent.id)? {
+    for a in store.assignments(agent_id)? {
         let Some(release) = store.release(&a.app, &a.version)? else {
             continue;
         };
@@ -295,10 +304,10 @@ fn desired_apps(
             continue;
         };
         let binary = a.service.binary_name(&a.app).to_owned();
-        let Some(artifact) = manifest.artifact(&binary, &agent.arch) else {
+        let Some(artifact) = manifest.artifact(&binary, arch) else {
             eprintln!(
                 "muscle-deploy: {} {} has no {binary} for {} (agent {})",
-                a.app, a.version, agent.arch, agent.id
+                a.app, a.version, arch, agent_id
             );
             continue;
         };

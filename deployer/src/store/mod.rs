@@ -84,8 +84,8 @@ pub trait Store: Send + Sync {
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;
 
-    /// Records a check-in and returns the agent as stored (with its desired generation).
-    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<AgentRecord>;
+    /// Records a check-in and returns the agent's desired generation.
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<u64>;
     fn agents(&self) -> Result<Vec<AgentRecord>>;
     /// The sha256 of an enrolled agent's credential.
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>>;

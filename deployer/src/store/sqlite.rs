@@ -144,28 +144,27 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<AgentRecord> {
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<u64> {
+        // The hot path of every check-in: one cached statement, the generation read back with it.
         let conn = self.conn();
-        conn.execute(
+        let mut stmt = conn.prepare_cached(
             "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7",
-            params![req.agent_id, req.arch, req.hostname, json(&req.labels), req.agent_version, now_ms as i64, json(&req.apps)],
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7
+             RETURNING desired_generation",
         )?;
-        let generation: i64 = conn.query_row(
-            "SELECT desired_generation FROM agents WHERE id = ?1",
-            [&req.agent_id],
+        let generation: i64 = stmt.query_row(
+            params![
+                req.agent_id,
+                req.arch,
+                req.hostname,
+                json(&req.labels),
+                req.agent_version,
+                now_ms as i64,
+                json(&req.apps)
+            ],
             |r| r.get(0),
         )?;
-        Ok(AgentRecord {
-            id: req.agent_id.clone(),
-            arch: req.arch.clone(),
-            hostname: req.hostname.clone(),
-            labels: req.labels.clone(),
-            agent_version: req.agent_version.clone(),
-            last_seen_ms: now_ms,
-            apps: req.apps.clone(),
-            desired_generation: generation as u64,
-        })
+        Ok(generation as u64)
     }
 
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>> {
