@@ -24,6 +24,8 @@ pub struct Config {
     pub enroll_token: Option<String>,
     /// The CA bundle an `https://` server's certificate must chain to (default: Mozilla's roots).
     pub ca_file: Option<PathBuf>,
+    /// The built-in supervisor, or systemd units.
+    pub launcher: crate::process::Launcher,
     pub leave_services_running: bool,
     pub log_max_bytes: u64,
     pub keep_versions: usize,

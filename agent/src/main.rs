@@ -76,6 +76,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Supervisor {
+    Builtin,
+    Systemd,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// The deployer's URL, e.g. http://127.0.0.1:7700
@@ -105,6 +111,15 @@ struct RunArgs {
     /// Trust this CA bundle (PEM) for an `https://` server instead of Mozilla's roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Who runs services: the agent's own supervisor, or systemd through hardened units.
+    #[arg(long, value_enum, default_value_t = Supervisor::Builtin)]
+    supervisor: Supervisor,
+    /// Where `--supervisor systemd` writes `muscle-<app>.service` units.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+    /// Run systemd units as this user instead of a DynamicUser.
+    #[arg(long)]
+    unit_user: Option<String>,
     /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
     #[arg(long)]
     leave_services_running: bool,
@@ -164,6 +179,13 @@ fn run(args: RunArgs) -> Result<()> {
         trusted_keys,
         enroll_token: args.enroll_token,
         ca_file: args.ca_file,
+        launcher: match args.supervisor {
+            Supervisor::Builtin => process::Launcher::Builtin,
+            Supervisor::Systemd => process::Launcher::Systemd {
+                unit_dir: args.unit_dir,
+                user: args.unit_user,
+            },
+        },
         leave_services_running: args.leave_services_running,
         log_max_bytes: args.log_max_bytes,
         keep_versions: args.keep_versions.max(2),

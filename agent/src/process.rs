@@ -1,7 +1,7 @@
 //! Starting, watching and stopping service processes, and finding the ones a previous agent left.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,18 +14,69 @@ use crate::logs;
 /// `<state dir>/apps/<app>`. It survives the agent (and qemu-user, which rewrites argv).
 pub const MARKER: &str = "MUSCLE_SERVICE";
 
-/// A service process: our child, or one adopted from a previous run of the agent.
+/// A service process: our child, one adopted from a previous run of the agent, or the main
+/// process of a systemd unit.
 #[derive(Debug)]
 pub enum Proc {
     Child(Child),
     Adopted(u32),
+    Unit { unit: String, pid: u32 },
+}
+
+/// Who starts and stops service processes.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// The agent itself (devices without systemd).
+    Builtin,
+    /// systemd, through a hardened `muscle-<app>.service` unit written to `unit_dir`.
+    Systemd {
+        unit_dir: PathBuf,
+        user: Option<String>,
+    },
+}
+
+impl Launcher {
+    /// Starts `binary` for `app` under `spec`.
+    pub fn launch(
+        &self,
+        app: &str,
+        version: &str,
+        binary: &Path,
+        spec: &ServiceSpec,
+        log: &Path,
+        marker: &str,
+    ) -> Result<Proc> {
+        match self {
+            Launcher::Builtin => Ok(Proc::Child(spawn(binary, spec, log, marker)?)),
+            Launcher::Systemd { unit_dir, user } => crate::systemd::start(
+                unit_dir,
+                app,
+                version,
+                binary,
+                spec,
+                marker,
+                user.as_deref(),
+            ),
+        }
+    }
+
+    /// A running service process found at start-up, taken over without restarting it.
+    pub fn adopt(&self, app: &str, pid: u32) -> Proc {
+        match self {
+            Launcher::Builtin => Proc::Adopted(pid),
+            Launcher::Systemd { .. } => Proc::Unit {
+                unit: crate::systemd::unit_name(app),
+                pid,
+            },
+        }
+    }
 }
 
 impl Proc {
     pub fn pid(&self) -> u32 {
         match self {
             Proc::Child(c) => c.id(),
-            Proc::Adopted(pid) => *pid,
+            Proc::Adopted(pid) | Proc::Unit { pid, .. } => *pid,
         }
     }
 
@@ -45,11 +96,30 @@ impl Proc {
                 unsafe { libc::waitpid(*pid as libc::pid_t, &mut status, libc::WNOHANG) };
                 (!is_alive(*pid)).then(|| "exited".to_owned())
             }
+            Proc::Unit { unit, pid } => {
+                if is_alive(*pid) {
+                    return None;
+                }
+                // systemd may already have restarted it (Restart=always): follow the new process.
+                match crate::systemd::main_pid(unit) {
+                    Some(new) if new != *pid && is_alive(new) => {
+                        *pid = new;
+                        None
+                    }
+                    _ => Some(format!("exited (unit {unit})")),
+                }
+            }
         }
     }
 
     /// Sends `signal`, waits up to `grace`, then SIGKILLs. Returns once the process is gone.
+    /// A unit is stopped through systemd, which applies the same signal and grace.
     pub fn stop(&mut self, signal: i32, grace: Duration) {
+        if let Proc::Unit { unit, .. } = self {
+            if let Err(e) = crate::systemd::stop(unit) {
+                eprintln!("muscle-agent: {e:#}");
+            }
+        }
         let pid = self.pid();
         signal_pid(pid, signal);
         let deadline = Instant::now() + grace;

@@ -144,8 +144,16 @@ impl Agent {
             if svc.proc.is_none() && svc.restart_at.is_some_and(|t| Instant::now() >= t) {
                 svc.restart_at = None;
                 svc.restarts += 1;
-                match process::spawn(&svc.binary, &svc.spec, &log, &marker) {
-                    Ok(child) => svc.proc = Some(Proc::Child(child)),
+                let launched = self.cfg.launcher.launch(
+                    &app,
+                    &svc.version,
+                    &svc.binary,
+                    &svc.spec,
+                    &log,
+                    &marker,
+                );
+                match launched {
+                    Ok(proc) => svc.proc = Some(proc),
                     Err(e) => svc.on_exit(&format!("{e:#}"), &app),
                 }
                 let pid = svc.pid();
@@ -177,12 +185,17 @@ impl Agent {
     pub fn start_service(&mut self, app: &str, installed: &Installed) -> Result<()> {
         let paths = self.paths(app);
         let binary = paths.binary(&installed.version, &installed.binary);
-        let child = process::spawn(&binary, &installed.spec, &paths.log, &paths.marker())?;
-        let pid = child.id();
-        self.services.insert(
-            app.to_owned(),
-            Service::new(installed, binary, Proc::Child(child)),
-        );
+        let proc = self.cfg.launcher.launch(
+            app,
+            &installed.version,
+            &binary,
+            &installed.spec,
+            &paths.log,
+            &paths.marker(),
+        )?;
+        let pid = proc.pid();
+        self.services
+            .insert(app.to_owned(), Service::new(installed, binary, proc));
         let st = self.state.apps.entry(app.to_owned()).or_default();
         st.pid = Some(pid);
         st.running_version = Some(installed.version.clone());
@@ -222,7 +235,7 @@ impl Agent {
         let current = st.current.clone();
         for pid in marked.iter().filter(|p| Some(**p) != adopt) {
             eprintln!("muscle-agent: {app}: stopping leftover process {pid}");
-            let mut orphan = Proc::Adopted(*pid);
+            let mut orphan = self.cfg.launcher.adopt(app, *pid);
             orphan.stop(libc::SIGTERM, Duration::from_secs(5));
         }
         if let Some(pending) = &interrupted {
@@ -244,10 +257,9 @@ impl Agent {
                     current.version
                 );
                 let binary = paths.binary(&current.version, &current.binary);
-                self.services.insert(
-                    app.to_owned(),
-                    Service::new(&current, binary, Proc::Adopted(pid)),
-                );
+                let proc = self.cfg.launcher.adopt(app, pid);
+                self.services
+                    .insert(app.to_owned(), Service::new(&current, binary, proc));
                 Ok(())
             }
             None => self.start_service(app, &current),

@@ -5,8 +5,13 @@
 
 use std::fmt::Write;
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context, Result};
 use muscle_protocol::ServiceSpec;
+
+use crate::process::{Proc, MARKER};
 
 /// The `muscle-<app>.service` unit running `binary` under `spec`.
 pub fn unit(
@@ -68,6 +73,67 @@ pub fn unit(
          SystemCallArchitectures=native\nUMask=0077\n\n[Install]\nWantedBy=multi-user.target\n",
     );
     u
+}
+
+/// The unit of `app`.
+pub fn unit_name(app: &str) -> String {
+    format!("muscle-{app}.service")
+}
+
+/// Writes the unit of `app` running `binary` (marked like a built-in service, so that the agent
+/// finds it after a restart), reloads systemd and (re)starts the unit.
+pub fn start(
+    unit_dir: &Path,
+    app: &str,
+    version: &str,
+    binary: &Path,
+    spec: &ServiceSpec,
+    marker: &str,
+    user: Option<&str>,
+) -> Result<Proc> {
+    let mut spec = spec.clone();
+    spec.env.insert(MARKER.to_owned(), marker.to_owned());
+    let name = unit_name(app);
+    crate::fsutil::write_atomic(
+        &unit_dir.join(&name),
+        unit(app, version, binary, &spec, user).as_bytes(),
+    )?;
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["restart", &name])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = main_pid(&name) {
+            return Ok(Proc::Unit { unit: name, pid });
+        }
+        if Instant::now() > deadline {
+            bail!("{name} has no main process 10s after `systemctl restart`");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn stop(unit: &str) -> Result<()> {
+    systemctl(&["stop", unit]).map(|_| ())
+}
+
+/// The unit's main process, if it runs.
+pub fn main_pid(unit: &str) -> Option<u32> {
+    let out = systemctl(&["show", "--property", "MainPID", "--value", unit]).ok()?;
+    out.trim().parse().ok().filter(|pid| *pid > 0)
+}
+
+fn systemctl(args: &[&str]) -> Result<String> {
+    let out = Command::new("systemctl").args(args).output().context(
+        "cannot run systemctl (is this a systemd host? use --supervisor builtin otherwise)",
+    )?;
+    if !out.status.success() {
+        bail!(
+            "systemctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// systemd's quoting: double quotes, with `\`, `"`, `%` and `$` escaped.
