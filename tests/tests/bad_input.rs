@@ -151,18 +151,7 @@ fn malformed_and_oversized_checkins_get_clear_errors_and_do_not_disturb_the_flee
     let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
     deployer.publish(&b.v1.dir)?;
     let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
     let url = format!("{}/v1/checkin", fleet.deployer.url());
     let post = |body: &[u8]| match ureq::post(&url)
         .set("content-type", "application/json")

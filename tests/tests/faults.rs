@@ -57,13 +57,7 @@ fn an_agent_killed_at_any_point_of_an_install_comes_back_with_exactly_one_health
     deployer.publish(&b.v2.dir)?;
     let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
     let spec = common::service_spec();
-    let id = fleet.start_rollout(&[APP, "0.1.0", "--service", &spec])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
 
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..24u64 {
@@ -225,13 +219,7 @@ fn a_full_disk_is_reported_and_nothing_is_half_installed() -> Result<()> {
     deployer.publish(&b.v2.dir)?;
     let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
     let spec = common::service_spec();
-    let id = fleet.start_rollout(&[APP, "0.1.0", "--service", &spec])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
     let agent = fleet.agent("x86_64-1");
     let pids = agent.service_pids();
 
@@ -281,20 +269,7 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
     let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
     deployer.publish(&b.v1.dir)?;
     let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
-    let id = fleet.start_rollout(&[
-        APP,
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-        "--max-parallel",
-        "2",
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
 
     // kill -9 the service, again and again: restarted each time, then reported as a crash loop
     // (5 restarts within a minute, the spec's default).

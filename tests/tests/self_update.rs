@@ -36,18 +36,7 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
         deployer.publish(&release.dir)?;
     }
     let fleet = Fleet::start(deployer, &b.both_arches(), 1, &dir)?;
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
     let services: Vec<Vec<u32>> = fleet.agents.iter().map(|a| a.service_pids()).collect();
     let agent_pids: Vec<Option<u32>> = fleet.agents.iter().map(|a| a.pid()).collect();
 

@@ -78,18 +78,7 @@ fn the_agent_drives_hardened_systemd_units() -> Result<()> {
     let unit_file = units.join("muscle-hello-service.service");
     let calls = || std::fs::read_to_string(stub.join("calls")).unwrap_or_default();
 
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
     assert_eq!(agent.service_version()?, "0.1.0");
     let unit = std::fs::read_to_string(&unit_file)?;
     for line in [
@@ -120,18 +109,7 @@ fn the_agent_drives_hardened_systemd_units() -> Result<()> {
     );
 
     // An upgrade stops the unit, rewrites it for the new version and starts it again.
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.2.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.2.0")?;
     assert_eq!(agent.service_version()?, "0.2.0");
     assert!(std::fs::read_to_string(&unit_file)?.contains("versions/0.2.0/hello-service"));
     assert!(

@@ -58,18 +58,7 @@ fn agents_enrol_once_and_checkins_without_their_credential_get_401_and_change_no
         &dir,
         &["--enroll-token", ENROLL],
     )?;
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
 
     let x86 = fleet.agent("x86_64-1");
     let credential_file = x86.opts.state_dir.join("credential");
@@ -224,18 +213,7 @@ fn signed_releases_flow_from_xtask_to_a_key_pinning_agent_and_unsigned_ones_are_
         &dir,
         &["--trusted-key", &public],
     )?;
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.2.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(120))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.2.0")?;
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.2.0");
     Ok(())
 }
@@ -342,18 +320,7 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
         &dir,
         &["--ca-file", &path("ca.pem")],
     )?;
-    let id = fleet.start_rollout(&[
-        "hello-service",
-        "0.1.0",
-        "--service",
-        &common::service_spec(),
-    ])?;
-    assert_eq!(
-        fleet
-            .deployer
-            .wait_rollout_end(id, Duration::from_secs(180))?["status"],
-        "succeeded"
-    );
+    common::roll_out(&fleet, "0.1.0")?;
     for agent in &fleet.agents {
         assert_eq!(
             agent.service_version()?,

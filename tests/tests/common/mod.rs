@@ -99,3 +99,20 @@ pub fn member_state(rollout: &serde_json::Value, agent: &str) -> String {
         .map(|m| m["state"].as_str().unwrap_or_default().to_owned())
         .unwrap_or_default()
 }
+
+/// Rolls hello-service `version` out to the whole fleet with the example spec and waits until
+/// it succeeded.
+pub fn roll_out(fleet: &muscle_e2e::Fleet, version: &str) -> anyhow::Result<()> {
+    let spec = service_spec();
+    let id = fleet.start_rollout(&["hello-service", version, "--service", &spec])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, std::time::Duration::from_secs(180))?;
+    anyhow::ensure!(
+        r["status"] == "succeeded",
+        "rollout of {version} ended {}: {}",
+        r["status"],
+        r["message"]
+    );
+    Ok(())
+}
