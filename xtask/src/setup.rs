@@ -27,6 +27,7 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("hyperfine", "hyperfine"),
     ("curl", "curl"),
     ("systemd-analyze", "systemd"),
+    ("openssl", "openssl"),
 ];
 
 pub fn run(args: SetupArgs) -> Result<i32> {
