@@ -153,7 +153,7 @@ fn agent_size(s: &Settings, agents: &Artifacts) -> Result<Vec<Row>> {
     std::fs::create_dir_all(ws.join("src"))?;
     std::fs::write(
         ws.join("Cargo.toml"),
-        "[package]\nname = \"hello-min\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n\n# The agent's release profile.\n[profile.release]\nopt-level = \"z\"\ncodegen-units = 1\nlto = \"thin\"\nstrip = true\n",
+        "[package]\nname = \"hello-min\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n\n# The agent's release profile.\n[profile.release]\nopt-level = \"z\"\ncodegen-units = 1\nlto = \"fat\"\npanic = \"abort\"\nstrip = true\n",
     )?;
     std::fs::write(
         ws.join("src/main.rs"),

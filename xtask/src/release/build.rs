@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use cargo_metadata::Message;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::workspace::{Provenance, Workspace};
+use super::workspace::{Bin, Provenance, Workspace};
 use super::{Built, ReleaseArgs};
 use crate::targets::TargetSpec;
 
@@ -78,7 +78,26 @@ fn build_target(
     args: &ReleaseArgs,
     bar: &ProgressBar,
 ) -> Result<Vec<(String, PathBuf)>> {
-    let mut cmd = cargo_command(ws, target, provenance, args);
+    // One cargo run per profile: a package may ask for its own (the agent's is size-optimised).
+    let mut profiles: Vec<&str> = ws.bins.iter().map(|b| b.profile.as_str()).collect();
+    profiles.sort();
+    profiles.dedup();
+    let mut exes = Vec::new();
+    for profile in profiles {
+        let bins: Vec<&Bin> = ws.bins.iter().filter(|b| b.profile == profile).collect();
+        let cmd = cargo_command(ws, target, provenance, args, profile, &bins);
+        exes.extend(run_cargo(cmd, ws, target, bar)?);
+    }
+    Ok(exes)
+}
+
+/// Runs one cargo build, following its JSON messages; returns (binary, executable) pairs.
+fn run_cargo(
+    mut cmd: Command,
+    ws: &Workspace,
+    target: &TargetSpec,
+    bar: &ProgressBar,
+) -> Result<Vec<(String, PathBuf)>> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -106,7 +125,7 @@ fn build_target(
                 last_line = Instant::now();
             }
             if let Some(exe) = artifact.executable {
-                if ws.bins.iter().any(|(_, b)| b == &artifact.target.name) {
+                if ws.bins.iter().any(|b| b.name == artifact.target.name) {
                     exes.push((artifact.target.name.clone(), exe.into_std_path_buf()));
                 }
             }
@@ -129,6 +148,8 @@ fn cargo_command(
     target: &TargetSpec,
     provenance: &Provenance,
     args: &ReleaseArgs,
+    profile: &str,
+    bins: &[&Bin],
 ) -> Command {
     let program = if args.builder == "cross" {
         "cross"
@@ -137,7 +158,7 @@ fn cargo_command(
     };
     let mut cmd = Command::new(program);
     cmd.arg("build")
-        .arg("--release")
+        .args(["--profile", profile])
         .arg("--locked")
         .args(["--target", &target.triple])
         .arg("--manifest-path")
@@ -145,13 +166,13 @@ fn cargo_command(
         .arg("--message-format=json-render-diagnostics")
         // Cargo's status lines would tear through the progress bars; compiler errors still show.
         .arg("--quiet");
-    let mut packages: Vec<&str> = ws.bins.iter().map(|(p, _)| p.as_str()).collect();
+    let mut packages: Vec<&str> = bins.iter().map(|b| b.package.as_str()).collect();
     packages.dedup();
     for p in packages {
         cmd.args(["--package", p]);
     }
-    for (_, bin) in &ws.bins {
-        cmd.args(["--bin", bin]);
+    for bin in bins {
+        cmd.args(["--bin", &bin.name]);
     }
     if let Some(features) = &args.features {
         cmd.args(["--features", features]);

@@ -16,7 +16,7 @@ pub struct Workspace {
     pub app: String,
     pub version: String,
     /// (package, binary) pairs to build.
-    pub bins: Vec<(String, String)>,
+    pub bins: Vec<Bin>,
     /// How many packages the build compiles, for progress bars.
     pub unit_count: u64,
 }
@@ -38,7 +38,7 @@ impl Workspace {
         let released: Vec<_> = meta
             .workspace_packages()
             .into_iter()
-            .filter(|p| selected.iter().any(|(pkg, _)| pkg == p.name.as_str()))
+            .filter(|p| selected.iter().any(|b| b.package == p.name.as_str()))
             .collect();
         let (app, version) = match released.as_slice() {
             [one] => (one.name.to_string(), one.version.to_string()),
@@ -74,11 +74,16 @@ impl Workspace {
     }
 }
 
-fn select_bins(
-    meta: &Metadata,
-    packages: &[String],
-    bins: &[String],
-) -> Result<Vec<(String, String)>> {
+/// One binary to release, and the cargo profile its package asks for.
+#[derive(Debug, Clone)]
+pub struct Bin {
+    pub package: String,
+    pub name: String,
+    /// `[package.metadata.muscle] profile = "..."`, default `release`.
+    pub profile: String,
+}
+
+fn select_bins(meta: &Metadata, packages: &[String], bins: &[String]) -> Result<Vec<Bin>> {
     let members = meta.workspace_packages();
     for wanted in packages {
         if !members.iter().any(|p| p.name.as_str() == wanted) {
@@ -97,15 +102,22 @@ fn select_bins(
         } else {
             packages.iter().any(|p| p == pkg.name.as_str())
         };
+        let profile = pkg.metadata["muscle"]["profile"]
+            .as_str()
+            .unwrap_or("release");
         for target in pkg.targets.iter().filter(|t| t.is_kind(TargetKind::Bin)) {
             let bin_wanted = bins.is_empty() || bins.contains(&target.name);
             if pkg_wanted && bin_wanted {
-                selected.push((pkg.name.to_string(), target.name.clone()));
+                selected.push(Bin {
+                    package: pkg.name.to_string(),
+                    name: target.name.clone(),
+                    profile: profile.to_owned(),
+                });
             }
         }
     }
     for wanted in bins {
-        if !selected.iter().any(|(_, b)| b == wanted) {
+        if !selected.iter().any(|b| &b.name == wanted) {
             bail!("--bin {wanted:?}: no binary target of that name in the selected packages");
         }
     }
