@@ -177,7 +177,17 @@ fn cargo_command(
     if let Some(features) = &args.features {
         cmd.args(["--features", features]);
     }
-    set_target_env(&mut cmd, ws, target, provenance);
+    if args.builder == "cross" {
+        // cross brings the target's linker and C compiler in its image: only our remapping and
+        // timestamp go along (the targets/ flags are for the native toolchain).
+        cmd.env("CARGO_ENCODED_RUSTFLAGS", remap_flags(ws).join("\x1f"))
+            .env(
+                "SOURCE_DATE_EPOCH",
+                provenance.source_date_epoch.to_string(),
+            );
+    } else {
+        set_target_env(&mut cmd, ws, target, provenance);
+    }
     cmd
 }
 
@@ -214,19 +224,26 @@ pub fn set_target_env(
 /// The target's flags plus path remapping, so that builds from two checkouts are byte-identical.
 fn rustflags(ws: &Workspace, target: &TargetSpec) -> Vec<String> {
     let mut flags = target.rustflags.clone();
-    let mut remap = |from: PathBuf, to: &str| {
-        flags.push(format!("--remap-path-prefix={}={to}", from.display()));
-    };
+    flags.extend(remap_flags(ws));
+    flags
+}
+
+/// `--remap-path-prefix` for the checkout, the target dir, and the cargo and rustup homes.
+fn remap_flags(ws: &Workspace) -> Vec<String> {
+    let remap = |from: PathBuf, to: &str| format!("--remap-path-prefix={}={to}", from.display());
     // rustc lets the last matching remap win, so the more specific target dir comes after the root.
-    remap(ws.root.clone(), "/build");
-    remap(ws.target_dir.clone(), "/target");
+    let mut flags = vec![
+        remap(ws.root.clone(), "/build"),
+        remap(ws.target_dir.clone(), "/target"),
+    ];
     if let Some(home) = cargo_home() {
-        remap(home, "/cargo");
+        flags.push(remap(home, "/cargo"));
     }
-    if let Ok(rustup) = std::env::var("RUSTUP_HOME") {
-        remap(PathBuf::from(rustup), "/rustup");
-    } else if let Some(home) = std::env::var_os("HOME") {
-        remap(PathBuf::from(home).join(".rustup"), "/rustup");
+    let rustup = std::env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".rustup")));
+    if let Some(rustup) = rustup {
+        flags.push(remap(rustup, "/rustup"));
     }
     flags
 }
