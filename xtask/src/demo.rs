@@ -115,7 +115,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         }
     }
 
-    step("rollout: hello-service 0.3.0, whose health check fails: it must halt in the canary wave and roll back");
+    step("rollout: hello-service 0.3.0, whose health check fails: it must halt in the canary wave and roll back (so the watch ends in an error, as it should)");
     let id = fleet.start_rollout(&[
         "hello-service",
         "0.3.0",
