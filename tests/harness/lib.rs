@@ -17,7 +17,7 @@ pub use build::{
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};
-pub use scripted::ScriptedServer;
+pub use scripted::{Blob, ScriptedServer};
 pub use wait::wait_until;
 
 /// The release targets of the mixed fleet, as (triple, arch).

@@ -9,13 +9,23 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+/// How a blob is served.
+#[derive(Clone, Default)]
+pub struct Blob {
+    pub bytes: Vec<u8>,
+    /// Hang up after this many bytes (a cut download).
+    pub truncate_at: Option<usize>,
+    /// Trickle 16 bytes a second (a slow-retrieval attack).
+    pub trickle: bool,
+}
+
 #[derive(Default)]
 struct Script {
     /// The `apps` of every check-in answer.
     apps: Value,
     generation: u64,
     /// Blob bytes by URL path, and how many of them to send before hanging up (truncation).
-    blobs: HashMap<String, (Vec<u8>, Option<usize>)>,
+    blobs: HashMap<String, Blob>,
     reports: Vec<Value>,
     /// Every blob request as (path, first byte asked for).
     blob_requests: Vec<(String, usize)>,
@@ -51,13 +61,13 @@ impl ScriptedServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Serves `bytes` at `path`, cut after `truncate_at` bytes when given.
-    pub fn put_blob(&self, path: &str, bytes: Vec<u8>, truncate_at: Option<usize>) {
+    /// Serves `blob` at `path`.
+    pub fn put_blob(&self, path: &str, blob: Blob) {
         self.script
             .lock()
             .unwrap()
             .blobs
-            .insert(path.to_owned(), (bytes, truncate_at));
+            .insert(path.to_owned(), blob);
     }
 
     /// From now on, check-ins get `apps` (a JSON array of `DesiredApp`) as the desired state.
@@ -129,7 +139,11 @@ fn handle(stream: TcpStream, script: &Mutex<Script>) -> std::io::Result<()> {
         s.blobs.get(&path).cloned()
     };
     match blob {
-        Some((bytes, truncate)) => {
+        Some(Blob {
+            bytes,
+            truncate_at,
+            trickle,
+        }) => {
             let start = range_start.min(bytes.len());
             let status = if range_start > 0 {
                 "206 Partial Content"
@@ -142,8 +156,16 @@ fn handle(stream: TcpStream, script: &Mutex<Script>) -> std::io::Result<()> {
                 "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 bytes.len() - start
             )?;
-            let end = truncate.map_or(bytes.len(), |t| t.max(start).min(bytes.len()));
-            out.write_all(&bytes[start..end])
+            let end = truncate_at.map_or(bytes.len(), |t| t.max(start).min(bytes.len()));
+            if !trickle {
+                return out.write_all(&bytes[start..end]);
+            }
+            for chunk in bytes[start..end].chunks(16) {
+                out.write_all(chunk)?;
+                out.flush()?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Ok(())
         }
         None => write!(
             out,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use muscle_e2e::{wait_until, Agent, AgentOptions, Artifacts, ScriptedServer};
+use muscle_e2e::{wait_until, Agent, AgentOptions, Artifacts, Blob, ScriptedServer};
 use serde_json::{json, Value};
 
 const APP: &str = "hello-service";
@@ -52,6 +52,22 @@ fn offer(
     bytes: Vec<u8>,
     truncate_at: Option<usize>,
 ) -> Result<String> {
+    let blob = Blob {
+        bytes,
+        truncate_at,
+        trickle: false,
+    };
+    offer_blob(server, version, manifest_text, signature, blob)
+}
+
+/// Like [`offer`], with the blob served as `blob` says.
+fn offer_blob(
+    server: &ScriptedServer,
+    version: &str,
+    manifest_text: &str,
+    signature: Option<String>,
+    blob: Blob,
+) -> Result<String> {
     let manifest: Value = serde_json::from_str(manifest_text)?;
     let entry = manifest["artifacts"]
         .as_array()
@@ -61,8 +77,8 @@ fn offer(
         .context("x86_64 entry")?
         .clone();
     let sha = entry["sha256"].as_str().unwrap().to_owned();
-    let path = format!("/blobs/{sha}-{}", bytes.len());
-    server.put_blob(&path, bytes, truncate_at);
+    let path = format!("/blobs/{sha}-{}", blob.bytes.len());
+    server.put_blob(&path, blob);
     server.set_desired(json!([{
         "app": APP,
         "version": version,
@@ -225,6 +241,23 @@ fn bad_artifacts_are_refused_and_the_running_version_keeps_running() -> Result<(
     retarget(&mut m, &ls);
     let sha = offer(&server, "0.2.0", &m.to_string(), None, ls, None)?;
     wait_refused(&server, "0.2.0", &sha, &agent, &["no-interp", "PT_INTERP="])?;
+    assert_untouched(&agent, "0.1.0", &pids, "0.2.0")?;
+
+    // Slow retrieval: 16 bytes a second is abandoned once a 10 s window passes with less than
+    // 1 KiB, reported, and what arrived is kept for resuming.
+    let slow = Blob {
+        bytes: v2.clone(),
+        truncate_at: None,
+        trickle: true,
+    };
+    let sha = offer_blob(&server, "0.2.0", &m2.to_string(), None, slow)?;
+    wait_refused(
+        &server,
+        "0.2.0",
+        &sha,
+        &agent,
+        &["slower than 1024 bytes per 10s"],
+    )?;
     assert_untouched(&agent, "0.1.0", &pids, "0.2.0")?;
 
     // A download cut off halfway: reported, kept for resuming, and resumed with a Range request
