@@ -45,27 +45,22 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask release` with `args`; returns the release directory it wrote into `out`.
-fn xtask_release(args: &[&str], out: &Path) -> Result<Artifacts> {
+/// `cargo xtask ARGS…` in this workspace; its output, whatever the exit status.
+pub fn xtask(args: &[&str]) -> Result<std::process::Output> {
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "--package",
-        "xtask",
-        "--",
-        "release",
-        "--json",
-        "--out",
-    ])
-    .arg(out)
-    .args(args);
-    let output = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    cmd.args(["run", "--quiet", "--package", "xtask", "--"])
+        .args(args);
+    cmd.output()
+        .with_context(|| format!("cannot start {cmd:?}"))
+}
+
+/// `cargo xtask release` with `args`; returns the release directory it wrote into `out`.
+pub fn xtask_release(args: &[&str], out: &Path) -> Result<Artifacts> {
+    let out_dir = out.to_str().context("non-UTF-8 path")?;
+    let output = xtask(&[&["release", "--json", "--out", out_dir], args].concat())?;
     if !output.status.success() {
         bail!(
-            "{cmd:?} failed ({}):\n{}",
+            "cargo xtask release {args:?} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );

@@ -128,6 +128,14 @@ impl Deployer {
         Ok(serde_json::from_str(&self.ok(&["fleet", "--json"])?)?)
     }
 
+    /// The fleet row of agent `id`.
+    pub fn fleet_row(&self, id: &str) -> Result<serde_json::Value> {
+        self.fleet()?
+            .into_iter()
+            .find(|r| r["id"] == id)
+            .with_context(|| format!("agent {id} is not in the fleet"))
+    }
+
     /// Waits until the rollout's status is no longer running or paused; returns it.
     pub fn wait_rollout_end(&self, id: i64, timeout: Duration) -> Result<serde_json::Value> {
         wait_until(&format!("rollout {id} to end"), timeout, || {

@@ -294,12 +294,7 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
         "the crash loop to be reported",
         Duration::from_secs(20),
         || {
-            let row = fleet
-                .deployer
-                .fleet()?
-                .into_iter()
-                .find(|r| r["id"] == "x86_64-1")
-                .context("no row")?;
+            let row = fleet.deployer.fleet_row("x86_64-1")?;
             Ok((row["apps"][0]["health"] == "crash_loop").then_some(row))
         },
     )?;

@@ -8,17 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
-use muscle_e2e::workspace_root;
+use muscle_e2e::{workspace_root, xtask};
 use serde_json::Value;
-
-fn xtask(args: &[&str]) -> Result<Output> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    Ok(Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["run", "--quiet", "--package", "xtask", "--"])
-        .args(args)
-        .output()?)
-}
 
 fn text(out: &Output) -> String {
     format!(

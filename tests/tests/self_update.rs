@@ -54,12 +54,7 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
         .wait_rollout_end(id, Duration::from_secs(240))?;
     assert_eq!(r["status"], "succeeded", "{r:#}");
     for (i, agent) in fleet.agents.iter().enumerate() {
-        let row = fleet
-            .deployer
-            .fleet()?
-            .into_iter()
-            .find(|r| r["id"] == agent.opts.id.as_str())
-            .unwrap();
+        let row = fleet.deployer.fleet_row(&agent.opts.id)?;
         assert_eq!(
             row["agent_version"], "0.1.1",
             "{} runs the new agent",
@@ -141,12 +136,7 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
     }
     std::thread::sleep(Duration::from_secs(2));
     for agent in &fleet.agents {
-        let row = fleet
-            .deployer
-            .fleet()?
-            .into_iter()
-            .find(|r| r["id"] == agent.opts.id.as_str())
-            .unwrap();
+        let row = fleet.deployer.fleet_row(&agent.opts.id)?;
         assert_eq!(
             row["agent_version"], "0.1.1",
             "{} still runs the good agent",

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use muscle_e2e::{workspace_root, Deployer, Fleet};
+use muscle_e2e::{Deployer, Fleet};
 use serde_json::json;
 
 const ENROLL: &str = "enrol-3f9c2a";
@@ -147,32 +147,17 @@ fn signed_releases_flow_from_xtask_to_a_key_pinning_agent_and_unsigned_ones_are_
             .unwrap()
             .join("src/hello-service-0.2.0/Cargo.toml");
     let out_dir = dir.join("dist");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "--package",
-            "xtask",
-            "--",
-            "release",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--json",
-            "--sign",
-        ])
-        .arg(&key)
-        .arg("--manifest-path")
-        .arg(&manifest_path)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let key_arg = key.to_str().unwrap();
+    let manifest_arg = manifest_path.to_str().unwrap();
+    let args = [
+        "--target",
+        "x86_64-unknown-linux-musl",
+        "--sign",
+        key_arg,
+        "--manifest-path",
+        manifest_arg,
+    ];
+    muscle_e2e::xtask_release(&args, &out_dir)?;
     let signed = out_dir.join("hello-service-0.2.0");
     assert!(signed.join("manifest.json.sig").exists());
 
