@@ -147,3 +147,84 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
     }
     Ok(())
 }
+
+/// The agent's state as a crashed self-update leaves it: `to` exec'd, not yet checked in.
+fn pending_update(
+    state_dir: &std::path::Path,
+    from: &std::path::Path,
+    to: &std::path::Path,
+    starts: u32,
+) -> Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let state = serde_json::json!({
+        "agent_id": "reverting",
+        "self_update": {"version": "9.9.9", "sha256": "00", "offer": "00", "from": from, "to": to, "starts": starts},
+    });
+    std::fs::write(
+        state_dir.join("state.json"),
+        serde_json::to_vec_pretty(&state)?,
+    )?;
+    Ok(())
+}
+
+/// Waits for the agent's self report to name 9.9.9 as failed, and returns the reason.
+fn reported_revert(server: &muscle_e2e::ScriptedServer) -> Result<String> {
+    wait_until(
+        "the reverted self-update to be reported",
+        Duration::from_secs(30),
+        || {
+            let r = server.last_app_report(SELF).unwrap_or_default();
+            Ok((r["failed_version"] == "9.9.9")
+                .then(|| r["last_error"].as_str().unwrap_or_default().to_owned()))
+        },
+    )
+}
+
+#[test]
+fn a_new_agent_that_does_not_come_up_is_reverted_and_reported() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("self-revert");
+    let bin = b.agent("x86_64");
+    // Each case reports to its own scripted server, so one's report cannot pass for the other's.
+    let agent_at = |name: &str, server: &muscle_e2e::ScriptedServer| {
+        let opts = muscle_e2e::AgentOptions {
+            id: name.into(),
+            bin: bin.clone(),
+            arch: "x86_64".into(),
+            state_dir: dir.join(name),
+            labels: vec![],
+            extra_args: vec![],
+        };
+        muscle_e2e::Agent::start(opts, &server.url())
+    };
+
+    // The new binary crashed and the service manager started the old one again.
+    pending_update(
+        &dir.join("old-again"),
+        &bin,
+        &dir.join("gone/muscle-agent"),
+        1,
+    )?;
+    let server = muscle_e2e::ScriptedServer::start();
+    let old = agent_at("old-again", &server)?;
+    let reason = reported_revert(&server)?;
+    assert!(reason.contains("did not come up"), "{reason}");
+    assert!(old.state()?["self_update"].is_null());
+    drop(old);
+
+    // The new binary keeps starting without ever checking in: after 3 starts, back to `from`.
+    pending_update(&dir.join("counter"), &bin, &bin, 3)?;
+    let server = muscle_e2e::ScriptedServer::start();
+    let counted = agent_at("counter", &server)?;
+    let reason = reported_revert(&server)?;
+    assert!(
+        reason.contains("started 3 times without checking in"),
+        "{reason}"
+    );
+    assert!(
+        counted.log().contains("reverting the self-update"),
+        "{}",
+        counted.log()
+    );
+    Ok(())
+}
