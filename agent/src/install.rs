@@ -15,7 +15,7 @@ use crate::{fsutil, logs};
 
 const LOG_TAIL_BYTES: u64 = 2048;
 
-pub(crate) enum InstallError {
+pub enum InstallError {
     /// Worth retrying at the next check-in: a cut download, a full disk.
     Transient(String),
     /// These bytes or this manifest will never be installed here.
@@ -198,19 +198,15 @@ impl Agent {
         }
         let part = paths.downloads.join(format!("{}.part", d.artifact.sha256));
         let url = self.artifact_url(&d.artifact.url);
-        download::fetch(&self.http, &url, &part, d.artifact.size, &d.artifact.sha256).map_err(
-            |e| match e {
-                DownloadError::Refused(r) => InstallError::Refused(r),
-                DownloadError::Incomplete(r) => InstallError::Transient(r),
-            },
+        let what = format!("{} {}", d.app, d.version);
+        fetch_verified(
+            &self.http,
+            &url,
+            &part,
+            d.artifact.size,
+            &d.artifact.sha256,
+            &what,
         )?;
-        if let Err(reason) = check_elf(&part) {
-            let _ = std::fs::remove_file(&part);
-            return Err(InstallError::Refused(format!(
-                "{} {}: {reason}",
-                d.app, d.version
-            )));
-        }
         let tmp_dir = fsutil::tmp_path(&paths.versions.join(&d.version));
         let final_dir = paths.versions.join(&d.version);
         let moved = (|| -> std::io::Result<()> {
@@ -356,8 +352,30 @@ pub(crate) fn offer_id(d: &DesiredApp) -> String {
     )
 }
 
+/// Downloads `url` into `part` (resuming), then checks it is a static ELF for this host: what
+/// every install, and `muscle-agent fetch`, does before using a file. A refused file is deleted;
+/// `what` names the artifact in the refusal.
+pub fn fetch_verified(
+    http: &ureq::Agent,
+    url: &str,
+    part: &std::path::Path,
+    size: u64,
+    sha256: &str,
+    what: &str,
+) -> Result<(), InstallError> {
+    download::fetch(http, url, part, size, sha256).map_err(|e| match e {
+        DownloadError::Refused(r) => InstallError::Refused(r),
+        DownloadError::Incomplete(r) => InstallError::Transient(r),
+    })?;
+    if let Err(reason) = check_elf(part) {
+        let _ = std::fs::remove_file(part);
+        return Err(InstallError::Refused(format!("{what}: {reason}")));
+    }
+    Ok(())
+}
+
 /// The downloaded file must be an ELF for this host and fully static.
-pub fn check_elf(path: &std::path::Path) -> Result<(), String> {
+fn check_elf(path: &std::path::Path) -> Result<(), String> {
     let facts = muscle_inspect::inspect_file(path).map_err(|e| e.to_string())?;
     let host = muscle_inspect::Expectation::for_host()
         .ok_or("this host's architecture is unknown to the verifier")?;

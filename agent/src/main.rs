@@ -273,15 +273,12 @@ fn fetch(
     use std::os::unix::fs::PermissionsExt;
     let part = fsutil::tmp_path(out);
     let http = http::client(ca_file)?;
-    download::fetch(&http, url, &part, size, sha256).map_err(|e| match e {
-        download::DownloadError::Refused(r) | download::DownloadError::Incomplete(r) => {
+    install::fetch_verified(&http, url, &part, size, sha256, url).map_err(|e| match e {
+        install::InstallError::Refused(r) | install::InstallError::Transient(r) => {
             anyhow::anyhow!(r)
         }
+        install::InstallError::Unhealthy { reason, .. } => anyhow::anyhow!(reason),
     })?;
-    if let Err(reason) = install::check_elf(&part) {
-        let _ = std::fs::remove_file(&part);
-        bail!("{url}: {reason}");
-    }
     std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&part, out)
         .with_context(|| format!("cannot move the download to {}", out.display()))?;

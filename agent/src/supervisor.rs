@@ -134,8 +134,8 @@ impl Agent {
     pub fn supervise(&mut self) {
         let apps: Vec<String> = self.services.keys().cloned().collect();
         for app in apps {
-            let log = self.paths(&app).log;
-            let marker = self.paths(&app).marker();
+            let paths = self.paths(&app);
+            let (marker, log) = (paths.marker(), paths.log);
             let svc = self.services.get_mut(&app).expect("listed above");
             if let Some(how) = svc.proc.as_mut().and_then(Proc::exited) {
                 svc.proc = None;
