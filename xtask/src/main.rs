@@ -11,6 +11,7 @@ mod setup;
 mod targets;
 mod util;
 mod verify;
+mod zig;
 
 use clap::{Parser, Subcommand};
 

@@ -7,8 +7,8 @@ use std::process::Command;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::targets::{self, TargetSpec};
-use crate::util;
+use crate::targets::{self, CToolchain, TargetSpec};
+use crate::{util, zig};
 
 #[derive(Args, Debug, Default)]
 pub struct SetupArgs {
@@ -35,6 +35,7 @@ pub fn run(args: SetupArgs) -> Result<i32> {
     let mut todo = Vec::new();
     rustup_targets(&all, args.check, &mut todo)?;
     packages(&all, args.check, &mut todo)?;
+    zig(&all, args.check, &mut todo)?;
     binfmt(&all, args.check, &mut todo)?;
     if todo.is_empty() {
         eprintln!("setup: everything is in place ({} targets)", all.len());
@@ -72,9 +73,14 @@ fn rustup_targets(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Re
 fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
     let mut missing: Vec<String> = Vec::new();
     for t in all {
-        for tool in [Some(t.cc.as_str()), t.ar.as_deref()].into_iter().flatten() {
-            if !util::have(tool) {
-                missing.extend(t.apt_packages.iter().cloned());
+        if let CToolchain::Gcc {
+            cc,
+            ar,
+            apt_packages,
+        } = &t.c
+        {
+            if !util::have(cc) || !util::have(ar) {
+                missing.extend(apt_packages.iter().cloned());
             }
         }
     }
@@ -101,6 +107,23 @@ fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<(
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// zig, for the targets whose C it compiles (see `zig.rs`).
+fn zig(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let needed = all.iter().any(|t| matches!(t.c, CToolchain::Zig { .. }));
+    if !needed || zig::binary().is_some() {
+        return Ok(());
+    }
+    if check {
+        todo.push(format!(
+            "python3 -m pip install --target {} ziglang=={}",
+            zig::home().display(),
+            zig::VERSION
+        ));
+        return Ok(());
+    }
+    zig::install().map(drop)
 }
 
 /// Registers qemu-user with binfmt_misc so foreign binaries exec like native ones: that is how

@@ -1,6 +1,6 @@
 //! The release targets, one TOML file per triple in `targets/`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use muscle_inspect::Expectation;
@@ -21,16 +21,28 @@ pub struct TargetSpec {
     pub linker: String,
     #[serde(default)]
     pub rustflags: Vec<String>,
-    /// C compiler and archiver for crates that build C, set as `CC_<triple>`/`AR_<triple>`.
-    pub cc: String,
-    #[serde(default)]
-    pub ar: Option<String>,
-    /// Debian packages that provide `cc`/`ar`.
-    #[serde(default)]
-    pub apt_packages: Vec<String>,
+    /// The C toolchain for crates that build C (`-sys` crates, ring), set as `CC_<triple>` and
+    /// `AR_<triple>`.
+    pub c: CToolchain,
     /// Runs binaries of this target on a host of another architecture.
     #[serde(default)]
     pub runner: String,
+}
+
+/// Which C compiler builds the C code of a target's `-sys` crates.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "toolchain", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CToolchain {
+    /// zig's clang with zig's own libc headers for `target` (e.g. `aarch64-linux-musl`): the only
+    /// way here to compile C against musl's headers for every architecture. Installed by
+    /// `cargo xtask setup` from PyPI (`ziglang`).
+    Zig { target: String },
+    /// A gcc cross toolchain from Debian's packages (for glibc targets, whose headers it has).
+    Gcc {
+        cc: String,
+        ar: String,
+        apt_packages: Vec<String>,
+    },
 }
 
 fn built_by_default() -> bool {
@@ -50,6 +62,14 @@ impl TargetSpec {
     /// `x86_64-unknown-linux-musl` -> `X86_64_UNKNOWN_LINUX_MUSL`, as cargo's env config names it.
     pub fn env_key(&self) -> String {
         self.triple.to_uppercase().replace('-', "_")
+    }
+
+    /// The `(cc, ar)` programs that compile this target's C.
+    pub fn c_programs(&self) -> Result<(PathBuf, PathBuf)> {
+        match &self.c {
+            CToolchain::Zig { target } => crate::zig::wrappers(target),
+            CToolchain::Gcc { cc, ar, .. } => Ok((PathBuf::from(cc), PathBuf::from(ar))),
+        }
     }
 
     pub fn is_native(&self) -> bool {

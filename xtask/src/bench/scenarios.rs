@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::measure::{self, figure, one, scale, time_runs};
 use super::{Row, Settings};
-use crate::release::build::set_target_env;
+use crate::release::build::{apply_target_env, target_env};
 use crate::release::workspace::{Provenance, Workspace};
 use crate::{targets, util};
 
@@ -84,13 +84,17 @@ fn release_overhead(s: &Settings, dist: &Path) -> Result<Row> {
     let provenance = Provenance::read(&ws)?;
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
     let chosen = targets::select(&all, &[X86.into(), ARM.into()])?;
+    let envs = chosen
+        .iter()
+        .map(|t| target_env(&ws, t, &provenance))
+        .collect::<Result<Vec<_>>>()?;
     let baseline = time_runs(s.reps, touch, || {
         let mut c = Command::new("cargo");
         c.args(["build", "--release", "--locked", "--manifest-path"])
             .arg(&manifest);
-        for t in &chosen {
+        for (t, env) in chosen.iter().zip(&envs) {
             c.args(["--target", &t.triple]);
-            set_target_env(&mut c, &ws, t, &provenance);
+            apply_target_env(&mut c, env);
         }
         c
     })?;

@@ -1,6 +1,7 @@
 //! Running cargo once per target with the target's linker and C compiler, and following its JSON
 //! messages to drive a progress bar and collect the executables.
 
+use std::ffi::OsString;
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -85,7 +86,7 @@ fn build_target(
     let mut exes = Vec::new();
     for profile in profiles {
         let bins: Vec<&Bin> = ws.bins.iter().filter(|b| b.profile == profile).collect();
-        let cmd = cargo_command(ws, target, provenance, args, profile, &bins);
+        let cmd = cargo_command(ws, target, provenance, args, profile, &bins)?;
         exes.extend(run_cargo(cmd, ws, target, bar)?);
     }
     Ok(exes)
@@ -135,9 +136,8 @@ fn run_cargo(
     if !status.success() {
         bail!(
             "building for {} failed ({status}); the compiler's messages are above.\n\
-             hint: `cargo xtask setup` installs the rustup target and the C compiler ({}) it needs",
+             hint: `cargo xtask setup` installs the rustup target and the C compiler it needs",
             target.triple,
-            target.cc
         );
     }
     Ok(exes)
@@ -150,7 +150,7 @@ fn cargo_command(
     args: &ReleaseArgs,
     profile: &str,
     bins: &[&Bin],
-) -> Command {
+) -> Result<Command> {
     let program = if args.builder == "cross" {
         "cross"
     } else {
@@ -186,39 +186,44 @@ fn cargo_command(
                 provenance.source_date_epoch.to_string(),
             );
     } else {
-        set_target_env(&mut cmd, ws, target, provenance);
+        apply_target_env(&mut cmd, &target_env(ws, target, provenance)?);
     }
-    cmd
+    Ok(cmd)
 }
 
 /// The environment that makes cargo build `target` the way a release does: the target's linker
 /// and C compiler, our flags only, and a fixed SOURCE_DATE_EPOCH. Also used by the benchmark's
-/// plain-cargo baseline, so both share one warm cache.
-pub fn set_target_env(
-    cmd: &mut Command,
+/// plain-cargo baseline, so both share one warm cache. A stray `RUSTFLAGS` in someone's shell must
+/// not change a release: callers remove it (see [`apply_target_env`]).
+pub fn target_env(
     ws: &Workspace,
     target: &TargetSpec,
     provenance: &Provenance,
-) {
-    let key = target.env_key();
-    cmd.env(format!("CARGO_TARGET_{key}_LINKER"), &target.linker)
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            rustflags(ws, target).join("\x1f"),
-        )
-        .env(
-            "SOURCE_DATE_EPOCH",
-            provenance.source_date_epoch.to_string(),
-        )
-        .env(
-            format!("CC_{}", target.triple.replace('-', "_")),
-            &target.cc,
-        );
-    if let Some(ar) = &target.ar {
-        cmd.env(format!("AR_{}", target.triple.replace('-', "_")), ar);
-    }
-    // Our flags are the whole story: a stray RUSTFLAGS in someone's shell must not change a release.
-    cmd.env_remove("RUSTFLAGS");
+) -> Result<Vec<(String, OsString)>> {
+    let (cc, ar) = target.c_programs()?;
+    let c_key = target.triple.replace('-', "_");
+    Ok(vec![
+        (
+            format!("CARGO_TARGET_{}_LINKER", target.env_key()),
+            target.linker.clone().into(),
+        ),
+        (
+            "CARGO_ENCODED_RUSTFLAGS".into(),
+            rustflags(ws, target).join("\x1f").into(),
+        ),
+        (
+            "SOURCE_DATE_EPOCH".into(),
+            provenance.source_date_epoch.to_string().into(),
+        ),
+        (format!("CC_{c_key}"), cc.into()),
+        (format!("AR_{c_key}"), ar.into()),
+    ])
+}
+
+/// Sets [`target_env`] on `cmd` and removes `RUSTFLAGS`, which would override it.
+pub fn apply_target_env(cmd: &mut Command, env: &[(String, OsString)]) {
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("RUSTFLAGS");
 }
 
 /// The target's flags plus path remapping, so that builds from two checkouts are byte-identical.
