@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::VerifyingKey;
 use muscle_inspect::Expectation;
-use muscle_protocol::{ManifestArtifact, ReleaseManifest};
+use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest};
 
 use crate::store::{BlobStore, PutOutcome, ReleaseRecord, Store};
 
@@ -47,6 +47,9 @@ pub fn publish(
     for artifact in &manifest.artifacts {
         contents.push(check_artifact(dir, artifact)?);
     }
+    for debug in &manifest.debug {
+        contents.push(check_debug_artifact(dir, &manifest, debug)?);
+    }
     for bytes in &contents {
         blobs.put(bytes).context("storing a blob")?;
     }
@@ -73,35 +76,7 @@ pub fn publish(
 /// and a static binary for the architecture it claims.
 fn check_artifact(dir: &Path, a: &ManifestArtifact) -> Result<Vec<u8>> {
     let path = dir.join(&a.path);
-    let meta = std::fs::symlink_metadata(&path).with_context(|| {
-        format!(
-            "{}: listed in manifest.json but cannot be read",
-            path.display()
-        )
-    })?;
-    if !meta.is_file() {
-        bail!(
-            "{}: expected a regular file, found a symlink or directory",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.len() as u64 != a.size {
-        bail!(
-            "{}: size is {} bytes, manifest.json says {}",
-            path.display(),
-            bytes.len(),
-            a.size
-        );
-    }
-    let sha = muscle_protocol::sha256_hex(&bytes);
-    if sha != a.sha256 {
-        bail!(
-            "{}: sha256 is {sha}, manifest.json says {}",
-            path.display(),
-            a.sha256
-        );
-    }
+    let bytes = read_listed_file(&path, a.size, &a.sha256)?;
     let facts =
         muscle_inspect::inspect_bytes(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
     if facts != a.elf {
@@ -129,6 +104,80 @@ fn check_artifact(dir: &Path, a: &ManifestArtifact) -> Result<Vec<u8>> {
             "{}: failed verification: {}",
             path.display(),
             verdict.failure_summary()
+        );
+    }
+    Ok(bytes)
+}
+
+/// A debug file must be what the manifest says and carry the build-id of the binary it is for.
+fn check_debug_artifact(
+    dir: &Path,
+    manifest: &ReleaseManifest,
+    d: &DebugArtifact,
+) -> Result<Vec<u8>> {
+    let path = dir.join(&d.path);
+    let bytes = read_listed_file(&path, d.size, &d.sha256)?;
+    let found =
+        muscle_inspect::build_id_of(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
+    if found.as_deref() != Some(d.build_id.as_str()) {
+        bail!(
+            "{}: build-id is {found:?}, manifest.json says {:?}",
+            path.display(),
+            d.build_id
+        );
+    }
+    let binary = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.target == d.target && a.binary == d.binary)
+        .with_context(|| {
+            format!(
+                "{}: debug info for {} on {}, which the release does not ship",
+                path.display(),
+                d.binary,
+                d.target
+            )
+        })?;
+    if binary.elf.build_id.as_deref() != Some(d.build_id.as_str()) {
+        bail!(
+            "{}: build-id {} is not {}'s ({:?})",
+            path.display(),
+            d.build_id,
+            binary.path,
+            binary.elf.build_id
+        );
+    }
+    Ok(bytes)
+}
+
+/// Reads a file the manifest lists: a regular file (never through a symlink) of the listed size
+/// and sha256.
+fn read_listed_file(path: &Path, size: u64, sha256: &str) -> Result<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| {
+        format!(
+            "{}: listed in manifest.json but cannot be read",
+            path.display()
+        )
+    })?;
+    if !meta.is_file() {
+        bail!(
+            "{}: expected a regular file, found a symlink or directory",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 != size {
+        bail!(
+            "{}: size is {} bytes, manifest.json says {size}",
+            path.display(),
+            bytes.len(),
+        );
+    }
+    let sha = muscle_protocol::sha256_hex(&bytes);
+    if sha != sha256 {
+        bail!(
+            "{}: sha256 is {sha}, manifest.json says {sha256}",
+            path.display(),
         );
     }
     Ok(bytes)

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use goblin::elf::{header, note, program_header, Elf};
+use goblin::elf::{header, note, program_header, section_header, Elf};
 use serde::{Deserialize, Serialize};
 
 /// Why a file could not be inspected at all (as opposed to a check failing on a valid ELF).
@@ -181,17 +181,31 @@ fn facts_of(elf: &Elf, bytes: &[u8]) -> ElfFacts {
     }
 }
 
+/// The GNU build-id of an ELF file that need not be loadable, such as a `.debug` file split off
+/// a binary (its code sections are empty, so [`inspect_bytes`] would call it truncated).
+pub fn build_id_of(bytes: &[u8]) -> Result<Option<String>, InspectError> {
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return inspect_bytes(bytes).map(|f| f.build_id);
+    }
+    check_header_fits(bytes)?;
+    let elf = Elf::parse(bytes).map_err(|e| classify_parse_error(bytes, e))?;
+    Ok(build_id(&elf, bytes))
+}
+
 fn build_id(elf: &Elf, bytes: &[u8]) -> Option<String> {
-    let notes = elf.iter_note_headers(bytes)?;
+    // goblin's note iterator can yield errors forever on a corrupt note: stop at the first one.
+    let mut notes = elf.iter_note_headers(bytes)?.map_while(Result::ok);
     notes
-        .filter_map(Result::ok)
         .find(|n| n.n_type == note::NT_GNU_BUILD_ID && n.name == "GNU")
         .map(|n| n.desc.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Debug information is what a loader never maps: an allocated `.debug_gdb_scripts` (rustc's
+/// pointer to pretty-printers) is part of the program image, not debug info to strip.
 fn debug_sections(elf: &Elf) -> Vec<String> {
     elf.section_headers
         .iter()
+        .filter(|sh| sh.sh_flags & u64::from(section_header::SHF_ALLOC) == 0)
         .filter_map(|sh| elf.shdr_strtab.get_at(sh.sh_name))
         .filter(|name| name.starts_with(".debug_") || name.starts_with(".zdebug_"))
         .map(str::to_owned)

@@ -7,7 +7,7 @@
 mod facts;
 mod policy;
 
-pub use facts::{inspect_bytes, inspect_file, ElfFacts, InspectError};
+pub use facts::{build_id_of, inspect_bytes, inspect_file, ElfFacts, InspectError};
 pub use policy::{verify, Check, Expectation, Verdict};
 
 /// The ELF machine name (`EM_*`) of an architecture as `uname -m` reports it.

@@ -41,7 +41,9 @@ mod service;
 mod signing;
 
 pub use checkin::{AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health};
-pub use manifest::{ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA};
+pub use manifest::{
+    DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
+};
 pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};
 pub use signing::{
     parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, SignatureError,

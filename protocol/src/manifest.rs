@@ -20,6 +20,10 @@ pub struct ReleaseManifest {
     pub cargo_lock_sha256: Option<String>,
     pub source_date_epoch: u64,
     pub artifacts: Vec<ManifestArtifact>,
+    /// Debug information split off the shipped binaries, for symbolising their crashes. The
+    /// deployer stores them beside the release; agents never download them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub debug: Vec<DebugArtifact>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +36,22 @@ pub struct ManifestArtifact {
     pub size: u64,
     pub sha256: String,
     pub elf: ElfFacts,
+}
+
+/// `<triple>/<binary>.debug`: the debug sections and symbols of one shipped binary, matched to it
+/// by build-id (the binary also names it in `.gnu_debuglink`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebugArtifact {
+    pub target: String,
+    pub arch: String,
+    /// The shipped binary this belongs to.
+    pub binary: String,
+    /// Relative to the release directory: `<triple>/<binary>.debug`.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The GNU build-id both files carry, as hex.
+    pub build_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,21 +92,19 @@ impl ReleaseManifest {
                 path: format!("{}-{}", self.app, self.version),
             });
         }
-        for a in &self.artifacts {
-            if !is_safe_relative_path(&a.path) || !is_safe_name(&a.binary) {
-                return Err(ManifestError::UnsafePath {
-                    path: a.path.clone(),
-                });
+        let files = self
+            .artifacts
+            .iter()
+            .map(|a| (&a.path, &a.binary, &a.sha256));
+        let debug = self.debug.iter().map(|d| (&d.path, &d.binary, &d.sha256));
+        for (path, binary, sha256) in files.chain(debug) {
+            if !is_safe_relative_path(path) || !is_safe_name(binary) {
+                return Err(ManifestError::UnsafePath { path: path.clone() });
             }
-            if a.sha256.len() != 64
-                || !a
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            {
+            if !is_sha256_hex(sha256) {
                 return Err(ManifestError::BadHash {
-                    path: a.path.clone(),
-                    sha256: a.sha256.clone(),
+                    path: path.clone(),
+                    sha256: sha256.clone(),
                 });
             }
         }
@@ -110,6 +128,12 @@ impl ReleaseManifest {
             .iter()
             .find(|a| a.binary == binary && a.arch == arch)
     }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// A single path component usable as a file or directory name.

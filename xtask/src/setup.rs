@@ -76,10 +76,11 @@ fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<(
         if let CToolchain::Gcc {
             cc,
             ar,
+            objcopy,
             apt_packages,
         } = &t.c
         {
-            if !util::have(cc) || !util::have(ar) {
+            if ![cc, ar, objcopy].iter().all(|tool| util::have(tool)) {
                 missing.extend(apt_packages.iter().cloned());
             }
         }

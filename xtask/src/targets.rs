@@ -38,9 +38,12 @@ pub enum CToolchain {
     /// `cargo xtask setup` from PyPI (`ziglang`).
     Zig { target: String },
     /// A gcc cross toolchain from Debian's packages (for glibc targets, whose headers it has).
+    /// Its binutils' `objcopy` splits debug info: llvm-objcopy refuses some of what gcc's
+    /// linker writes for static glibc (a `.rel.dyn` linked to no symbol table on armv7).
     Gcc {
         cc: String,
         ar: String,
+        objcopy: String,
         apt_packages: Vec<String>,
     },
 }
@@ -69,6 +72,15 @@ impl TargetSpec {
         match &self.c {
             CToolchain::Zig { target } => crate::zig::wrappers(target),
             CToolchain::Gcc { cc, ar, .. } => Ok((PathBuf::from(cc), PathBuf::from(ar))),
+        }
+    }
+
+    /// The objcopy that splits debug info off this target's binaries: the gcc toolchain's own, or
+    /// `rust-objcopy` (llvm-objcopy, shipped with rustc) for the others.
+    pub fn objcopy(&self) -> Result<PathBuf> {
+        match &self.c {
+            CToolchain::Gcc { objcopy, .. } => Ok(PathBuf::from(objcopy)),
+            CToolchain::Zig { .. } => crate::release::rust_objcopy(),
         }
     }
 

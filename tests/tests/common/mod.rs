@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use muscle_e2e::{
-    host_deployer, release_agents, release_hello, workspace_root, Artifacts, HelloVersion,
+    host_deployer, release_agents, release_hello, target_dir, workspace_root, Artifacts,
+    HelloVersion,
 };
 
 pub struct Builds {
@@ -41,7 +42,7 @@ pub fn builds() -> &'static Builds {
     static BUILDS: OnceLock<Builds> = OnceLock::new();
     BUILDS.get_or_init(|| {
         muscle_e2e::require_aarch64_emulation().expect("the ARM half of the fleet needs qemu-user");
-        let out = workspace_root().join("target/e2e-dist");
+        let out = target_dir().join("e2e-dist");
         let build = || -> anyhow::Result<Builds> {
             Ok(Builds {
                 deployer: host_deployer(false)?,
@@ -75,7 +76,7 @@ pub fn builds() -> &'static Builds {
 
 /// A fresh directory for one test, under target/ (short paths, cleaned at the next run).
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = workspace_root().join("target/e2e").join(name);
+    let dir = target_dir().join("e2e").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("target/ is writable");
     dir

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use cargo_metadata::Message;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::debuginfo;
 use super::workspace::{Bin, Provenance, Workspace};
 use super::{Built, ReleaseArgs};
 use crate::targets::TargetSpec;
@@ -52,20 +53,27 @@ pub fn build_all(
             eprintln!("[{}] built in {:.1?}", target.triple, started.elapsed());
         }
         for (binary, path) in exes {
-            built.push(inspect(target, binary, path)?);
+            built.push(inspect(ws, target, binary, path)?);
         }
     }
     Ok(built)
 }
 
-fn inspect(target: &TargetSpec, binary: String, path: PathBuf) -> Result<Built> {
-    let facts =
-        muscle_inspect::inspect_file(&path).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
+/// Splits off the debug info of a freshly built `exe` and inspects what will ship.
+fn inspect(ws: &Workspace, target: &TargetSpec, binary: String, exe: PathBuf) -> Result<Built> {
+    let facts_of = |path: &Path| {
+        muscle_inspect::inspect_file(path).map_err(|e| anyhow::anyhow!(e.in_file(path)))
+    };
+    let built = facts_of(&exe)?;
+    let dir = ws.target_dir.join("muscle-release").join(&target.triple);
+    let split = debuginfo::split(&target.objcopy()?, &exe, &built, &dir, &binary)?;
+    let facts = facts_of(&split.shipped)?;
     let verdict = muscle_inspect::verify(&facts, &target.expectation());
     Ok(Built {
         target: target.clone(),
         binary,
-        path,
+        path: split.shipped,
+        debug: split.debug,
         facts,
         verdict,
     })

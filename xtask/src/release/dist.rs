@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use muscle_protocol::{ManifestArtifact, ReleaseManifest, MANIFEST_SCHEMA};
+use anyhow::{bail, Context, Result};
+use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest, MANIFEST_SCHEMA};
 
 use super::workspace::{Provenance, Workspace};
 use super::{Built, ReleaseArgs};
@@ -28,27 +28,34 @@ pub fn write(
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
     let mut artifacts = Vec::new();
+    let mut debug = Vec::new();
     for b in built {
         let rel = format!("{}/{}", b.target.triple, b.binary);
-        let dest = staging.join(&rel);
-        std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
-        std::fs::copy(&b.path, &dest)
-            .with_context(|| format!("cannot copy {} to {}", b.path.display(), dest.display()))?;
-        let bytes = std::fs::read(&dest)?;
+        let bytes = copy_in(&b.path, &staging, &rel)?;
         artifacts.push(ManifestArtifact {
             target: b.target.triple.clone(),
             arch: b.target.arch.clone(),
             binary: b.binary.clone(),
-            path: rel,
+            path: rel.clone(),
             size: bytes.len() as u64,
             sha256: muscle_protocol::sha256_hex(&bytes),
             elf: b.facts.clone(),
         });
+        if let Some(path) = &b.debug {
+            debug.push(debug_artifact(b, path, &staging, format!("{rel}.debug"))?);
+        }
     }
     artifacts.sort_by(|a, b| a.path.cmp(&b.path));
-    let sums: String = artifacts
+    debug.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut sums: Vec<(&str, &str)> = artifacts
         .iter()
-        .map(|a| format!("{}  {}\n", a.sha256, a.path))
+        .map(|a| (a.path.as_str(), a.sha256.as_str()))
+        .chain(debug.iter().map(|d| (d.path.as_str(), d.sha256.as_str())))
+        .collect();
+    sums.sort();
+    let sums: String = sums
+        .iter()
+        .map(|(path, sha256)| format!("{sha256}  {path}\n"))
         .collect();
     std::fs::write(staging.join("SHA256SUMS"), sums)?;
     let manifest = ReleaseManifest {
@@ -62,6 +69,7 @@ pub fn write(
         cargo_lock_sha256: provenance.cargo_lock_sha256.clone(),
         source_date_epoch: provenance.source_date_epoch,
         artifacts,
+        debug,
     };
     let json = serde_json::to_string_pretty(&manifest)? + "\n";
     std::fs::write(staging.join("manifest.json"), &json)?;
@@ -79,6 +87,45 @@ pub fn write(
     std::fs::rename(&staging, &dir)
         .with_context(|| format!("cannot move the release into {}", dir.display()))?;
     Ok(Release { dir })
+}
+
+/// Copies `from` to `staging/rel`; returns the bytes written.
+fn copy_in(from: &Path, staging: &Path, rel: &str) -> Result<Vec<u8>> {
+    let dest = staging.join(rel);
+    std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
+    std::fs::copy(from, &dest)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), dest.display()))?;
+    Ok(std::fs::read(&dest)?)
+}
+
+/// The manifest entry of a binary's debug file, which must carry the binary's build-id.
+fn debug_artifact(b: &Built, path: &Path, staging: &Path, rel: String) -> Result<DebugArtifact> {
+    let bytes = copy_in(path, staging, &rel)?;
+    let build_id =
+        muscle_inspect::build_id_of(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(path)))?;
+    let (Some(build_id), Some(binary_id)) = (build_id, b.facts.build_id.as_ref()) else {
+        bail!(
+            "{}: debug info without a build-id to match it to {} (link with --build-id)",
+            path.display(),
+            b.binary
+        );
+    };
+    if &build_id != binary_id {
+        bail!(
+            "{}: build-id {build_id} differs from {}'s {binary_id}",
+            path.display(),
+            b.binary
+        );
+    }
+    Ok(DebugArtifact {
+        target: b.target.triple.clone(),
+        arch: b.target.arch.clone(),
+        binary: b.binary.clone(),
+        path: rel,
+        size: bytes.len() as u64,
+        sha256: muscle_protocol::sha256_hex(&bytes),
+        build_id,
+    })
 }
 
 fn now_unix() -> u64 {

@@ -2,7 +2,10 @@
 //! manifest and an optional signature.
 
 pub mod build;
+mod debuginfo;
 mod dist;
+
+pub use debuginfo::rust_objcopy;
 pub mod workspace;
 
 use std::path::PathBuf;
@@ -54,7 +57,10 @@ pub struct ReleaseArgs {
 pub struct Built {
     pub target: TargetSpec,
     pub binary: String,
+    /// The stripped binary that ships.
     pub path: PathBuf,
+    /// Its debug info, split off into `<binary>.debug`, when the build had any.
+    pub debug: Option<PathBuf>,
     pub facts: muscle_inspect::ElfFacts,
     pub verdict: muscle_inspect::Verdict,
 }
