@@ -90,6 +90,57 @@ pub fn xtask(args: &[&str]) -> Result<std::process::Output> {
         .with_context(|| format!("cannot start {cmd:?}"))
 }
 
+/// The xtask binary, built once per process, to run with an environment of the test's own
+/// (`cargo run` would pass that environment to cargo too).
+pub fn xtask_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            run(cargo().args(["build", "--quiet", "--package", "xtask"]))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    Ok(target_dir().join("debug/xtask"))
+}
+
+/// The source of a published crate, as crates.io serves it (`.crate`, with its Cargo.lock),
+/// fetched by cargo and unpacked into `into/<name>-<version>`. Nothing but cargo touches the
+/// network.
+pub fn fetch_crate(name: &str, version: &str, into: &Path) -> Result<PathBuf> {
+    let dir = into.join(format!("{name}-{version}"));
+    if dir.join("Cargo.lock").is_file() {
+        return Ok(dir);
+    }
+    let probe = into.join(format!(".fetch-{name}-{version}"));
+    std::fs::create_dir_all(probe.join("src"))?;
+    std::fs::write(
+        probe.join("Cargo.toml"),
+        format!("[package]\nname = \"fetch-probe\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[dependencies]\n{name} = \"={version}\"\n\n[workspace]\n"),
+    )?;
+    std::fs::write(probe.join("src/lib.rs"), "")?;
+    run(cargo()
+        .args(["fetch", "--quiet", "--manifest-path"])
+        .arg(probe.join("Cargo.toml")))?;
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let file = format!("{name}-{version}.crate");
+    let cached = std::fs::read_dir(home.join("registry/cache"))?
+        .flatten()
+        .map(|registry| registry.path().join(&file))
+        .find(|p| p.is_file())
+        .with_context(|| format!("cargo fetched no {file}"))?;
+    run(Command::new("tar")
+        .arg("xzf")
+        .arg(&cached)
+        .arg("-C")
+        .arg(into))?;
+    let _ = std::fs::remove_dir_all(&probe);
+    Ok(dir)
+}
+
 /// `cargo xtask release` with `args`; returns the release directory it wrote into `out`.
 pub fn xtask_release(args: &[&str], out: &Path) -> Result<Artifacts> {
     let out_dir = out.to_str().context("non-UTF-8 path")?;

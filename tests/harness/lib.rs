@@ -12,8 +12,9 @@ mod scripted;
 mod wait;
 
 pub use build::{
-    host_deployer, release_agent_version, release_agents, release_broken_agent, release_hello,
-    target_dir, workspace_root, xtask, xtask_release, Artifacts, HelloVersion,
+    fetch_crate, host_deployer, release_agent_version, release_agents, release_broken_agent,
+    release_hello, target_dir, workspace_root, xtask, xtask_binary, xtask_release, Artifacts,
+    HelloVersion,
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};

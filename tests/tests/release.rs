@@ -5,34 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use muscle_e2e::{target_dir, workspace_root, xtask};
 use serde_json::Value;
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn tool(program: &str, args: &[&str], file: &Path) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .arg(file)
-        .output()
-        .with_context(|| format!("{program} is installed by `cargo xtask setup`"))?;
-    ensure!(
-        out.status.success(),
-        "{program} {}: {}",
-        file.display(),
-        text(&out)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use common::{text, tool};
 
 #[test]
 fn released_binaries_are_static_and_file_readelf_and_sha256sum_agree_with_the_manifest(
@@ -57,11 +36,7 @@ fn released_binaries_are_static_and_file_readelf_and_sha256sum_agree_with_the_ma
             assert_eq!(std::fs::metadata(&path)?.len(), a["size"].as_u64().unwrap());
             let file = tool("file", &["-b"], &path)?;
             let readelf = tool("readelf", &["-lhdn", "-W"], &path)?;
-            let (file_arch, readelf_machine) = match a["arch"].as_str().unwrap() {
-                "x86_64" => ("x86-64", "Advanced Micro Devices X86-64"),
-                "aarch64" => ("ARM aarch64", "AArch64"),
-                other => panic!("unexpected arch {other}"),
-            };
+            let (file_arch, readelf_machine) = common::elf_names(a["arch"].as_str().unwrap());
             assert!(
                 file.contains(file_arch) && file.contains("static"),
                 "{}: {file}",

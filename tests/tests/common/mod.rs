@@ -74,6 +74,43 @@ pub fn builds() -> &'static Builds {
     })
 }
 
+/// A process's stdout and stderr, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `program ARGS FILE` (a tool `cargo xtask setup` installs); its stdout, or an error.
+pub fn tool(program: &str, args: &[&str], file: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = std::process::Command::new(program)
+        .args(args)
+        .arg(file)
+        .output()
+        .with_context(|| format!("{program} is installed by `cargo xtask setup`"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        file.display(),
+        text(&out)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The machine as `file -b` and `readelf -h` name it, for each arch the release targets.
+pub fn elf_names(arch: &str) -> (&'static str, &'static str) {
+    match arch {
+        "x86_64" => ("x86-64", "Advanced Micro Devices X86-64"),
+        "aarch64" => ("ARM aarch64", "AArch64"),
+        "arm" => ("ARM, EABI5", "ARM"),
+        "riscv64" => ("RISC-V", "RISC-V"),
+        other => panic!("unexpected arch {other}"),
+    }
+}
+
 /// A fresh directory for one test, under target/ (short paths, cleaned at the next run).
 pub fn scratch(name: &str) -> PathBuf {
     let dir = target_dir().join("e2e").join(name);
