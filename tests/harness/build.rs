@@ -200,6 +200,17 @@ pub struct HelloVersion<'a> {
 /// `examples/hello-service` with its version bumped, released with `--manifest-path` the way a
 /// user releases their own project.
 pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
+    release_hello_with(v, out, "", &[])
+}
+
+/// Like [`release_hello`], with `extra_toml` appended to the copy's Cargo.toml (a profile, say)
+/// and `extra_args` passed to `cargo xtask release` (targets, say).
+pub fn release_hello_with(
+    v: HelloVersion,
+    out: &Path,
+    extra_toml: &str,
+    extra_args: &[&str],
+) -> Result<Artifacts> {
     let src = workspace_root().join("examples/hello-service");
     let scratch = out.join("src").join(format!("hello-service-{}", v.version));
     let _ = std::fs::remove_dir_all(&scratch);
@@ -217,7 +228,7 @@ pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
     // An empty [workspace] makes the copy its own workspace, outside ours.
     std::fs::write(
         scratch.join("Cargo.toml"),
-        format!("{bumped}\n[workspace]\n"),
+        format!("{bumped}\n[workspace]\n{extra_toml}"),
     )?;
     run(cargo()
         .args(["generate-lockfile", "--offline", "--manifest-path"])
@@ -230,6 +241,7 @@ pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
     if v.unhealthy {
         args.extend(["--features", "unhealthy"]);
     }
+    args.extend(extra_args);
     xtask_release(&args, out)
 }
 

@@ -21,6 +21,7 @@ pub struct SetupArgs {
 const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("qemu-aarch64-static", "qemu-user-static"),
     ("file", "file"),
+    ("gdb", "gdb"),
     ("readelf", "binutils"),
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
