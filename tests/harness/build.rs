@@ -183,9 +183,11 @@ pub fn host_deployer(optimised: bool) -> Result<PathBuf> {
         .with_context(|| format!("{} was not built", path.display()))
 }
 
-/// The agent released for every target (static musl, x86_64 and aarch64).
+/// The agent released for all four architectures.
 pub fn release_agents(out: &Path) -> Result<Artifacts> {
-    xtask_release(&["--package", "muscle-agent"], out)
+    let mut args = vec!["--package", "muscle-agent"];
+    args.extend(crate::target_args(&crate::ALL_TARGETS));
+    xtask_release(&args, out)
 }
 
 /// One version of hello-service to release.
@@ -196,11 +198,11 @@ pub struct HelloVersion<'a> {
     pub unhealthy: bool,
 }
 
-/// Releases hello-service as `version` from a scratch workspace: a copy of
+/// Releases hello-service as `version` for all four architectures from a scratch workspace: a copy of
 /// `examples/hello-service` with its version bumped, released with `--manifest-path` the way a
 /// user releases their own project.
 pub fn release_hello(v: HelloVersion, out: &Path) -> Result<Artifacts> {
-    release_hello_with(v, out, "", &[])
+    release_hello_with(v, out, "", &crate::target_args(&crate::ALL_TARGETS))
 }
 
 /// Like [`release_hello`], with `extra_toml` appended to the copy's Cargo.toml (a profile, say)

@@ -21,11 +21,25 @@ pub use fleet::{Agent, AgentOptions, Fleet};
 pub use scripted::{Blob, ScriptedServer};
 pub use wait::wait_until;
 
-/// The release targets of the mixed fleet, as (triple, arch).
+/// The default release targets, as (triple, arch): the mixed fleet of most tests.
 pub const TARGETS: [(&str, &str); 2] = [
     ("x86_64-unknown-linux-musl", "x86_64"),
     ("aarch64-unknown-linux-musl", "aarch64"),
 ];
+
+/// Every architecture a rollout can span: the default targets and the opt-in 32-bit ARM and
+/// RISC-V ones (see their files in targets/).
+pub const ALL_TARGETS: [(&str, &str); 4] = [
+    ("x86_64-unknown-linux-musl", "x86_64"),
+    ("aarch64-unknown-linux-musl", "aarch64"),
+    ("armv7-unknown-linux-gnueabihf", "arm"),
+    ("riscv64gc-unknown-linux-gnu", "riscv64"),
+];
+
+/// `--target T` for each of `targets`, for `cargo xtask release`.
+pub fn target_args<'a>(targets: &[(&'a str, &str)]) -> Vec<&'a str> {
+    targets.iter().flat_map(|(t, _)| ["--target", *t]).collect()
+}
 
 /// A port nobody listens on right now, below Linux's ephemeral range (32768 and up): a port the
 /// kernel picked would be free now, but could be handed to some client socket before the
@@ -45,13 +59,16 @@ pub fn free_port() -> u16 {
     panic!("no free port in 20000-31999 on loopback")
 }
 
-/// Fails loudly when aarch64 binaries cannot run here: the ARM half of the fleet must never be
-/// skipped silently.
-pub fn require_aarch64_emulation() -> anyhow::Result<()> {
-    if std::env::consts::ARCH == "aarch64"
-        || std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists()
-    {
-        return Ok(());
+/// Fails loudly when foreign binaries cannot run here: the ARM and RISC-V parts of the fleet
+/// must never be skipped silently.
+pub fn require_emulation() -> anyhow::Result<()> {
+    for qemu in ["qemu-aarch64", "qemu-arm", "qemu-riscv64"] {
+        if !std::path::Path::new("/proc/sys/fs/binfmt_misc")
+            .join(qemu)
+            .exists()
+        {
+            anyhow::bail!("foreign binaries cannot run here: {qemu} is not registered with binfmt_misc; run `cargo xtask setup` (as root) first");
+        }
     }
-    anyhow::bail!("aarch64 binaries cannot run here: qemu-aarch64 is not registered with binfmt_misc; run `cargo xtask setup` (as root) first")
+    Ok(())
 }

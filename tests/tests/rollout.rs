@@ -252,6 +252,54 @@ fn pause_holds_a_rollout_resume_finishes_it_and_abort_stops_it() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn one_rollout_spans_four_architectures_with_a_canary_for_each() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("four-arches");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    for release in [&b.v1, &b.v2] {
+        deployer.publish(&release.dir)?;
+    }
+    // One agent per arch: x86_64 natively, aarch64, armv7 and riscv64 under qemu-user.
+    let fleet = Fleet::start(deployer, &b.all_arches(), 1, &dir)?;
+    let mut reported: Vec<String> = fleet
+        .deployer
+        .fleet()?
+        .iter()
+        .map(|a| a["arch"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    reported.sort();
+    assert_eq!(reported, ["aarch64", "arm", "riscv64", "x86_64"]);
+    common::roll_out(&fleet, "0.1.0")?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&["hello-service", "0.2.0", "--service", &spec])?;
+    let r = fleet.deployer.wait_rollout_end(id, ROLLOUT_TIMEOUT)?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    let mut canary: Vec<&str> = r["waves"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["arch"].as_str().unwrap())
+        .collect();
+    canary.sort();
+    assert_eq!(canary, ["aarch64", "arm", "riscv64", "x86_64"], "{r:#}");
+    for agent in &fleet.agents {
+        assert_eq!(agent.service_version()?, "0.2.0", "{}", agent.opts.id);
+        let bin = agent
+            .opts
+            .state_dir
+            .join("apps/hello-service/versions/0.2.0/hello-service");
+        let expected = match agent.opts.arch.as_str() {
+            "x86_64" => "EM_X86_64",
+            "aarch64" => "EM_AARCH64",
+            "arm" => "EM_ARM",
+            _ => "EM_RISCV",
+        };
+        assert_eq!(muscle_inspect_facts(&bin)?, expected, "{}", bin.display());
+    }
+    Ok(())
+}
+
 /// The ELF machine of a file, by object inspection (the same library the agent uses).
 fn muscle_inspect_facts(path: &std::path::Path) -> Result<String> {
     let bytes = std::fs::read(path)?;
@@ -264,6 +312,8 @@ fn muscle_inspect_facts(path: &std::path::Path) -> Result<String> {
     Ok(match u16::from_le_bytes([bytes[18], bytes[19]]) {
         62 => "EM_X86_64".into(),
         183 => "EM_AARCH64".into(),
+        40 => "EM_ARM".into(),
+        243 => "EM_RISCV".into(),
         other => format!("e_machine {other}"),
     })
 }

@@ -4,10 +4,19 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
+use clap::Args;
 
 use crate::util;
 
-pub fn run() -> Result<i32> {
+#[derive(Args, Debug, Default)]
+pub struct CiArgs {
+    /// Also run the heavy suites, the tests marked `#[ignore = "full: ..."]` (all the foreign
+    /// workspaces, ...).
+    #[arg(long)]
+    pub full: bool,
+}
+
+pub fn run(args: CiArgs) -> Result<i32> {
     let setup = crate::setup::run(Default::default())?;
     if setup != 0 {
         bail!("setup could not install everything the tests need (see above)");
@@ -29,7 +38,12 @@ pub fn run() -> Result<i32> {
         "warnings",
     ]))?;
     lint_workflows(&root)?;
-    util::run(cargo().args(["test", "--workspace", "--locked"]))?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--locked"]);
+    if args.full {
+        test.args(["--", "--include-ignored"]);
+    }
+    util::run(&mut test)?;
     Ok(0)
 }
 

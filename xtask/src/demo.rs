@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: the whole story on one machine. Release this workspace's agent and three
-//! versions of hello-service for x86_64 and aarch64, start a deployer and a mixed fleet (aarch64
-//! agents under qemu-user), roll v1 out, then v2 in health-gated waves, then a v3 whose health
+//! versions of hello-service for x86_64, aarch64, armv7 and riscv64, start a deployer and a mixed
+//! fleet (the foreign agents under qemu-user), roll v1 out, then v2 in health-gated waves, then a v3 whose health
 //! fails: it halts in the canary wave and is rolled back.
 
 use std::process::Command;
@@ -31,12 +31,12 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     if crate::setup::run(Default::default())? != 0 {
         bail!("setup is incomplete (see above); the demo needs every target and qemu-user");
     }
-    muscle_e2e::require_aarch64_emulation()?;
+    muscle_e2e::require_emulation()?;
     let root = muscle_e2e::target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&root);
     let dist = root.join("dist");
 
-    step("build: muscle-deploy for this host; muscle-agent and hello-service 0.1.0, 0.2.0, 0.3.0 (unhealthy) for x86_64 and aarch64 musl");
+    step("build: muscle-deploy for this host; muscle-agent and hello-service 0.1.0, 0.2.0, 0.3.0 (unhealthy) for x86_64, aarch64, armv7 and riscv64");
     let deployer_bin = host_deployer(false)?;
     let agents = release_agents(&dist)?;
     let releases = [
@@ -66,7 +66,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         Command::new("cargo").args(["xtask", "verify"]).args(
             releases
                 .iter()
-                .flat_map(|r| muscle_e2e::TARGETS.map(|(t, _)| r.binary(t, "hello-service"))),
+                .flat_map(|r| muscle_e2e::ALL_TARGETS.map(|(t, _)| r.binary(t, "hello-service"))),
         ),
     )?;
 
@@ -77,9 +77,9 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         eprint!("{}", deployer.publish(&r.dir)?);
     }
 
-    step(&format!("fleet: {n} x86_64 agents (native) and {n} aarch64 agents (aarch64 binaries under qemu-user)", n = args.agents_per_arch));
+    step(&format!("fleet: {n} x86_64 agents (native) and {n} each of aarch64, armv7 and riscv64 (their binaries under qemu-user)", n = args.agents_per_arch));
     let binaries =
-        muscle_e2e::TARGETS.map(|(triple, arch)| (agents.binary(triple, "muscle-agent"), arch));
+        muscle_e2e::ALL_TARGETS.map(|(triple, arch)| (agents.binary(triple, "muscle-agent"), arch));
     let fleet = Fleet::start(deployer, &binaries, args.agents_per_arch, &root)?;
     eprint!("{}", fleet.deployer.ok(&["fleet"])?);
 

@@ -35,8 +35,8 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Release, publish and roll out to a local mixed-arch fleet, end to end.
     Demo(demo::DemoArgs),
-    /// What CI runs: setup, fmt, clippy and the tests.
-    Ci,
+    /// What CI runs: setup, fmt, clippy and the tests (`--full`: the heavy suites too).
+    Ci(ci::CiArgs),
     /// Measure speed and footprint against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -48,7 +48,7 @@ fn main() {
         Command::Verify(args) => verify::run(args),
         Command::Setup(args) => setup::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Ci => ci::run(),
+        Command::Ci(args) => ci::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

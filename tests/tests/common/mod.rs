@@ -21,7 +21,7 @@ pub struct Builds {
 
 impl Builds {
     pub fn agent(&self, arch: &str) -> PathBuf {
-        let triple = muscle_e2e::TARGETS
+        let triple = muscle_e2e::ALL_TARGETS
             .iter()
             .find(|(_, a)| *a == arch)
             .expect("a known arch")
@@ -29,7 +29,15 @@ impl Builds {
         self.agents.binary(triple, "muscle-agent")
     }
 
-    /// One agent binary per architecture, for `Fleet::start`.
+    /// One agent binary for each of the four architectures, for `Fleet::start`.
+    pub fn all_arches(&self) -> Vec<(PathBuf, &'static str)> {
+        muscle_e2e::ALL_TARGETS
+            .iter()
+            .map(|(_, arch)| (self.agent(arch), *arch))
+            .collect()
+    }
+
+    /// One agent binary per default architecture, for `Fleet::start`.
     pub fn both_arches(&self) -> Vec<(PathBuf, &'static str)> {
         vec![
             (self.agent("x86_64"), "x86_64"),
@@ -41,7 +49,7 @@ impl Builds {
 pub fn builds() -> &'static Builds {
     static BUILDS: OnceLock<Builds> = OnceLock::new();
     BUILDS.get_or_init(|| {
-        muscle_e2e::require_aarch64_emulation().expect("the ARM half of the fleet needs qemu-user");
+        muscle_e2e::require_emulation().expect("the foreign half of the fleet needs qemu-user");
         let out = target_dir().join("e2e-dist");
         let build = || -> anyhow::Result<Builds> {
             Ok(Builds {
