@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ed25519_dalek::VerifyingKey;
-use muscle_protocol::{AppReport, CheckinRequest, CheckinResponse, DesiredApp, Health};
+use muscle_protocol::{
+    AppReport, CheckinRequest, CheckinResponse, DesiredApp, Health, Name, MAX_ANSWER_BYTES,
+};
 
 use crate::paths::AppPaths;
 use crate::state::{AgentState, StateStore};
@@ -16,8 +18,8 @@ use crate::supervisor::Service;
 pub struct Config {
     pub server: String,
     pub state_dir: PathBuf,
-    pub id: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    pub id: Option<Name>,
+    pub labels: BTreeMap<Name, Name>,
     pub vars: BTreeMap<String, String>,
     pub interval: Duration,
     pub trusted_keys: Vec<VerifyingKey>,
@@ -33,14 +35,34 @@ pub struct Config {
 
 pub struct Agent {
     pub(crate) cfg: Config,
+    /// This agent's id: `--id`, else the one remembered in the state file.
+    pub(crate) id: Name,
     pub(crate) store: StateStore,
     pub(crate) state: AgentState,
-    pub(crate) services: BTreeMap<String, Service>,
+    pub(crate) services: BTreeMap<Name, Service>,
     desired: Vec<DesiredApp>,
     generation: u64,
     pub(crate) http: ureq::Agent,
     started: Instant,
+    /// Why the last check-in answer was refused, told to the server at the next check-in.
+    answer_problem: Option<String>,
 }
+
+/// An answer that arrived but cannot be taken: too large, unparsable, invalid names.
+#[derive(Debug)]
+struct BadAnswer(String);
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadAnswer {}
+
+/// A check-in (request and whole answer) that takes longer is abandoned: a peer that trickles
+/// cannot hold the agent.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Set by SIGTERM/SIGINT; the loop notices it within a tick.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
@@ -54,15 +76,17 @@ impl Agent {
             .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
         let store = StateStore::new(&cfg.state_dir);
         let mut state = store.load()?;
-        if let Some(id) = &cfg.id {
-            state.agent_id = id.clone();
-        } else if state.agent_id.is_empty() {
-            state.agent_id = format!("{}-{:08x}", hostname(), random_u32());
-        }
+        let id = cfg
+            .id
+            .clone()
+            .or_else(|| state.agent_id.clone())
+            .unwrap_or_else(new_id);
+        state.agent_id = Some(id.clone());
         store.save(&state)?;
         let http = crate::http::client(cfg.ca_file.as_deref())?;
         let mut agent = Agent {
             cfg,
+            id,
             store,
             state,
             services: BTreeMap::new(),
@@ -70,6 +94,7 @@ impl Agent {
             generation: 0,
             http,
             started: Instant::now(),
+            answer_problem: None,
         };
         // Before touching services: this start may be a self-update's, to count or revert.
         agent.check_self_update()?;
@@ -91,7 +116,7 @@ impl Agent {
             "muscle-agent {} ({}): id {}, server {}",
             env!("CARGO_PKG_VERSION"),
             muscle_inspect::host_arch(),
-            self.state.agent_id,
+            self.id,
             self.cfg.server
         );
         let mut next_checkin = Instant::now();
@@ -136,29 +161,42 @@ impl Agent {
             return Ok(());
         }
         eprintln!("muscle-agent: stopping services");
-        let apps: Vec<String> = self.services.keys().cloned().collect();
+        let apps: Vec<Name> = self.services.keys().cloned().collect();
         for app in apps {
             self.stop_service(&app);
         }
         self.save()
     }
 
-    /// POSTs `body` as JSON to `path` on the server with `bearer`, and reads the JSON answer.
-    fn post<T: serde::de::DeserializeOwned>(
+    /// POSTs `body` as JSON to `path` on the server with `bearer`, within an overall deadline;
+    /// returns the answer's bytes, at most [`MAX_ANSWER_BYTES`].
+    fn post(
         &self,
         path: &str,
         bearer: Option<&str>,
         body: &impl serde::Serialize,
-    ) -> Result<T> {
+    ) -> Result<Vec<u8>> {
         let url = format!("{}{path}", self.cfg.server.trim_end_matches('/'));
-        let mut req = self.http.post(&url);
+        let mut req = self.http.post(&url).timeout(ANSWER_DEADLINE);
         if let Some(secret) = bearer {
             req = req.set("Authorization", &format!("Bearer {secret}"));
         }
         match req.send_json(body) {
-            Ok(resp) => resp
-                .into_json()
-                .with_context(|| format!("the answer of POST {url} is not the JSON expected")),
+            Ok(resp) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(resp.into_reader(), MAX_ANSWER_BYTES + 1),
+                    &mut bytes,
+                )
+                .with_context(|| format!("reading the answer of POST {url}"))?;
+                anyhow::ensure!(
+                    bytes.len() as u64 <= MAX_ANSWER_BYTES,
+                    BadAnswer(format!(
+                        "the answer of POST {url} is larger than {MAX_ANSWER_BYTES} bytes"
+                    ))
+                );
+                Ok(bytes)
+            }
             Err(ureq::Error::Status(code, resp)) => {
                 let body = resp.into_string().unwrap_or_default();
                 anyhow::bail!("POST {url} answered {code}: {}", body.trim());
@@ -180,11 +218,13 @@ impl Agent {
         struct Enrolled {
             credential: String,
         }
-        let enrolled: Enrolled = self
+        let answer = self
             .post("/v1/enroll", Some(&token), request)
             .context("enrolling")?;
+        let enrolled: Enrolled = serde_json::from_slice(&answer)
+            .context("enrolling: the answer is not the JSON expected")?;
         crate::fsutil::write_atomic_private(&path, enrolled.credential.as_bytes())?;
-        eprintln!("muscle-agent: enrolled as {}", self.state.agent_id);
+        eprintln!("muscle-agent: enrolled as {}", self.id);
         Ok(Some(enrolled.credential))
     }
 
@@ -192,8 +232,27 @@ impl Agent {
     fn checkin(&mut self) -> Result<bool> {
         let request = self.report();
         let credential = self.credential(&request)?;
-        let response: CheckinResponse =
-            self.post("/v1/checkin", credential.as_deref(), &request)?;
+        let answer = self.post("/v1/checkin", credential.as_deref(), &request);
+        let parsed = answer.and_then(|bytes| {
+            serde_json::from_slice::<CheckinResponse>(&bytes)
+                .map_err(|e| BadAnswer(format!("the check-in answer was refused: {e}")).into())
+        });
+        // A server that answers, but not with a desired state this agent can take, is reported
+        // to, not backed off from: the refusal is in the next check-in.
+        let response = match parsed {
+            Ok(response) => {
+                self.answer_problem = None;
+                response
+            }
+            Err(e) => match e.downcast::<BadAnswer>() {
+                Ok(BadAnswer(reason)) => {
+                    eprintln!("muscle-agent: {reason}");
+                    self.answer_problem = Some(reason);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            },
+        };
         // Checking in is what a new agent binary has to prove.
         self.commit_self_update()?;
         if !response.unchanged {
@@ -215,27 +274,28 @@ impl Agent {
 
     /// What this agent tells the server.
     pub fn report(&mut self) -> CheckinRequest {
-        let names: Vec<String> = self.state.apps.keys().cloned().collect();
+        let names: Vec<Name> = self.state.apps.keys().cloned().collect();
         let mut apps: Vec<AppReport> = names.iter().map(|app| self.app_report(app)).collect();
         apps.push(self.self_report());
         CheckinRequest {
-            agent_id: self.state.agent_id.clone(),
+            agent_id: self.id.clone(),
             arch: muscle_inspect::host_arch().to_owned(),
             hostname: hostname(),
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             generation: self.generation,
             apps,
+            problem: self.answer_problem.clone(),
         }
     }
 
     /// The agent as an app: always running, healthy since it started (what a self-update
     /// rollout waits for), with its last failed update.
     fn self_report(&self) -> AppReport {
-        let version = env!("CARGO_PKG_VERSION").to_owned();
+        let version = Name::parse(env!("CARGO_PKG_VERSION")).expect("a valid name");
         let failure = self.state.agent.failure.clone();
         AppReport {
-            app: crate::selfupdate::SELF_APP.to_owned(),
+            app: crate::selfupdate::self_app(),
             installed_version: Some(version.clone()),
             running_version: Some(version),
             health: Health::Healthy,
@@ -250,14 +310,13 @@ impl Agent {
         }
     }
 
-    fn app_report(&mut self, app: &str) -> AppReport {
+    fn app_report(&mut self, app: &Name) -> AppReport {
         let st = self.state.apps.get(app).cloned().unwrap_or_default();
         let mut report = AppReport {
-            app: app.to_owned(),
             installed_version: st.current.as_ref().map(|c| c.version.clone()),
-            ..Default::default()
+            ..AppReport::new(app.clone())
         };
-        if let Some(svc) = self.services.get_mut(app) {
+        if let Some(svc) = self.services.get_mut(app.as_str()) {
             report.running_version = svc.is_running().then(|| svc.version.clone());
             report.health = svc.health;
             report.healthy_for_ms = svc
@@ -287,6 +346,23 @@ fn jitter(d: Duration) -> Duration {
     }
     let offset = u64::from(random_u32()) % (2 * spread);
     Duration::from_millis(d.as_millis() as u64 - spread + offset)
+}
+
+/// A new agent's id: its host name (what of it is a valid name, at most 40 characters) and a
+/// random suffix.
+fn new_id() -> Name {
+    let host: String = hostname()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .skip_while(|c| *c == '-')
+        .take(40)
+        .collect();
+    let host = if host.is_empty() {
+        "agent".into()
+    } else {
+        host
+    };
+    Name::parse(&format!("{host}-{:08x}", random_u32())).expect("only name characters")
 }
 
 pub fn hostname() -> String {

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use muscle_protocol::{DesiredApp, ReleaseManifest};
+use muscle_protocol::{DesiredApp, Name, ReleaseManifest, ServiceSpec};
 
 use crate::agent::Agent;
 use crate::download::{self, DownloadError};
@@ -96,11 +96,11 @@ impl Agent {
     }
 
     /// The remembered state of `app`; the agent's own lives apart from the services'.
-    pub(crate) fn app_state_mut(&mut self, app: &str) -> &mut AppState {
+    pub(crate) fn app_state_mut(&mut self, app: &Name) -> &mut AppState {
         if app == SELF_APP {
             &mut self.state.agent
         } else {
-            self.state.apps.entry(app.to_owned()).or_default()
+            self.state.apps.entry(app.clone()).or_default()
         }
     }
 
@@ -114,11 +114,11 @@ impl Agent {
 
     fn install(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
         let manifest = self.check_manifest(d)?;
-        let spec = d
-            .service
+        let spec = self
+            .spec_to_run(d, &manifest)?
             .expand(&self.cfg.vars)
             .map_err(|e| InstallError::Refused(e.to_string()))?;
-        spec.validate(&d.app)
+        spec.validate()
             .map_err(|e| InstallError::Refused(e.to_string()))?;
         self.stage(d)?;
         let new = Installed {
@@ -133,6 +133,26 @@ impl Agent {
         st.ran.insert(d.version.clone(), d.artifact.sha256.clone());
         self.clean_old_versions(&d.app);
         Ok(())
+    }
+
+    /// The service spec to run: with pinned keys, only the one signed into the release (the
+    /// deployer's copy is ignored: it is covered by no signature); otherwise the deployer's.
+    fn spec_to_run<'a>(
+        &self,
+        d: &'a DesiredApp,
+        manifest: &'a ReleaseManifest,
+    ) -> Result<&'a ServiceSpec, InstallError> {
+        if self.cfg.trusted_keys.is_empty() {
+            return Ok(&d.service);
+        }
+        manifest.service.as_ref().ok_or_else(|| {
+            InstallError::Refused(format!(
+                "{} {}: the release carries no signed service spec, and an agent that pins keys \
+                 runs only what the release key signed (release it with `cargo xtask release \
+                 --service FILE`)",
+                d.app, d.version
+            ))
+        })
     }
 
     /// The manifest must be signed by a trusted key (when keys are pinned), unexpired, not a
@@ -154,10 +174,11 @@ impl Agent {
         manifest
             .check_expiry(now)
             .map_err(|e| refuse(e.to_string()))?;
-        if manifest.version != d.version {
+        // Counters are kept per app: a release of one app offered as another would dodge them.
+        if manifest.app != d.app || manifest.version != d.version {
             return Err(refuse(format!(
-                "the manifest is for version {}, not {}",
-                manifest.version, d.version
+                "the manifest is for {} {}, not {} {}",
+                manifest.app, manifest.version, d.app, d.version
             )));
         }
         let arch = muscle_inspect::host_arch();
@@ -236,9 +257,9 @@ impl Agent {
     }
 
     /// Stops the old version, starts the new one, and keeps it only if it proves healthy.
-    fn switch(&mut self, app: &str, new: Installed) -> Result<(), InstallError> {
+    fn switch(&mut self, app: &Name, new: Installed) -> Result<(), InstallError> {
         let paths = self.paths(app);
-        let st = self.state.apps.entry(app.to_owned()).or_default();
+        let st = self.state.apps.entry(app.clone()).or_default();
         let old = st.current.clone();
         st.pending = Some(new.clone());
         self.save()
@@ -271,7 +292,7 @@ impl Agent {
         }
     }
 
-    fn roll_back(&mut self, app: &str, old: Option<Installed>) {
+    fn roll_back(&mut self, app: &Name, old: Option<Installed>) {
         self.stop_service(app);
         let paths = self.paths(app);
         if let Some(old) = &old {

@@ -91,10 +91,10 @@ struct RunArgs {
     state_dir: PathBuf,
     /// This agent's id (default: remembered in the state dir, first made from the hostname).
     #[arg(long)]
-    id: Option<String>,
+    id: Option<muscle_protocol::Name>,
     /// A label for rollout selectors (repeatable).
-    #[arg(long = "label", value_parser = muscle_protocol::parse_key_value)]
-    labels: Vec<(String, String)>,
+    #[arg(long = "label", value_parser = muscle_protocol::parse_label)]
+    labels: Vec<(muscle_protocol::Name, muscle_protocol::Name)>,
     /// A variable for `${name}` in service specs (repeatable).
     #[arg(long = "var", value_parser = muscle_protocol::parse_key_value)]
     vars: Vec<(String, String)>,
@@ -231,14 +231,19 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(());
     }
-    println!("agent {} ({})", state.agent_id, state_dir.display());
+    let id = state
+        .agent_id
+        .as_ref()
+        .map_or("(none yet)", |id| id.as_str());
+    println!("agent {id} ({})", state_dir.display());
     println!(
         "{:<16} {:<10} {:<10} {:<9} {:<8} PROBLEM",
         "APP", "CURRENT", "PREVIOUS", "RUNNING", "PID"
     );
     for (app, st) in &state.apps {
-        let v =
-            |i: &Option<state::Installed>| i.as_ref().map_or("-".to_owned(), |i| i.version.clone());
+        let v = |i: &Option<state::Installed>| {
+            i.as_ref().map_or("-".to_owned(), |i| i.version.to_string())
+        };
         let alive = st.pid.is_some_and(process::is_alive);
         let problem = match (&st.pending, &st.failure) {
             (Some(p), _) => format!(

@@ -19,6 +19,11 @@ use crate::state::{Failure, SelfUpdate};
 
 /// The app name under which the agent's own releases are rolled out.
 pub const SELF_APP: &str = "muscle-agent";
+
+/// [`SELF_APP`] as a [`Name`](muscle_protocol::Name).
+pub fn self_app() -> muscle_protocol::Name {
+    muscle_protocol::Name::parse(SELF_APP).expect("a valid name")
+}
 /// Starts of a new agent binary without a successful check-in before it is reverted.
 const MAX_STARTS: u32 = 3;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);

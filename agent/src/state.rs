@@ -4,16 +4,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use muscle_protocol::ServiceSpec;
+use muscle_protocol::{Name, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct AgentState {
-    pub agent_id: String,
+    /// Set at the first start (from `--id`, or made from the host name).
     #[serde(default)]
-    pub apps: BTreeMap<String, AppState>,
+    pub agent_id: Option<Name>,
+    /// Every name in this file is parsed as a [`Name`] on load: a state file that names a path
+    /// (`../x`) is refused, never used.
+    #[serde(default)]
+    pub apps: BTreeMap<Name, AppState>,
     /// The agent itself as an app: its release counters and its last failed update.
     #[serde(default)]
     pub agent: AppState,
@@ -25,7 +29,7 @@ pub struct AgentState {
 /// An agent binary swap in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelfUpdate {
-    pub version: String,
+    pub version: Name,
     pub sha256: String,
     pub offer: String,
     /// The binary that ran before, to go back to.
@@ -45,21 +49,21 @@ pub struct AppState {
     pub pending: Option<Installed>,
     /// The process the agent started, and the version it runs.
     pub pid: Option<u32>,
-    pub running_version: Option<String>,
+    pub running_version: Option<Name>,
     pub failure: Option<Failure>,
     /// The highest release counter accepted: older releases are replays unless already run here.
     #[serde(default)]
     pub highest_counter: u64,
     /// Versions this agent has run, with their sha256: a local rollback to one of them is allowed.
     #[serde(default)]
-    pub ran: BTreeMap<String, String>,
+    pub ran: BTreeMap<Name, String>,
 }
 
 /// A version on disk with what it takes to run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
-    pub version: String,
-    pub binary: String,
+    pub version: Name,
+    pub binary: Name,
     pub sha256: String,
     /// The service spec with the agent's variables expanded.
     pub spec: ServiceSpec,
@@ -68,7 +72,7 @@ pub struct Installed {
 /// Why the agent did not install, or rolled back from, a version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
-    pub version: String,
+    pub version: Name,
     pub sha256: String,
     /// Identifies the offer (bytes, manifest, signature) that failed.
     pub offer: String,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use muscle_protocol::{Health, ServiceSpec};
+use muscle_protocol::{Health, Name, ServiceSpec};
 
 use crate::agent::Agent;
 use crate::process::{self, Proc};
@@ -17,7 +17,7 @@ use crate::{fsutil, health, logs};
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Service {
-    pub version: String,
+    pub version: Name,
     pub spec: ServiceSpec,
     pub binary: PathBuf,
     proc: Option<Proc>,
@@ -132,7 +132,7 @@ impl Service {
 impl Agent {
     /// One pass over every service: reap, restart when due, health-check, rotate logs.
     pub fn supervise(&mut self) {
-        let apps: Vec<String> = self.services.keys().cloned().collect();
+        let apps: Vec<Name> = self.services.keys().cloned().collect();
         for app in apps {
             let paths = self.paths(&app);
             let (marker, log) = (paths.marker(), paths.log);
@@ -157,7 +157,7 @@ impl Agent {
                     Err(e) => svc.on_exit(&format!("{e:#}"), &app),
                 }
                 let pid = svc.pid();
-                if let Some(st) = self.state.apps.get_mut(&app) {
+                if let Some(st) = self.state.apps.get_mut(app.as_str()) {
                     st.pid = pid;
                 }
                 let _ = self.save();
@@ -182,7 +182,7 @@ impl Agent {
     }
 
     /// Starts `installed` for `app` and records its pid.
-    pub fn start_service(&mut self, app: &str, installed: &Installed) -> Result<()> {
+    pub fn start_service(&mut self, app: &Name, installed: &Installed) -> Result<()> {
         let paths = self.paths(app);
         let binary = paths.binary(&installed.version, &installed.binary);
         let proc = self.cfg.launcher.launch(
@@ -195,8 +195,8 @@ impl Agent {
         )?;
         let pid = proc.pid();
         self.services
-            .insert(app.to_owned(), Service::new(installed, binary, proc));
-        let st = self.state.apps.entry(app.to_owned()).or_default();
+            .insert(app.clone(), Service::new(installed, binary, proc));
+        let st = self.state.apps.entry(app.clone()).or_default();
         st.pid = Some(pid);
         st.running_version = Some(installed.version.clone());
         self.save()
@@ -215,14 +215,14 @@ impl Agent {
     /// At start-up: finish or undo what a previous run left half-done, and re-adopt the services
     /// it started. Afterwards exactly the committed version of each app runs.
     pub fn repair_all(&mut self) -> Result<()> {
-        let apps: Vec<String> = self.state.apps.keys().cloned().collect();
+        let apps: Vec<Name> = self.state.apps.keys().cloned().collect();
         for app in apps {
             self.repair(&app)?;
         }
         self.save()
     }
 
-    fn repair(&mut self, app: &str) -> Result<()> {
+    fn repair(&mut self, app: &Name) -> Result<()> {
         let paths = self.paths(app);
         fsutil::remove_tmp_leftovers(&paths.dir);
         fsutil::remove_tmp_leftovers(&paths.versions);
@@ -259,7 +259,7 @@ impl Agent {
                 let binary = paths.binary(&current.version, &current.binary);
                 let proc = self.cfg.launcher.adopt(app, pid);
                 self.services
-                    .insert(app.to_owned(), Service::new(&current, binary, proc));
+                    .insert(app.clone(), Service::new(&current, binary, proc));
                 Ok(())
             }
             None => self.start_service(app, &current),

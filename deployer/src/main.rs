@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use muscle_protocol::duration::parse as parse_duration;
-use muscle_protocol::ServiceSpec;
+use muscle_protocol::{Name, ReleaseManifest, ServiceSpec};
 
 use crate::rollout::{Params, Rollout, Status};
 use crate::store::{FsBlobStore, SqliteStore, Store};
@@ -123,8 +123,8 @@ enum RolloutCommand {
 
 #[derive(Args)]
 struct StartArgs {
-    app: String,
-    version: String,
+    app: Name,
+    version: Name,
     /// Service spec (TOML or JSON): args, env, health check, timings. Default: run the binary named like the app.
     #[arg(long)]
     service: Option<PathBuf>,
@@ -328,17 +328,6 @@ fn rollout_command(cmd: RolloutCommand, store: &dyn Store) -> Result<()> {
     }
 }
 
-fn read_service(path: &Path) -> Result<ServiceSpec> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read service spec {}", path.display()))?;
-    let spec = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(anyhow::Error::from)
-    } else {
-        toml::from_str(&text).map_err(anyhow::Error::from)
-    };
-    spec.with_context(|| format!("{}: invalid service spec", path.display()))
-}
-
 fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
     let Some(release) = store.release(&args.app, &args.version)? else {
         let known: Vec<String> = store
@@ -349,9 +338,13 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
             .collect();
         bail!("{} {} is not published (published versions: {}); run `muscle-deploy publish dist/{}-{}` first", args.app, args.version, if known.is_empty() { "none".into() } else { known.join(", ") }, args.app, args.version);
     };
-    let mut service = match &args.service {
-        Some(path) => read_service(path)?,
-        None => ServiceSpec::default(),
+    let signed = ReleaseManifest::parse(release.manifest.as_bytes())
+        .with_context(|| format!("the stored manifest of {} {}", args.app, args.version))?
+        .service;
+    let mut service = match (&args.service, &signed) {
+        (Some(path), _) => ServiceSpec::read_file(path)?,
+        (None, Some(spec)) => spec.clone(),
+        (None, None) => ServiceSpec::default(),
     };
     if let Some(d) = args.min_healthy_time {
         service.min_healthy_time = d;
@@ -359,7 +352,14 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
     if let Some(d) = args.healthy_deadline {
         service.healthy_deadline = d;
     }
-    service.validate(&args.app)?;
+    service.validate()?;
+    if signed.as_ref().is_some_and(|s| *s != service) {
+        eprintln!(
+            "note: {} {} carries a signed service spec; agents that pin release keys run it, not \
+             this rollout's --service/timings",
+            args.app, args.version
+        );
+    }
     let active: Vec<Rollout> = store
         .rollouts()?
         .into_iter()
@@ -414,7 +414,7 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
 
 /// Every selected agent must find a binary of its architecture in the release.
 fn check_artifacts(manifest: &str, rollout: &Rollout) -> Result<()> {
-    let manifest = muscle_protocol::ReleaseManifest::parse(manifest.as_bytes())?;
+    let manifest = ReleaseManifest::parse(manifest.as_bytes())?;
     let binary = rollout.service.binary_name(&rollout.app);
     let missing: Vec<String> = rollout
         .members()

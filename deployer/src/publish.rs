@@ -1,6 +1,6 @@
 //! `muscle-deploy publish DIST_DIR`: re-check a release and put it in the store.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::VerifyingKey;
@@ -21,7 +21,7 @@ pub fn publish(
     trusted: &[VerifyingKey],
     now_ms: u64,
 ) -> Result<Published> {
-    let manifest_path = dir.join("manifest.json");
+    let manifest_path = inside(dir, "manifest.json")?;
     let manifest_text = std::fs::read_to_string(&manifest_path).with_context(|| {
         format!(
             "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
@@ -31,7 +31,7 @@ pub fn publish(
     })?;
     let manifest = ReleaseManifest::parse(manifest_text.as_bytes())
         .with_context(|| format!("{}", manifest_path.display()))?;
-    let sig_path = dir.join("manifest.json.sig");
+    let sig_path = inside(dir, "manifest.json.sig")?;
     let signature = std::fs::read_to_string(&sig_path)
         .ok()
         .map(|s| s.trim().to_owned());
@@ -54,8 +54,8 @@ pub fn publish(
         blobs.put(bytes).context("storing a blob")?;
     }
     let record = ReleaseRecord {
-        app: manifest.app.clone(),
-        version: manifest.version.clone(),
+        app: manifest.app.to_string(),
+        version: manifest.version.to_string(),
         counter: manifest.counter,
         manifest: manifest_text,
         signature,
@@ -75,7 +75,7 @@ pub fn publish(
 /// The file must be a regular file whose size, sha256 and ELF facts are what the manifest says,
 /// and a static binary for the architecture it claims.
 fn check_artifact(dir: &Path, a: &ManifestArtifact) -> Result<Vec<u8>> {
-    let path = dir.join(&a.path);
+    let path = inside(dir, &a.path)?;
     let bytes = read_listed_file(&path, a.size, &a.sha256)?;
     let facts =
         muscle_inspect::inspect_bytes(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
@@ -115,7 +115,7 @@ fn check_debug_artifact(
     manifest: &ReleaseManifest,
     d: &DebugArtifact,
 ) -> Result<Vec<u8>> {
-    let path = dir.join(&d.path);
+    let path = inside(dir, &d.path)?;
     let bytes = read_listed_file(&path, d.size, &d.sha256)?;
     let found =
         muscle_inspect::build_id_of(&bytes).map_err(|e| anyhow::anyhow!(e.in_file(&path)))?;
@@ -148,6 +148,23 @@ fn check_debug_artifact(
         );
     }
     Ok(bytes)
+}
+
+/// `dir/rel`, refused when any component below `dir` is a symlink: a release directory is read
+/// as it is, never through links to elsewhere. A missing component is left to the reader.
+fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
+    let mut path = dir.to_owned();
+    for component in rel.split('/') {
+        path.push(component);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => bail!(
+                "{}: is a symlink; a release directory must hold its files, not links to them",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    Ok(path)
 }
 
 /// Reads a file the manifest lists: a regular file (never through a symlink) of the listed size

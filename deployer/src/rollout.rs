@@ -447,18 +447,21 @@ mod tests {
         ]
     }
 
+    fn name(s: &str) -> muscle_protocol::Name {
+        muscle_protocol::Name::parse(s).unwrap()
+    }
+
     fn report(agents: &mut BTreeMap<String, AgentRecord>, id: &str, r: AppReport) {
         agents.get_mut(id).unwrap().apps = vec![r];
     }
 
     fn healthy(version: &str) -> AppReport {
         AppReport {
-            app: "app".into(),
-            installed_version: Some(version.into()),
-            running_version: Some(version.into()),
+            installed_version: Some(name(version)),
+            running_version: Some(name(version)),
             health: Health::Healthy,
             healthy_for_ms: 5_000,
-            ..Default::default()
+            ..AppReport::new(name("app"))
         }
     }
 
@@ -559,7 +562,7 @@ mod tests {
             &mut agents,
             "x1",
             AppReport {
-                failed_version: Some("2".into()),
+                failed_version: Some(name("2")),
                 last_error: Some("unhealthy".into()),
                 ..healthy("1")
             },

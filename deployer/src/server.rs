@@ -139,7 +139,9 @@ fn unauthorized(why: impl Into<String>) -> ApiError {
 }
 
 fn parse_checkin(body: &[u8]) -> Result<CheckinRequest, ApiError> {
-    let req: CheckinRequest = serde_json::from_slice(body).map_err(|e| {
+    // The path names the field that was wrong: `agent_id: "../x" starts with '.'`.
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let req: CheckinRequest = serde_path_to_error::deserialize(de).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid check-in body: {e}"),
@@ -233,6 +235,12 @@ async fn checkin(
 ) -> Result<Json<CheckinResponse>, ApiError> {
     let req = parse_checkin(&body)?;
     check_agent_credential(&s, &headers, &req.agent_id)?;
+    if let Some(problem) = &req.problem {
+        eprintln!(
+            "muscle-deploy: agent {} refused its last answer: {problem}",
+            req.agent_id
+        );
+    }
     let interval_ms = Some(s.interval.as_millis() as u64);
     // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
     // blocking pool (measured by `cargo xtask bench`).
@@ -266,19 +274,8 @@ async fn checkin(
     }))
 }
 
+/// What the types do not say already (ids, labels and app names are [`Name`]s, parsed by serde).
 fn validate(req: &CheckinRequest) -> Result<(), String> {
-    let id_ok = !req.agent_id.is_empty()
-        && req.agent_id.len() <= 128
-        && req
-            .agent_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !id_ok {
-        return Err(format!(
-            "agent_id {:?}: expected 1-128 characters of [A-Za-z0-9._-]",
-            req.agent_id
-        ));
-    }
     if muscle_inspect::machine_for_arch(&req.arch).is_none() {
         return Err(format!(
             "arch {:?}: expected an architecture as `uname -m` names it (x86_64, aarch64, ...)",
@@ -312,16 +309,17 @@ fn desired_apps(
             continue;
         };
         let path = format!("/v1/blobs/sha256/{}", artifact.sha256);
+        // Names from the validated manifest: what the store holds was parsed at publish.
         apps.push(DesiredApp {
-            app: a.app.clone(),
-            version: a.version.clone(),
+            app: manifest.app.clone(),
+            version: manifest.version.clone(),
             artifact: Artifact {
                 url: blob_base.map_or(path.clone(), |base| {
                     format!("{}{path}", base.trim_end_matches('/'))
                 }),
                 sha256: artifact.sha256.clone(),
                 size: artifact.size,
-                binary,
+                binary: artifact.binary.clone(),
             },
             manifest: release.manifest.clone(),
             signature: release.signature.clone(),

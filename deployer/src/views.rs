@@ -45,8 +45,12 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                     .apps
                     .iter()
                     .map(|r| AppCell {
-                        app: r.app.clone(),
-                        version: r.running_version.clone().or(r.installed_version.clone()),
+                        app: r.app.to_string(),
+                        version: r
+                            .running_version
+                            .as_ref()
+                            .or(r.installed_version.as_ref())
+                            .map(ToString::to_string),
                         health: serde_json::to_value(r.health)
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_owned))

@@ -4,21 +4,25 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ServiceSpec;
+use crate::{Name, ServiceSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckinRequest {
-    pub agent_id: String,
+    pub agent_id: Name,
     pub arch: String,
     pub hostname: String,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<Name, Name>,
     pub agent_version: String,
     /// The generation of the last answer this agent applied (0: none).
     #[serde(default)]
     pub generation: u64,
     #[serde(default)]
     pub apps: Vec<AppReport>,
+    /// Why the agent refused the server's last answer (unparsable, too large, or naming
+    /// something that is not a valid name); absent when it took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -35,13 +39,13 @@ pub enum Health {
     CrashLoop,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppReport {
-    pub app: String,
+    pub app: Name,
     /// The committed version (what `current` points at).
-    pub installed_version: Option<String>,
+    pub installed_version: Option<Name>,
     /// The version whose process runs now.
-    pub running_version: Option<String>,
+    pub running_version: Option<Name>,
     pub health: Health,
     /// How long the running version has been continuously healthy.
     #[serde(default)]
@@ -49,10 +53,27 @@ pub struct AppReport {
     #[serde(default)]
     pub restarts: u32,
     /// The version this agent refused or rolled back from, with `last_error` saying why.
-    pub failed_version: Option<String>,
+    pub failed_version: Option<Name>,
     pub last_error: Option<String>,
     /// The tail of the service's log when something failed.
     pub log_tail: Option<String>,
+}
+
+impl AppReport {
+    /// The report of an app with nothing to say yet: stopped, no versions, no errors.
+    pub fn new(app: Name) -> AppReport {
+        AppReport {
+            app,
+            installed_version: None,
+            running_version: None,
+            health: Health::Stopped,
+            healthy_for_ms: 0,
+            restarts: 0,
+            failed_version: None,
+            last_error: None,
+            log_tail: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,8 +90,8 @@ pub struct CheckinResponse {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredApp {
-    pub app: String,
-    pub version: String,
+    pub app: Name,
+    pub version: Name,
     pub artifact: Artifact,
     /// The release's `manifest.json`, byte for byte, so the agent can check its signature.
     pub manifest: String,
@@ -84,5 +105,5 @@ pub struct Artifact {
     pub url: String,
     pub sha256: String,
     pub size: u64,
-    pub binary: String,
+    pub binary: Name,
 }

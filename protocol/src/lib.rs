@@ -37,6 +37,7 @@
 mod checkin;
 pub mod duration;
 mod manifest;
+mod name;
 mod service;
 mod signing;
 
@@ -44,6 +45,9 @@ pub use checkin::{AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredA
 pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
 };
+pub use name::{Name, NameError, MAX_NAME_LEN};
+#[cfg(feature = "toml")]
+pub use service::SpecFileError;
 pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};
 pub use signing::{
     parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, SignatureError,
@@ -63,5 +67,17 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses a label or selector written `key=value`, both parts valid [`Name`]s.
+pub fn parse_label(s: &str) -> Result<(Name, Name), String> {
+    let (k, v) = parse_key_value(s)?;
+    let part =
+        |what: &str, p: &str| Name::parse(p).map_err(|e| format!("{s:?}: label {what}: {e}"));
+    Ok((part("key", &k)?, part("value", &v)?))
+}
+
 /// The largest check-in body the deployer accepts (and the agent sends).
 pub const MAX_CHECKIN_BYTES: usize = 256 * 1024;
+
+/// The largest check-in answer the agent reads: a desired state with its manifests is a few KiB
+/// per app; anything past this is refused rather than buffered.
+pub const MAX_ANSWER_BYTES: u64 = 4 * 1024 * 1024;

@@ -1,6 +1,8 @@
 //! The release manifest written by `cargo xtask release` and trusted by everything downstream.
 
 use muscle_inspect::ElfFacts;
+
+use crate::{Name, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 pub const MANIFEST_SCHEMA: u32 = 1;
@@ -8,8 +10,8 @@ pub const MANIFEST_SCHEMA: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseManifest {
     pub schema: u32,
-    pub app: String,
-    pub version: String,
+    pub app: Name,
+    pub version: Name,
     /// Strictly increasing between releases of an app: agents refuse to go below one they accepted.
     pub counter: u64,
     /// Unix time after which the manifest must not be installed (freeze protection).
@@ -20,6 +22,10 @@ pub struct ReleaseManifest {
     pub cargo_lock_sha256: Option<String>,
     pub source_date_epoch: u64,
     pub artifacts: Vec<ManifestArtifact>,
+    /// How agents run the app, signed with the rest: an agent that pins keys runs only this
+    /// spec (with its own `--var`s substituted), never one the deployer made up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSpec>,
     /// Debug information split off the shipped binaries, for symbolising their crashes. The
     /// deployer stores them beside the release; agents never download them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -30,7 +36,7 @@ pub struct ReleaseManifest {
 pub struct ManifestArtifact {
     pub target: String,
     pub arch: String,
-    pub binary: String,
+    pub binary: Name,
     /// Relative to the release directory: `<triple>/<binary>`.
     pub path: String,
     pub size: u64,
@@ -45,7 +51,7 @@ pub struct DebugArtifact {
     pub target: String,
     pub arch: String,
     /// The shipped binary this belongs to.
-    pub binary: String,
+    pub binary: Name,
     /// Relative to the release directory: `<triple>/<binary>.debug`.
     pub path: String,
     pub size: u64,
@@ -56,6 +62,7 @@ pub struct DebugArtifact {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// Also names an invalid app, version or binary name (see [`Name`]).
     #[error("manifest.json is not a valid release manifest: {0}")]
     Parse(#[from] serde_json::Error),
     #[error("manifest.json: field `schema` is {found}, expected {MANIFEST_SCHEMA}")]
@@ -64,8 +71,6 @@ pub enum ManifestError {
     UnsafePath { path: String },
     #[error("manifest.json: artifact {path:?}: sha256 {sha256:?} is not 64 lowercase hex digits")]
     BadHash { path: String, sha256: String },
-    #[error("manifest.json: field `{field}` is empty")]
-    Empty { field: &'static str },
     #[error("manifest.json: expired at Unix time {expires}, now {now}")]
     Expired { expires: u64, now: u64 },
 }
@@ -82,23 +87,10 @@ impl ReleaseManifest {
         if self.schema != MANIFEST_SCHEMA {
             return Err(ManifestError::Schema { found: self.schema });
         }
-        for (field, value) in [("app", &self.app), ("version", &self.version)] {
-            if value.trim().is_empty() {
-                return Err(ManifestError::Empty { field });
-            }
-        }
-        if !is_safe_name(&self.app) || !is_safe_name(&self.version) {
-            return Err(ManifestError::UnsafePath {
-                path: format!("{}-{}", self.app, self.version),
-            });
-        }
-        let files = self
-            .artifacts
-            .iter()
-            .map(|a| (&a.path, &a.binary, &a.sha256));
-        let debug = self.debug.iter().map(|d| (&d.path, &d.binary, &d.sha256));
-        for (path, binary, sha256) in files.chain(debug) {
-            if !is_safe_relative_path(path) || !is_safe_name(binary) {
+        let files = self.artifacts.iter().map(|a| (&a.path, &a.sha256));
+        let debug = self.debug.iter().map(|d| (&d.path, &d.sha256));
+        for (path, sha256) in files.chain(debug) {
+            if !is_safe_relative_path(path) {
                 return Err(ManifestError::UnsafePath { path: path.clone() });
             }
             if !is_sha256_hex(sha256) {
@@ -136,18 +128,9 @@ fn is_sha256_hex(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// A single path component usable as a file or directory name.
-pub fn is_safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
-}
-
+/// Relative, and every component a valid [`Name`]: no `..`, no absolute path, no hidden file.
 fn is_safe_relative_path(path: &str) -> bool {
-    !path.starts_with('/') && path.split('/').all(is_safe_name)
+    path.split('/').all(|c| Name::parse(c).is_ok())
 }
 
 #[cfg(test)]
@@ -193,6 +176,18 @@ mod tests {
         v["schema"] = 9.into();
         let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains("`schema` is 9"), "{err}");
+
+        let mut v = sample();
+        v["app"] = "../../x".into();
+        let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("\"../../x\" starts with '.'"),
+            "{err}"
+        );
+        let mut v = sample();
+        v["version"] = "v".repeat(300).into();
+        let err = ReleaseManifest::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("300 characters long"), "{err}");
 
         let err = ReleaseManifest::parse(b"{\"app\": 1").unwrap_err();
         assert!(

@@ -218,6 +218,7 @@ pub fn release_hello_with(
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(scratch.join("src"))?;
     std::fs::copy(src.join("src/main.rs"), scratch.join("src/main.rs"))?;
+    std::fs::copy(src.join("service.toml"), scratch.join("service.toml"))?;
     let manifest = std::fs::read_to_string(src.join("Cargo.toml"))?;
     let bumped = manifest.replacen(
         "version = \"0.1.0\"",

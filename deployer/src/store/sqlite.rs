@@ -154,7 +154,7 @@ impl Store for SqliteStore {
         )?;
         let generation: i64 = stmt.query_row(
             params![
-                req.agent_id,
+                req.agent_id.as_str(),
                 req.arch,
                 req.hostname,
                 json(&req.labels),

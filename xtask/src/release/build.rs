@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 use cargo_metadata::Message;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use muscle_protocol::Name;
+
 use super::debuginfo;
 use super::workspace::{Bin, Provenance, Workspace};
 use super::{Built, ReleaseArgs};
@@ -60,7 +62,7 @@ pub fn build_all(
 }
 
 /// Splits off the debug info of a freshly built `exe` and inspects what will ship.
-fn inspect(ws: &Workspace, target: &TargetSpec, binary: String, exe: PathBuf) -> Result<Built> {
+fn inspect(ws: &Workspace, target: &TargetSpec, binary: Name, exe: PathBuf) -> Result<Built> {
     let facts_of = |path: &Path| {
         muscle_inspect::inspect_file(path).map_err(|e| anyhow::anyhow!(e.in_file(path)))
     };
@@ -86,7 +88,7 @@ fn build_target(
     provenance: &Provenance,
     args: &ReleaseArgs,
     bar: &ProgressBar,
-) -> Result<Vec<(String, PathBuf)>> {
+) -> Result<Vec<(Name, PathBuf)>> {
     // One cargo run per profile: a package may ask for its own (the agent's is size-optimised).
     let mut profiles: Vec<&str> = ws.bins.iter().map(|b| b.profile.as_str()).collect();
     profiles.sort();
@@ -106,7 +108,7 @@ fn run_cargo(
     ws: &Workspace,
     target: &TargetSpec,
     bar: &ProgressBar,
-) -> Result<Vec<(String, PathBuf)>> {
+) -> Result<Vec<(Name, PathBuf)>> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -134,8 +136,8 @@ fn run_cargo(
                 last_line = Instant::now();
             }
             if let Some(exe) = artifact.executable {
-                if ws.bins.iter().any(|b| b.name == artifact.target.name) {
-                    exes.push((artifact.target.name.clone(), exe.into_std_path_buf()));
+                if let Some(bin) = ws.bins.iter().find(|b| b.name == *artifact.target.name) {
+                    exes.push((bin.name.clone(), exe.into_std_path_buf()));
                 }
             }
         }

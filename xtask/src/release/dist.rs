@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest, MANIFEST_SCHEMA};
+use muscle_protocol::{
+    DebugArtifact, ManifestArtifact, ReleaseManifest, ServiceSpec, MANIFEST_SCHEMA,
+};
 
 use super::workspace::{Provenance, Workspace};
 use super::{Built, ReleaseArgs};
@@ -19,6 +21,7 @@ pub fn write(
     ws: &Workspace,
     provenance: &Provenance,
     built: &[Built],
+    service: Option<ServiceSpec>,
     args: &ReleaseArgs,
 ) -> Result<Release> {
     let dir = out.join(format!("{}-{}", ws.app, ws.version));
@@ -69,6 +72,7 @@ pub fn write(
         cargo_lock_sha256: provenance.cargo_lock_sha256.clone(),
         source_date_epoch: provenance.source_date_epoch,
         artifacts,
+        service,
         debug,
     };
     let json = serde_json::to_string_pretty(&manifest)? + "\n";
@@ -149,7 +153,7 @@ pub fn summary_table(built: &[Built]) -> String {
             };
             vec![
                 b.target.triple.clone(),
-                b.binary.clone(),
+                b.binary.to_string(),
                 util::human_size(size),
                 sha.chars().take(12).collect(),
                 verdict,

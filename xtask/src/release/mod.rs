@@ -39,6 +39,11 @@ pub struct ReleaseArgs {
     /// Sign manifest.json with this ed25519 key file (see `muscle-deploy keygen`).
     #[arg(long)]
     pub sign: Option<PathBuf>,
+    /// How agents run the app (TOML or JSON), put in the signed manifest: agents that pin keys
+    /// run only this. Default: `[package.metadata.muscle] service = "FILE"` of the released
+    /// package, relative to its Cargo.toml.
+    #[arg(long)]
+    pub service: Option<PathBuf>,
     /// Release counter (default: SOURCE_DATE_EPOCH); agents refuse a counter below one they accepted.
     #[arg(long)]
     pub counter: Option<u64>,
@@ -56,7 +61,7 @@ pub struct ReleaseArgs {
 /// One binary built for one target, verified and ready to be copied into the release.
 pub struct Built {
     pub target: TargetSpec,
-    pub binary: String,
+    pub binary: muscle_protocol::Name,
     /// The stripped binary that ships.
     pub path: PathBuf,
     /// Its debug info, split off into `<binary>.debug`, when the build had any.
@@ -85,6 +90,10 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
                 .join(", ")
         );
     }
+    let service = match args.service.as_deref().or(ws.service.as_deref()) {
+        Some(path) => Some(muscle_protocol::ServiceSpec::read_file(path)?),
+        None => None,
+    };
     let built = build::build_all(&ws, &targets, &provenance, &args, quiet)?;
     let failed: Vec<_> = built.iter().filter(|b| !b.verdict.passed()).collect();
     if !quiet {
@@ -105,7 +114,7 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
         );
     }
     let out = args.out.clone().unwrap_or_else(|| ws.root.join("dist"));
-    let release = dist::write(&out, &ws, &provenance, &built, &args)?;
+    let release = dist::write(&out, &ws, &provenance, &built, service, &args)?;
     if args.json {
         let manifest = std::fs::read_to_string(release.dir.join("manifest.json"))?;
         println!("{}", manifest.trim_end());

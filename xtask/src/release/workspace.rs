@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use cargo_metadata::{Metadata, MetadataCommand, TargetKind};
 
+use muscle_protocol::Name;
+
 use crate::util;
 
 pub struct Workspace {
@@ -13,12 +15,14 @@ pub struct Workspace {
     pub manifest_path: PathBuf,
     pub target_dir: PathBuf,
     /// The release's name: the package's when one is released, else the workspace's.
-    pub app: String,
-    pub version: String,
+    pub app: Name,
+    pub version: Name,
     /// (package, binary) pairs to build.
     pub bins: Vec<Bin>,
     /// How many packages the build compiles, for progress bars.
     pub unit_count: u64,
+    /// The service spec the released package names (`[package.metadata.muscle] service`).
+    pub service: Option<PathBuf>,
 }
 
 impl Workspace {
@@ -40,6 +44,16 @@ impl Workspace {
             .into_iter()
             .filter(|p| selected.iter().any(|b| b.package == p.name.as_str()))
             .collect();
+        let service = match released.as_slice() {
+            [one] => one.metadata["muscle"]["service"].as_str().map(|file| {
+                one.manifest_path
+                    .parent()
+                    .expect("a manifest is in a directory")
+                    .join(file)
+                    .into_std_path_buf()
+            }),
+            _ => None,
+        };
         let (app, version) = match released.as_slice() {
             [one] => (one.name.to_string(), one.version.to_string()),
             many => {
@@ -57,6 +71,14 @@ impl Workspace {
                 (app, version)
             }
         };
+        let name = |what: &str, value: &str| {
+            Name::parse(value).with_context(|| {
+                format!(
+                    "the release's {what} {value:?} cannot name a release (agents use it in paths)"
+                )
+            })
+        };
+        let (app, version) = (name("app name", &app)?, name("version", &version)?);
         let unit_count = meta
             .resolve
             .as_ref()
@@ -70,6 +92,7 @@ impl Workspace {
             version,
             bins: selected,
             unit_count,
+            service,
         })
     }
 }
@@ -78,7 +101,7 @@ impl Workspace {
 #[derive(Debug, Clone)]
 pub struct Bin {
     pub package: String,
-    pub name: String,
+    pub name: Name,
     /// `[package.metadata.muscle] profile = "..."`, default `release`.
     pub profile: String,
 }
@@ -110,14 +133,19 @@ fn select_bins(meta: &Metadata, packages: &[String], bins: &[String]) -> Result<
             if pkg_wanted && bin_wanted {
                 selected.push(Bin {
                     package: pkg.name.to_string(),
-                    name: target.name.clone(),
+                    name: Name::parse(&target.name).with_context(|| {
+                        format!(
+                            "binary {:?} of {} cannot be released",
+                            target.name, pkg.name
+                        )
+                    })?,
                     profile: profile.to_owned(),
                 });
             }
         }
     }
     for wanted in bins {
-        if !selected.iter().any(|b| &b.name == wanted) {
+        if !selected.iter().any(|b| b.name == wanted.as_str()) {
             bail!("--bin {wanted:?}: no binary target of that name in the selected packages");
         }
     }
