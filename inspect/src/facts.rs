@@ -241,6 +241,86 @@ mod tests {
         }
     }
 
+    /// Runs `inspect_bytes` on each input in a worker and fails if any one takes longer than
+    /// `bound`: a parser that spins never returns, so the deadline is the only way to see it.
+    fn each_ends_within(inputs: Vec<Vec<u8>>, bound: std::time::Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let count = inputs.len();
+        let worker = std::thread::spawn(move || {
+            for (i, bytes) in inputs.into_iter().enumerate() {
+                let _ = inspect_bytes(&bytes);
+                let _ = build_id_of(&bytes);
+                if tx.send(i).is_err() {
+                    return;
+                }
+            }
+        });
+        for expected in 0..count {
+            match rx.recv_timeout(bound) {
+                Ok(i) => assert_eq!(i, expected),
+                Err(_) => panic!("input #{expected} did not finish within {bound:?}"),
+            }
+        }
+        worker.join().expect("no panic");
+    }
+
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// Offset of the first PT_NOTE program header of a 64-bit little-endian ELF.
+    fn first_note_header(bytes: &[u8]) -> usize {
+        let elf = Elf::parse(bytes).unwrap();
+        let index = elf
+            .program_headers
+            .iter()
+            .position(|ph| ph.p_type == program_header::PT_NOTE)
+            .expect("the binary has a PT_NOTE");
+        elf.header.e_phoff as usize + index * usize::from(elf.header.e_phentsize)
+    }
+
+    #[test]
+    fn a_note_segment_past_the_end_of_the_file_does_not_spin() {
+        // goblin's note iterator yields the same error forever when a note cannot be read: the
+        // build-id search must stop at the first error (it used to spin here).
+        let mut bytes = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let ph = first_note_header(&bytes);
+        let len = bytes.len() as u64;
+        bytes[ph + 8..ph + 16].copy_from_slice(&(len - 4).to_le_bytes()); // p_offset
+        bytes[ph + 32..ph + 40].copy_from_slice(&64u64.to_le_bytes()); // p_filesz
+        each_ends_within(vec![bytes], std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn thousands_of_mutated_real_elfs_each_end_within_a_bound() {
+        let original = std::fs::read("/bin/true").expect("/bin/true is a real ELF");
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let inputs: Vec<Vec<u8>> = (0..3000)
+            .map(|_| {
+                let mut bytes = original.clone();
+                // Mostly the headers and tables near the start, where the parsers look first.
+                for _ in 0..1 + xorshift(&mut seed) % 8 {
+                    let span = if xorshift(&mut seed) % 4 == 0 {
+                        bytes.len()
+                    } else {
+                        4096
+                    };
+                    let at = (xorshift(&mut seed) as usize) % span.min(bytes.len());
+                    bytes[at] = xorshift(&mut seed) as u8;
+                }
+                if xorshift(&mut seed) % 10 == 0 {
+                    let keep = (xorshift(&mut seed) as usize) % bytes.len();
+                    bytes.truncate(keep);
+                }
+                bytes
+            })
+            .collect();
+        each_ends_within(inputs, std::time::Duration::from_secs(10));
+    }
+
     #[test]
     fn garbage_after_the_magic_is_an_error_not_a_panic() {
         let mut bytes = b"\x7fELF".to_vec();

@@ -27,6 +27,8 @@ struct Script {
     /// Blob bytes by URL path, and how many of them to send before hanging up (truncation).
     blobs: HashMap<String, Blob>,
     reports: Vec<Value>,
+    /// Spaces appended to every check-in answer (an oversized answer).
+    padding: usize,
     /// Every blob request as (path, first byte asked for).
     blob_requests: Vec<(String, usize)>,
 }
@@ -77,6 +79,11 @@ impl ScriptedServer {
         s.generation += 1;
     }
 
+    /// From now on, every check-in answer ends with `bytes` spaces (still valid JSON).
+    pub fn pad_answers(&self, bytes: usize) {
+        self.script.lock().unwrap().padding = bytes;
+    }
+
     pub fn reports(&self) -> Vec<Value> {
         self.script.lock().unwrap().reports.clone()
     }
@@ -125,12 +132,13 @@ fn handle(stream: TcpStream, script: &Mutex<Script>) -> std::io::Result<()> {
     let mut out = stream;
     if method == "POST" && path == "/v1/checkin" {
         let report: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let answer = {
+        let (answer, padding) = {
             let mut s = script.lock().unwrap();
             s.reports.push(report);
-            serde_json::json!({ "generation": s.generation, "unchanged": false, "apps": s.apps })
+            let answer = serde_json::json!({ "generation": s.generation, "unchanged": false, "apps": s.apps });
+            (answer, s.padding)
         };
-        let text = answer.to_string();
+        let text = answer.to_string() + &" ".repeat(padding);
         return write!(out, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}", text.len());
     }
     let blob = {

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use common::{signed, signing_key};
 use muscle_e2e::{wait_until, Agent, AgentOptions, Artifacts, Blob, ScriptedServer};
 use serde_json::{json, Value};
 
@@ -300,27 +301,6 @@ fn bad_artifacts_are_refused_and_the_running_version_keeps_running() -> Result<(
         server.blob_requests()
     );
     Ok(())
-}
-
-fn signing_key(seed: u8) -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
-}
-
-/// The release's manifest with a new counter and expiry, serialized, and its signature by `key`.
-fn signed(
-    manifest: &Value,
-    counter: u64,
-    expires: Option<u64>,
-    key: &ed25519_dalek::SigningKey,
-) -> (String, String) {
-    let mut m = manifest.clone();
-    m["counter"] = counter.into();
-    if let Some(e) = expires {
-        m["expires"] = e.into();
-    }
-    let text = serde_json::to_string_pretty(&m).unwrap();
-    let sig = muscle_protocol::sign(key, text.as_bytes());
-    (text, sig)
 }
 
 #[test]

@@ -162,3 +162,25 @@ pub fn roll_out(fleet: &muscle_e2e::Fleet, version: &str) -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A fixed ed25519 key for tests: the same seed gives the same key.
+pub fn signing_key(seed: u8) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+}
+
+/// The release's manifest with a new counter and expiry, serialized, and its signature by `key`.
+pub fn signed(
+    manifest: &serde_json::Value,
+    counter: u64,
+    expires: Option<u64>,
+    key: &ed25519_dalek::SigningKey,
+) -> (String, String) {
+    let mut m = manifest.clone();
+    m["counter"] = counter.into();
+    if let Some(e) = expires {
+        m["expires"] = e.into();
+    }
+    let text = serde_json::to_string_pretty(&m).unwrap();
+    let sig = muscle_protocol::sign(key, text.as_bytes());
+    (text, sig)
+}
