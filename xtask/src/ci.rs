@@ -44,6 +44,11 @@ pub fn run(args: CiArgs) -> Result<i32> {
         test.args(["--", "--include-ignored"]);
     }
     util::run(&mut test)?;
+    // A short run on every parser here; the long one in --full.
+    crate::fuzz::run(crate::fuzz::FuzzArgs {
+        seconds: if args.full { 300 } else { 20 },
+        targets: vec![],
+    })?;
     Ok(0)
 }
 

@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod demo;
+mod fuzz;
 mod release;
 mod setup;
 mod targets;
@@ -37,6 +38,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// What CI runs: setup, fmt, clippy and the tests (`--full`: the heavy suites too).
     Ci(ci::CiArgs),
+    /// Fuzz every parser of outside bytes with libFuzzer (nightly, cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
     /// Measure speed and footprint against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -49,6 +52,7 @@ fn main() {
         Command::Setup(args) => setup::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Ci(args) => ci::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

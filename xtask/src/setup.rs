@@ -37,6 +37,7 @@ pub fn run(args: SetupArgs) -> Result<i32> {
     rustup_targets(&all, args.check, &mut todo)?;
     packages(&all, args.check, &mut todo)?;
     zig(&all, args.check, &mut todo)?;
+    fuzzing(args.check, &mut todo)?;
     binfmt(&all, args.check, &mut todo)?;
     if todo.is_empty() {
         eprintln!("setup: everything is in place ({} targets)", all.len());
@@ -126,6 +127,34 @@ fn zig(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     zig::install().map(drop)
+}
+
+/// The nightly toolchain and cargo-fuzz, for `cargo xtask fuzz` (libFuzzer needs nightly).
+fn fuzzing(check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let toolchains = util::output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        let install = ["toolchain", "install", "nightly", "--profile", "minimal"];
+        if check {
+            todo.push(format!("rustup {}", install.join(" ")));
+        } else {
+            eprintln!("setup: rustup {}", install.join(" "));
+            util::run(Command::new("rustup").args(install))?;
+        }
+    }
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        let install = ["install", "cargo-fuzz", "--locked", "--version", "0.13.2"];
+        if check {
+            todo.push(format!("cargo {}", install.join(" ")));
+        } else {
+            eprintln!("setup: cargo {}", install.join(" "));
+            util::run(Command::new("cargo").args(install))?;
+        }
+    }
+    Ok(())
 }
 
 /// Registers qemu-user with binfmt_misc so foreign binaries exec like native ones: that is how

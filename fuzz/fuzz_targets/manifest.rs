@@ -1,0 +1,13 @@
+//! The release manifest, as publish and the agent parse it; a parsed manifest must serialize and
+//! parse back to itself.
+#![no_main]
+
+use muscle_protocol::ReleaseManifest;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(m) = ReleaseManifest::parse(data) {
+        let _ = m.check_expiry(0);
+        let again = serde_json::to_vec(&m).expect("a parsed manifest serializes");
+        assert_eq!(ReleaseManifest::parse(&again).expect("round trip"), m);
+    }
+});
