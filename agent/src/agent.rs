@@ -64,6 +64,9 @@ impl std::error::Error for BadAnswer {}
 /// cannot hold the agent.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The most of a refused answer's reason that is reported.
+const MAX_PROBLEM_CHARS: usize = 1024;
+
 /// Set by SIGTERM/SIGINT; the loop notices it within a tick.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
@@ -246,6 +249,9 @@ impl Agent {
             }
             Err(e) => match e.downcast::<BadAnswer>() {
                 Ok(BadAnswer(reason)) => {
+                    // A parser's message quotes the input: clipped, so that a hostile answer
+                    // cannot make the next report too large to send.
+                    let reason: String = reason.chars().take(MAX_PROBLEM_CHARS).collect();
                     eprintln!("muscle-agent: {reason}");
                     self.answer_problem = Some(reason);
                     return Ok(false);

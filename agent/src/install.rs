@@ -145,14 +145,25 @@ impl Agent {
         if self.cfg.trusted_keys.is_empty() {
             return Ok(&d.service);
         }
-        manifest.service.as_ref().ok_or_else(|| {
-            InstallError::Refused(format!(
-                "{} {}: the release carries no signed service spec, and an agent that pins keys \
-                 runs only what the release key signed (release it with `cargo xtask release \
-                 --service FILE`)",
-                d.app, d.version
-            ))
-        })
+        let refuse =
+            |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
+        let signed = manifest.service.as_ref().ok_or_else(|| {
+            refuse(
+                "the release carries no signed service spec, and an agent that pins keys runs \
+                 only what the release key signed (release it with `cargo xtask release \
+                 --service FILE`)"
+                    .into(),
+            )
+        })?;
+        // Which of the release's binaries runs is part of what was signed, too.
+        let binary = signed.binary_name(&d.app);
+        if d.artifact.binary != binary {
+            return Err(refuse(format!(
+                "the signed service spec runs {binary}, not the {} offered",
+                d.artifact.binary
+            )));
+        }
+        Ok(signed)
     }
 
     /// The manifest must be signed by a trusted key (when keys are pinned), unexpired, not a

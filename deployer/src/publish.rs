@@ -22,18 +22,21 @@ pub fn publish(
     now_ms: u64,
 ) -> Result<Published> {
     let manifest_path = inside(dir, "manifest.json")?;
-    let manifest_text = std::fs::read_to_string(&manifest_path).with_context(|| {
-        format!(
-            "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
-            manifest_path.display(),
-            dir.display()
-        )
-    })?;
+    let manifest_text = read_no_follow(&manifest_path)
+        .and_then(|b| String::from_utf8(b).context("not UTF-8"))
+        .with_context(|| {
+            format!(
+                "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
+                manifest_path.display(),
+                dir.display()
+            )
+        })?;
     let manifest = ReleaseManifest::parse(manifest_text.as_bytes())
         .with_context(|| format!("{}", manifest_path.display()))?;
     let sig_path = inside(dir, "manifest.json.sig")?;
-    let signature = std::fs::read_to_string(&sig_path)
+    let signature = read_no_follow(&sig_path)
         .ok()
+        .and_then(|b| String::from_utf8(b).ok())
         .map(|s| s.trim().to_owned());
     muscle_protocol::verify_signature(manifest_text.as_bytes(), signature.as_deref(), trusted)
         .with_context(|| format!("{}: signature check", sig_path.display()))?;
@@ -167,22 +170,36 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Reads a regular file, refusing a symlink in its last component even if one appeared since
+/// [`inside`] looked (`O_NOFOLLOW`), and anything but a regular file (checked on the open file).
+fn read_no_follow(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!("is a symlink"),
+            _ => anyhow::Error::from(e),
+        })?;
+    if !file.metadata()?.is_file() {
+        bail!("expected a regular file, found a directory or a device");
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads a file the manifest lists: a regular file (never through a symlink) of the listed size
 /// and sha256.
 fn read_listed_file(path: &Path, size: u64, sha256: &str) -> Result<Vec<u8>> {
-    let meta = std::fs::symlink_metadata(path).with_context(|| {
+    let bytes = read_no_follow(path).with_context(|| {
         format!(
             "{}: listed in manifest.json but cannot be read",
             path.display()
         )
     })?;
-    if !meta.is_file() {
-        bail!(
-            "{}: expected a regular file, found a symlink or directory",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() as u64 != size {
         bail!(
             "{}: size is {} bytes, manifest.json says {size}",

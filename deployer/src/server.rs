@@ -236,8 +236,9 @@ async fn checkin(
     let req = parse_checkin(&body)?;
     check_agent_credential(&s, &headers, &req.agent_id)?;
     if let Some(problem) = &req.problem {
+        let clipped: String = problem.chars().take(1024).collect();
         eprintln!(
-            "muscle-deploy: agent {} refused its last answer: {problem}",
+            "muscle-deploy: agent {} refused its last answer: {clipped}",
             req.agent_id
         );
     }
@@ -300,7 +301,9 @@ fn desired_apps(
         let Ok(manifest) = ReleaseManifest::parse(release.manifest.as_bytes()) else {
             continue;
         };
-        let binary = a.service.binary_name(&a.app).to_owned();
+        // A signed spec names the binary agents that pin keys will accept.
+        let spec = manifest.service.as_ref().unwrap_or(&a.service);
+        let binary = spec.binary_name(&a.app).to_owned();
         let Some(artifact) = manifest.artifact(&binary, arch) else {
             eprintln!(
                 "muscle-deploy: {} {} has no {binary} for {} (agent {})",

@@ -303,7 +303,7 @@ mod tests {
                 let mut bytes = original.clone();
                 // Mostly the headers and tables near the start, where the parsers look first.
                 for _ in 0..1 + xorshift(&mut seed) % 8 {
-                    let span = if xorshift(&mut seed) % 4 == 0 {
+                    let span = if xorshift(&mut seed).is_multiple_of(4) {
                         bytes.len()
                     } else {
                         4096
@@ -311,7 +311,7 @@ mod tests {
                     let at = (xorshift(&mut seed) as usize) % span.min(bytes.len());
                     bytes[at] = xorshift(&mut seed) as u8;
                 }
-                if xorshift(&mut seed) % 10 == 0 {
+                if xorshift(&mut seed).is_multiple_of(10) {
                     let keep = (xorshift(&mut seed) as usize) % bytes.len();
                     bytes.truncate(keep);
                 }

@@ -14,17 +14,20 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "invalid duration {text:?}: expected a number with a unit, like 500ms, 10s, 2m or 1h"
         )
     })?;
-    let ms = match unit {
-        "" | "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
+    let scale: u64 = match unit {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         other => {
             return Err(format!(
                 "invalid duration {text:?}: unknown unit {other:?}, expected ms, s, m or h"
             ))
         }
     };
+    let ms = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("invalid duration {text:?}: too long"))?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -65,6 +68,13 @@ pub mod serde_dur {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overlong_duration_is_an_error_not_an_overflow() {
+        assert!(parse("99999999999999999h")
+            .unwrap_err()
+            .contains("too long"));
+    }
 
     #[test]
     fn parses_and_formats_round_trip() {

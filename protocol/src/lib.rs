@@ -13,6 +13,11 @@
 //! | `expires` | optional Unix time after which agents refuse the manifest |
 //! | `git_commit`, `rustc`, `cargo_lock_sha256`, `source_date_epoch` | provenance of the build |
 //! | `artifacts[]` | per binary: `target` triple, `arch` (`uname -m`), `binary` name, `path` relative to the release directory, `size`, `sha256`, `elf` (the [`ElfFacts`](muscle_inspect::ElfFacts) found) |
+//! | `service` | optional [`ServiceSpec`]: how agents run the app; signed with the rest, and the only spec an agent that pins keys runs |
+//! | `debug[]` | optional, per binary built with debug info: `target`, `arch`, `binary`, `path` (`<triple>/<binary>.debug`), `size`, `sha256`, `build_id` (the binary's); stored by the deployer, never offered to agents |
+//!
+//! Every name (`app`, `version`, `binary`, path components) is a [`Name`]: 1-64 characters of
+//! `A-Za-z0-9._-+`, not starting with `.` or `-`.
 //!
 //! `manifest.json.sig` holds the hex ed25519 signature of the exact bytes of `manifest.json`.
 //!
@@ -21,7 +26,8 @@
 //! The agent sends its id, arch, hostname, labels, agent version, the `generation` of the last
 //! answer it applied, and per app an [`AppReport`]: installed and running version, health, how
 //! long it has been healthy, the last error, the version it refused or rolled back from, and the
-//! tail of the service's log. The deployer answers with its current `generation`; when that equals
+//! tail of the service's log, and `problem`: why it refused the previous answer, if it did. The
+//! deployer answers with its current `generation`; when that equals
 //! the agent's, `unchanged` is true and `apps` is empty (cheap). Otherwise `apps` lists each
 //! [`DesiredApp`]: app, version, the artifact (URL, sha256, size, binary), the raw release manifest
 //! and its signature, and the [`ServiceSpec`].

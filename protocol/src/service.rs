@@ -127,6 +127,10 @@ mod defaults {
     }
 }
 
+/// The longest duration a spec may give (timings, backoffs): a day. Longer is a mistake, and
+/// would overflow the supervisor's clock arithmetic at the extreme.
+pub const MAX_SPEC_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("service spec: {field} uses ${{{name}}}, but the agent has no --var {name}=...")]
@@ -135,6 +139,13 @@ pub enum SpecError {
     Unterminated { field: String, value: String },
     #[error("service spec: stop_signal {0:?} is not one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGKILL")]
     Signal(String),
+    #[error("service spec: {field} is {value:?}, longer than the most a spec may say ({MAX_SPEC_DURATION:?})")]
+    TooLong {
+        field: &'static str,
+        value: Duration,
+    },
+    #[error("service spec: {field} holds a control character ({value:?}): a command line or a unit file would take it as a separator")]
+    ControlChar { field: String, value: String },
 }
 
 /// Why a service spec file could not be read.
@@ -196,10 +207,65 @@ impl ServiceSpec {
         })
     }
 
-    /// Checks what can be checked without an agent: the signal (names are valid by type).
+    /// Checks what can be checked without an agent (names are valid by type): the signal,
+    /// durations within [`MAX_SPEC_DURATION`], and no control characters in any string that
+    /// reaches a command line, an environment or a systemd unit.
     pub fn validate(&self) -> Result<(), SpecError> {
         self.stop_signal_number()?;
+        let durations = [
+            ("min_healthy_time", self.min_healthy_time),
+            ("healthy_deadline", self.healthy_deadline),
+            ("stop_grace", self.stop_grace),
+            ("restart.initial_backoff", self.restart.initial_backoff),
+            ("restart.max_backoff", self.restart.max_backoff),
+            ("restart.crash_loop_window", self.restart.crash_loop_window),
+        ];
+        for (field, value) in durations {
+            if value > MAX_SPEC_DURATION {
+                return Err(SpecError::TooLong { field, value });
+            }
+        }
+        for (field, value) in self.strings() {
+            if value.chars().any(char::is_control) {
+                return Err(SpecError::ControlChar {
+                    field,
+                    value: value.to_owned(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Every free-text field, named as in the spec.
+    fn strings(&self) -> Vec<(String, &str)> {
+        let mut all: Vec<(String, &str)> = Vec::new();
+        all.extend(
+            self.args
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("args[{i}]"), a.as_str())),
+        );
+        for (k, v) in &self.env {
+            all.push((format!("env key {k:?}"), k.as_str()));
+            all.push((format!("env.{k}"), v.as_str()));
+        }
+        all.extend(
+            self.working_dir
+                .iter()
+                .map(|d| ("working_dir".to_owned(), d.as_str())),
+        );
+        all.push(("stop_signal".to_owned(), self.stop_signal.as_str()));
+        match &self.health {
+            HealthCheck::None => {}
+            HealthCheck::Http { url, .. } => all.push(("health.url".to_owned(), url.as_str())),
+            HealthCheck::Tcp { addr } => all.push(("health.addr".to_owned(), addr.as_str())),
+            HealthCheck::Command { argv } => all.extend(
+                argv.iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("health.argv[{i}]"), a.as_str())),
+            ),
+        }
+        all
     }
 
     /// This spec with every `${name}` replaced by the agent's variables.

@@ -132,11 +132,18 @@ pub fn fetch_crate(name: &str, version: &str, into: &Path) -> Result<PathBuf> {
         .map(|registry| registry.path().join(&file))
         .find(|p| p.is_file())
         .with_context(|| format!("cargo fetched no {file}"))?;
+    // Unpacked beside, then renamed into place: an interrupted unpack is never taken for a
+    // complete one.
+    let unpacking = into.join(format!(".unpack-{name}-{version}-{}", std::process::id()));
+    std::fs::create_dir_all(&unpacking)?;
     run(Command::new("tar")
         .arg("xzf")
         .arg(&cached)
         .arg("-C")
-        .arg(into))?;
+        .arg(&unpacking))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(unpacking.join(format!("{name}-{version}")), &dir)?;
+    let _ = std::fs::remove_dir_all(&unpacking);
     let _ = std::fs::remove_dir_all(&probe);
     Ok(dir)
 }

@@ -58,6 +58,21 @@ impl Target {
         bytes: &[u8],
         service: Value,
     ) {
+        self.offer_binary(app, version, manifest, counter, bytes, service, APP)
+    }
+
+    /// Like [`offer`](Self::offer), naming `binary` as the one to run.
+    #[allow(clippy::too_many_arguments)]
+    fn offer_binary(
+        &self,
+        app: &str,
+        version: &str,
+        manifest: &Value,
+        counter: u64,
+        bytes: &[u8],
+        service: Value,
+        binary: &str,
+    ) {
         let (text, sig) = signed(manifest, counter, None, &signing_key(7));
         let entry = manifest["artifacts"]
             .as_array()
@@ -77,7 +92,7 @@ impl Target {
         self.server.set_desired(json!([{
             "app": app,
             "version": version,
-            "artifact": {"url": path, "sha256": sha, "size": entry["size"], "binary": APP},
+            "artifact": {"url": path, "sha256": sha, "size": entry["size"], "binary": binary},
             "manifest": text,
             "signature": sig,
             "service": service,
@@ -226,7 +241,35 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     t.wait_refused(APP, "0.2.0", "carries no signed service spec")?;
     untouched("an unsigned spec")?;
 
-    // 3. Cross-app replay: an older signed release of hello-service offered as another app.
+    // 3. Another binary of a signed release than the one its signed spec runs.
+    let mut two_bins = t.v2.0.clone();
+    let mut other = two_bins["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arch"] == "x86_64")
+        .unwrap()
+        .clone();
+    other["binary"] = "other-bin".into();
+    other["path"] = "x86_64-unknown-linux-musl/other-bin".into();
+    two_bins["artifacts"].as_array_mut().unwrap().push(other);
+    t.offer_binary(
+        APP,
+        "0.2.0",
+        &two_bins,
+        200,
+        &t.v2.1,
+        evil_spec.clone(),
+        "other-bin",
+    );
+    t.wait_refused(
+        APP,
+        "0.2.0",
+        "the signed service spec runs hello-service, not the other-bin offered",
+    )?;
+    untouched("another binary")?;
+
+    // 4. Cross-app replay: an older signed release of hello-service offered as another app.
     t.offer(
         "other-app",
         "0.1.0",
@@ -242,7 +285,7 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     )?;
     untouched("a cross-app replay")?;
 
-    // 4. Server strings as paths, and names without bounds: the answer is refused whole.
+    // 5. Server strings as paths, and names without bounds: the answer is refused whole.
     for (app, reason) in [
         ("../../outside", "starts with '.'"),
         (t.dir.join("outside").to_str().unwrap(), "'/' at position 0"),
@@ -261,7 +304,7 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
         "an invalid name reached state.json: {names:?}"
     );
 
-    // 5. An oversized answer is refused, not buffered.
+    // 6. An oversized answer is refused, not buffered.
     t.offer(APP, "0.1.0", &t.v1.0, 100, &t.v1.1, evil_spec);
     t.server.pad_answers(6 * 1024 * 1024);
     t.wait_answer_refused("larger than")?;

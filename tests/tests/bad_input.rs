@@ -127,6 +127,23 @@ fn publish_refuses_corrupt_tampered_and_conflicting_releases_and_keeps_the_store
     })?;
     refused(&deployer, &d, &["../../etc/passwd", "must be relative"])?;
 
+    // Names without bounds: a 300-character version.
+    let d = copy_release(&b.v2, &dir.join("long"))?;
+    edit_manifest(&d, |m| m["version"] = "9".repeat(300).into())?;
+    refused(&deployer, &d, &["300 characters long, more than 64"])?;
+
+    // Symlinks are never followed: the target folder, or manifest.json, elsewhere.
+    let d = copy_release(&b.v2, &dir.join("linked-folder"))?;
+    let real = dir.join("elsewhere-folder");
+    std::fs::rename(d.join("x86_64-unknown-linux-musl"), &real)?;
+    std::os::unix::fs::symlink(&real, d.join("x86_64-unknown-linux-musl"))?;
+    refused(&deployer, &d, &["x86_64-unknown-linux-musl: is a symlink"])?;
+    let d = copy_release(&b.v2, &dir.join("linked-manifest"))?;
+    let real = dir.join("elsewhere-manifest.json");
+    std::fs::rename(d.join("manifest.json"), &real)?;
+    std::os::unix::fs::symlink(&real, d.join("manifest.json"))?;
+    refused(&deployer, &d, &["manifest.json: is a symlink"])?;
+
     // Different bytes under an already published version.
     let d = copy_release(&b.v2, &dir.join("conflict"))?;
     edit_manifest(&d, |m| m["version"] = "0.1.0".into())?;

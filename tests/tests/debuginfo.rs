@@ -20,10 +20,10 @@ const FOUR_ARCHES: [(&str, &str); 4] = [
     ("riscv64gc-unknown-linux-gnu", "riscv64"),
 ];
 
-/// What gdb says `address` of `binary` is, e.g. `_start in section .text of …`.
-fn gdb_symbol(binary: &std::path::Path, address: &str) -> Result<String> {
+/// What gdb says of `binary` for `command`, e.g. `info symbol 0x1234`.
+fn gdb(binary: &std::path::Path, command: &str) -> Result<String> {
     let out = Command::new("gdb")
-        .args(["-batch", "-nx", "-ex", &format!("info symbol {address}")])
+        .args(["-batch", "-nx", "-ex", command])
         .arg(binary)
         .output()
         .context("gdb is installed by `cargo xtask setup`")?;
@@ -107,17 +107,25 @@ fn debug_info_is_split_off_matched_by_build_id_and_resolves_addresses_on_four_ar
             .context("readelf printed no entry point")?
             .trim()
             .to_owned();
-        let resolved = gdb_symbol(&shipped, &entry_point)?;
+        let symbol = format!("info symbol {entry_point}");
+        let line = "info line hello_service::main";
+        let resolved = gdb(&shipped, &symbol)?;
         assert!(
             resolved.contains("_start in section .text"),
             "{triple}: gdb could not resolve {entry_point}: {resolved}"
         );
+        // The line tables too: the function's source line.
+        let located = gdb(&shipped, line)?;
+        assert!(
+            located.contains("of \"src/main.rs\" starts at address"),
+            "{triple}: {located}"
+        );
         let aside = debug.with_extension("aside");
         std::fs::rename(&debug, &aside)?;
-        let unresolved = gdb_symbol(&shipped, &entry_point)?;
+        let unresolved = gdb(&shipped, &symbol)? + &gdb(&shipped, line)?;
         std::fs::rename(&aside, &debug)?;
         assert!(
-            !unresolved.contains("_start in section"),
+            !unresolved.contains("_start in section") && !unresolved.contains("src/main.rs"),
             "{triple}: resolved without the debug file, so the test proves nothing: {unresolved}"
         );
     }
@@ -134,8 +142,17 @@ fn debug_info_is_split_off_matched_by_build_id_and_resolves_addresses_on_four_ar
             entry["path"]
         );
     }
+    let debug_hashes: Vec<&Value> = manifest["debug"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["sha256"])
+        .collect();
     for artifact in manifest["artifacts"].as_array().unwrap() {
-        assert!(!artifact["path"].as_str().unwrap().ends_with(".debug"));
+        assert!(
+            !debug_hashes.contains(&&artifact["sha256"]),
+            "a debug file is among what agents are offered: {artifact}"
+        );
     }
     Ok(())
 }

@@ -20,8 +20,9 @@ const TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-
 
 /// Fetches `name` `version`, releases it for both arches; returns the release directory.
 fn release(name: &str, version: &str) -> Result<PathBuf> {
-    // Unpacked outside this workspace: cargo would otherwise take it for one of our members.
-    let sources = std::env::temp_dir().join("muscle-foreign");
+    // Unpacked outside this workspace (cargo would otherwise take it for one of our members),
+    // in a folder of this user's, stable so that the build cache keeps.
+    let sources = std::env::temp_dir().join(format!("muscle-foreign-{}", uid()));
     std::fs::create_dir_all(&sources)?;
     let src = fetch_crate(name, version, &sources)?;
     let out = common::scratch(&format!("foreign-{name}"));
@@ -34,6 +35,9 @@ fn release(name: &str, version: &str) -> Result<PathBuf> {
     for t in TARGETS {
         cmd.args(["--target", t]);
     }
+    // The split binaries land in CARGO_TARGET_DIR's muscle-release/: gone before, there after.
+    let split = target_dir().join("foreign/muscle-release");
+    let _ = std::fs::remove_dir_all(&split);
     let run = cmd.output()?;
     ensure!(
         run.status.success(),
@@ -45,13 +49,24 @@ fn release(name: &str, version: &str) -> Result<PathBuf> {
         manifest["artifacts"].as_array().map(Vec::len) >= Some(TARGETS.len()),
         "{manifest}"
     );
-    let built_in = target_dir().join("foreign");
     ensure!(
-        built_in.join(TARGETS[0]).is_dir() && !src.join("target").exists(),
+        split.join(format!("{name}-{version}")).is_dir() && !src.join("target").exists(),
         "the build did not go to CARGO_TARGET_DIR ({})",
-        built_in.display()
+        split.display()
     );
     Ok(out.join(format!("{name}-{version}")))
+}
+
+/// This user's id, as /proc says it.
+fn uid() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        })
+        .unwrap_or_else(|| "0".into())
 }
 
 /// Runs `bin ARGS` in `dir` with `stdin`; returns its output.

@@ -68,9 +68,9 @@ pub fn run(args: FuzzArgs) -> Result<i32> {
             .arg(format!("-max_total_time={}", args.seconds))
             .arg(format!("-timeout={PER_INPUT_TIMEOUT_S}"))
             .arg("-rss_limit_mb=2048")
-            .current_dir(&root)
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::options().append(true).open(&log)?);
+            .current_dir(&root);
+        let file = std::fs::File::create(&log)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
         let status = cmd.status()?;
         let output = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(done) = output.lines().rev().find(|l| l.starts_with("Done ")) {
@@ -91,20 +91,22 @@ pub fn run(args: FuzzArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Copies a few real ELF files into the corpus: a dynamic one of this machine and any static
-/// release binary already built, so mutation starts from real structure.
+/// Copies a few real ELF files into the corpus: a dynamic one of this machine and the static
+/// hello-service binaries already released, so mutation starts from real structure.
 fn seed_real_binaries(corpus: &Path) -> Result<()> {
-    let target = muscle_e2e::target_dir();
-    let candidates: Vec<PathBuf> = vec![
-        PathBuf::from("/bin/true"),
-        target.join("muscle-release/x86_64-unknown-linux-musl/hello-service"),
-        target.join("muscle-release/aarch64-unknown-linux-musl/hello-service"),
-        target.join("muscle-release/armv7-unknown-linux-gnueabihf/hello-service"),
-    ];
-    for (i, path) in candidates.iter().enumerate() {
-        if path.is_file() {
-            std::fs::copy(path, corpus.join(format!("seed-{i}")))?;
+    let mut seeds = vec![PathBuf::from("/bin/true")];
+    let released = muscle_e2e::target_dir().join("muscle-release");
+    for release in std::fs::read_dir(&released).into_iter().flatten().flatten() {
+        for triple in std::fs::read_dir(release.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            seeds.push(triple.path().join("hello-service"));
         }
+    }
+    for (i, path) in seeds.iter().filter(|p| p.is_file()).take(8).enumerate() {
+        std::fs::copy(path, corpus.join(format!("seed-{i}")))?;
     }
     Ok(())
 }

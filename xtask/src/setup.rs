@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::targets::{self, CToolchain, TargetSpec};
@@ -15,6 +15,10 @@ pub struct SetupArgs {
     /// Only report what is missing; install nothing.
     #[arg(long)]
     pub check: bool,
+    /// Only what `cargo xtask release` needs (targets, C toolchains, zig): a release job that
+    /// holds a signing key runs no more third-party code than building takes.
+    #[arg(long)]
+    pub for_release: bool,
 }
 
 /// Debian packages the tests, the demo and the benchmarks use besides the targets' compilers.
@@ -35,10 +39,14 @@ pub fn run(args: SetupArgs) -> Result<i32> {
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
     let mut todo = Vec::new();
     rustup_targets(&all, args.check, &mut todo)?;
-    packages(&all, args.check, &mut todo)?;
+    packages(&all, args.check, args.for_release, &mut todo)?;
     zig(&all, args.check, &mut todo)?;
-    fuzzing(args.check, &mut todo)?;
-    binfmt(&all, args.check, &mut todo)?;
+    if !args.for_release {
+        fuzzing(args.check, &mut todo)?;
+    }
+    if !args.for_release {
+        binfmt(&all, args.check, &mut todo)?;
+    }
     if todo.is_empty() {
         eprintln!("setup: everything is in place ({} targets)", all.len());
         return Ok(0);
@@ -72,7 +80,12 @@ fn rustup_targets(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Re
     )
 }
 
-fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+fn packages(
+    all: &[TargetSpec],
+    check: bool,
+    for_release: bool,
+    todo: &mut Vec<String>,
+) -> Result<()> {
     let mut missing: Vec<String> = Vec::new();
     for t in all {
         if let CToolchain::Gcc {
@@ -87,7 +100,8 @@ fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<(
             }
         }
     }
-    for (tool, package) in TOOL_PACKAGES {
+    let tools = if for_release { &[][..] } else { TOOL_PACKAGES };
+    for (tool, package) in tools {
         if !util::have(tool) && !Path::new("/usr/sbin").join(tool).exists() {
             missing.push(package.to_string());
         }
@@ -98,18 +112,43 @@ fn packages(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<(
         return Ok(());
     }
     let install = format!("apt-get install -y {}", missing.join(" "));
-    if check || !util::is_root() || !util::have("apt-get") {
+    let Some(mut as_root) = (!check && util::have("apt-get")).then(as_root).flatten() else {
         todo.push(format!("apt-get update && {install}"));
         return Ok(());
-    }
+    };
     eprintln!("setup: {install}");
-    util::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    util::run(as_root().args(["apt-get", "update", "-q"]))?;
     util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+        as_root()
+            .args([
+                "env",
+                "DEBIAN_FRONTEND=noninteractive",
+                "apt-get",
+                "install",
+            ])
+            .args(["-y", "-q", "--no-install-recommends"])
+            .args(&missing),
     )
+}
+
+/// A command maker for what only root may do: the command itself as root, through `sudo -n`
+/// for a user who may (a CI runner, a developer's laptop), or `None`: then setup prints what to
+/// run. Everything else (zig, cargo-fuzz, rustup) installs as the user who runs the builds.
+fn as_root() -> Option<impl FnMut() -> Command> {
+    let via_sudo = if util::is_root() {
+        false
+    } else if util::have("sudo") && util::run(Command::new("sudo").args(["-n", "true"])).is_ok() {
+        true
+    } else {
+        return None;
+    };
+    Some(move || {
+        let mut cmd = Command::new(if via_sudo { "sudo" } else { "env" });
+        if via_sudo {
+            cmd.args(["-n", "--"]);
+        }
+        cmd
+    })
 }
 
 /// zig, for the targets whose C it compiles (see `zig.rs`).
@@ -170,25 +209,22 @@ fn binfmt(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()>
         }
         let conf = Path::new("/usr/lib/binfmt.d").join(format!("qemu-{}.conf", t.arch));
         let register = format!("cat {} > {}/register", conf.display(), dir.display());
-        if check || !util::is_root() || !conf.exists() {
-            todo.push(format!(
-                "mount -t binfmt_misc binfmt_misc {} 2>/dev/null; {register}",
-                dir.display()
-            ));
+        let mount = format!(
+            "mount -t binfmt_misc binfmt_misc {} 2>/dev/null",
+            dir.display()
+        );
+        let Some(mut as_root) = (!check && conf.exists()).then(as_root).flatten() else {
+            todo.push(format!("{mount}; {register}"));
             continue;
-        }
-        if !dir.join("register").exists() {
-            util::run(
-                Command::new("mount")
-                    .args(["-t", "binfmt_misc", "binfmt_misc"])
-                    .arg(dir),
-            )?;
-        }
+        };
         eprintln!("setup: {register}");
-        let line = std::fs::read_to_string(&conf)?;
-        if let Err(e) = std::fs::write(dir.join("register"), line.trim()) {
-            bail!("cannot register {} with binfmt_misc: {e}", conf.display());
-        }
+        let script = if dir.join("register").exists() {
+            register
+        } else {
+            format!("{mount}; {register}")
+        };
+        util::run(as_root().args(["sh", "-c", &script]))
+            .with_context(|| format!("cannot register {} with binfmt_misc", conf.display()))?;
     }
     Ok(())
 }

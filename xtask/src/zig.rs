@@ -104,7 +104,8 @@ fn write_script(path: &Path, body: &str) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let text = format!("#!/bin/sh\n# Written by `cargo xtask`; rewritten when it differs.\n{body}");
     if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
-        let tmp = path.with_extension("tmp");
+        // A name of this process's own: two first releases at once must not share a half-written file.
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         std::fs::write(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;

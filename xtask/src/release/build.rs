@@ -67,7 +67,12 @@ fn inspect(ws: &Workspace, target: &TargetSpec, binary: Name, exe: PathBuf) -> R
         muscle_inspect::inspect_file(path).map_err(|e| anyhow::anyhow!(e.in_file(path)))
     };
     let built = facts_of(&exe)?;
-    let dir = ws.target_dir.join("muscle-release").join(&target.triple);
+    // One folder per release: two releases sharing a target dir must not swap binaries.
+    let dir = ws
+        .target_dir
+        .join("muscle-release")
+        .join(format!("{}-{}", ws.app, ws.version))
+        .join(&target.triple);
     let split = debuginfo::split(&target.objcopy()?, &exe, &built, &dir, &binary)?;
     let facts = facts_of(&split.shipped)?;
     let verdict = muscle_inspect::verify(&facts, &target.expectation());
@@ -227,7 +232,22 @@ pub fn target_env(
         ),
         (format!("CC_{c_key}"), cc.into()),
         (format!("AR_{c_key}"), ar.into()),
+        (
+            format!("CFLAGS_{c_key}"),
+            c_prefix_maps(ws).join(" ").into(),
+        ),
     ])
+}
+
+/// The C counterpart of our `--remap-path-prefix` flags, so that C built with debug info (or
+/// `__FILE__`) does not carry the paths of this checkout. cc-rs splits CFLAGS on spaces: a path
+/// with one is left unmapped rather than breaking the build.
+fn c_prefix_maps(ws: &Workspace) -> Vec<String> {
+    prefix_maps(ws)
+        .into_iter()
+        .filter(|(from, _)| !from.to_string_lossy().contains(char::is_whitespace))
+        .map(|(from, to)| format!("-ffile-prefix-map={}={to}", from.display()))
+        .collect()
 }
 
 /// Sets [`target_env`] on `cmd` and removes `RUSTFLAGS`, which would override it.
@@ -245,22 +265,29 @@ fn rustflags(ws: &Workspace, target: &TargetSpec) -> Vec<String> {
 
 /// `--remap-path-prefix` for the checkout, the target dir, and the cargo and rustup homes.
 fn remap_flags(ws: &Workspace) -> Vec<String> {
-    let remap = |from: PathBuf, to: &str| format!("--remap-path-prefix={}={to}", from.display());
-    // rustc lets the last matching remap win, so the more specific target dir comes after the root.
-    let mut flags = vec![
-        remap(ws.root.clone(), "/build"),
-        remap(ws.target_dir.clone(), "/target"),
+    prefix_maps(ws)
+        .into_iter()
+        .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
+        .collect()
+}
+
+/// (local path, path written in binaries) pairs. rustc lets the last matching remap win, so
+/// the more specific target dir comes after the root.
+fn prefix_maps(ws: &Workspace) -> Vec<(PathBuf, &'static str)> {
+    let mut maps = vec![
+        (ws.root.clone(), "/build"),
+        (ws.target_dir.clone(), "/target"),
     ];
     if let Some(home) = cargo_home() {
-        flags.push(remap(home, "/cargo"));
+        maps.push((home, "/cargo"));
     }
     let rustup = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".rustup")));
     if let Some(rustup) = rustup {
-        flags.push(remap(rustup, "/rustup"));
+        maps.push((rustup, "/rustup"));
     }
-    flags
+    maps
 }
 
 fn cargo_home() -> Option<PathBuf> {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::util;
 
@@ -42,7 +42,11 @@ pub fn split(
             debug: None,
         });
     }
-    let debug = dir.join(format!("{name}.debug"));
+    let debug_name = format!("{name}.debug");
+    if let Err(e) = muscle_protocol::Name::parse(&debug_name) {
+        bail!("{}: has debug info to split off, but {e} (a binary with debug info may have at most {} characters)", exe.display(), muscle_protocol::MAX_NAME_LEN - ".debug".len());
+    }
+    let debug = dir.join(debug_name);
     util::run(
         Command::new(objcopy)
             .arg("--only-keep-debug")

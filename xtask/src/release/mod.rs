@@ -91,7 +91,7 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
         );
     }
     let service = match args.service.as_deref().or(ws.service.as_deref()) {
-        Some(path) => Some(muscle_protocol::ServiceSpec::read_file(path)?),
+        Some(path) => Some(read_service(path, &ws)?),
         None => None,
     };
     let built = build::build_all(&ws, &targets, &provenance, &args, quiet)?;
@@ -122,6 +122,24 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
         eprintln!("wrote {}", release.dir.display());
     }
     Ok(0)
+}
+
+/// The spec to sign into the manifest; the binary it runs must be one this release ships.
+fn read_service(
+    path: &std::path::Path,
+    ws: &workspace::Workspace,
+) -> Result<muscle_protocol::ServiceSpec> {
+    let spec = muscle_protocol::ServiceSpec::read_file(path)?;
+    let binary = spec.binary_name(&ws.app);
+    if !ws.bins.iter().any(|b| b.name == binary) {
+        let shipped: Vec<&str> = ws.bins.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "{}: runs binary {binary:?}, which this release does not ship (it ships {}); set `binary` in the spec",
+            path.display(),
+            shipped.join(", ")
+        );
+    }
+    Ok(spec)
 }
 
 fn check_builder(builder: &str) -> Result<()> {
