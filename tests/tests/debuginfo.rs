@@ -108,7 +108,13 @@ fn debug_info_is_split_off_matched_by_build_id_and_resolves_addresses_on_four_ar
             .trim()
             .to_owned();
         let symbol = format!("info symbol {entry_point}");
-        let line = "info line hello_service::main";
+        // hello_service::main's address, from the debug file's symbol table.
+        let main = tool("nm", &[], &debug)?
+            .lines()
+            .find(|l| l.contains(" _ZN13hello_service4main"))
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .with_context(|| format!("{triple}: no hello_service::main in the debug symbols"))?;
+        let line = &format!("info line *0x{main}");
         let resolved = gdb(&shipped, &symbol)?;
         assert!(
             resolved.contains("_start in section .text"),
