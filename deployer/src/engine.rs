@@ -13,7 +13,7 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         let Some(mut rollout) = store.rollout(id)? else {
             continue;
         };
-        match rollout.apply_request(&request, now_ms) {
+        match rollout.apply_request(request, now_ms) {
             Ok(actions) => {
                 apply(store, &actions)?;
                 store.update_rollout(&rollout)?;

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use muscle_protocol::duration::parse as parse_duration;
 use muscle_protocol::{Name, ReleaseManifest, ServiceSpec};
 
-use crate::rollout::{Params, Rollout, Status};
+use crate::rollout::{Params, Request, Rollout, Status};
 use crate::store::{FsBlobStore, SqliteStore, Store};
 
 #[derive(Parser)]
@@ -321,10 +321,10 @@ fn rollout_command(cmd: RolloutCommand, store: &dyn Store) -> Result<()> {
     match cmd {
         RolloutCommand::Start(args) => start(args, store),
         RolloutCommand::Status { id, watch, json } => status(id, watch, json, store),
-        RolloutCommand::Pause { id } => request(store, id, "pause"),
-        RolloutCommand::Resume { id } => request(store, id, "resume"),
-        RolloutCommand::Abort { id } => request(store, id, "abort"),
-        RolloutCommand::Rollback { id } => request(store, id, "rollback"),
+        RolloutCommand::Pause { id } => request(store, id, Request::Pause),
+        RolloutCommand::Resume { id } => request(store, id, Request::Resume),
+        RolloutCommand::Abort { id } => request(store, id, Request::Abort),
+        RolloutCommand::Rollback { id } => request(store, id, Request::Rollback),
     }
 }
 
@@ -394,7 +394,7 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
     .map_err(anyhow::Error::msg)?;
     check_artifacts(&release.manifest, &rollout)?;
     for old in &active {
-        store.request_rollout(old.id, "supersede")?;
+        store.request_rollout(old.id, Request::Supersede)?;
     }
     let id = store.create_rollout(&rollout)?;
     let waves: Vec<String> = rollout
@@ -438,22 +438,18 @@ fn check_artifacts(manifest: &str, rollout: &Rollout) -> Result<()> {
     Ok(())
 }
 
-fn request(store: &dyn Store, id: i64, what: &str) -> Result<()> {
+/// Queues `what` after checking it against the rollout's transition table now: an illegal
+/// request is refused here, with the reason, not dropped later by the engine.
+fn request(store: &dyn Store, id: i64, what: Request) -> Result<()> {
     let Some(rollout) = store.rollout(id)? else {
         bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest")
     };
-    if matches!(
-        rollout.status,
-        Status::Succeeded | Status::Aborted | Status::Superseded | Status::RolledBack
-    ) && what != "rollback"
-    {
-        bail!(
-            "rollout {id} is already {:?}; nothing to {what}",
-            rollout.status
-        );
-    }
+    rollout.check_request(what).map_err(anyhow::Error::msg)?;
     store.request_rollout(id, what)?;
-    println!("rollout {id}: {what} requested; the deployer applies it at its next tick");
+    println!(
+        "rollout {id}: {} requested; the deployer applies it at its next tick",
+        what.as_str()
+    );
     Ok(())
 }
 

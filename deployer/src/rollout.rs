@@ -38,7 +38,10 @@ pub struct Params {
 pub enum Status {
     Running,
     Paused,
+    /// Every member healthy.
     Succeeded,
+    /// Every wave done, but some members failed (fewer than `max_failures`): not a success.
+    SucceededWithFailures,
     /// Stopped by failures, without rollback.
     Halted,
     RolledBack,
@@ -60,6 +63,9 @@ pub enum MemberState {
     Healthy,
     Failed,
     RolledBack,
+    /// The rollout ended (aborted or superseded) before this member's verdict; its agent keeps
+    /// what it was assigned.
+    Abandoned,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,8 +305,7 @@ impl Rollout {
             self.current_wave += 1;
             self.last_progress_ms = now_ms;
             if self.current_wave == self.waves.len() {
-                self.status = Status::Succeeded;
-                self.message = format!("every agent runs {} healthy", self.version);
+                self.finish();
             } else {
                 self.message = format!(
                     "{wave_name} healthy; starting {}",
@@ -309,6 +314,27 @@ impl Rollout {
             }
         }
         actions
+    }
+
+    /// The outcome once every wave is done: a success only if no member failed.
+    fn finish(&mut self) {
+        let failed: Vec<String> = self
+            .members()
+            .filter(|m| m.state == MemberState::Failed)
+            .map(|m| format!("{}: {}", m.agent_id, m.error.as_deref().unwrap_or("failed")))
+            .collect();
+        if failed.is_empty() {
+            self.status = Status::Succeeded;
+            self.message = format!("every agent runs {} healthy", self.version);
+        } else {
+            self.status = Status::SucceededWithFailures;
+            self.message = format!(
+                "done, but {} agent(s) failed and do not run {} ({})",
+                failed.len(),
+                self.version,
+                failed.join("; ")
+            );
+        }
     }
 
     /// Sends every agent this rollout moved back to what it ran before.
@@ -334,24 +360,112 @@ impl Rollout {
         actions
     }
 
-    /// Applies a CLI request. Unknown or inapplicable requests change nothing and say why.
-    pub fn apply_request(&mut self, request: &str, now_ms: u64) -> Result<Vec<Action>, String> {
-        match (request, self.status) {
-            ("pause", Status::Running) => self.status = Status::Paused,
-            ("resume", Status::Paused) => {
+    /// The transition table of requests: whether `request` may be made now, and if not, why.
+    /// Checked when the request is made (CLI) and again when the engine applies it.
+    pub fn check_request(&self, request: Request) -> Result<(), String> {
+        let allowed = match request {
+            Request::Pause => self.status == Status::Running,
+            Request::Resume => self.status == Status::Paused,
+            Request::Abort | Request::Supersede => self.status.is_active(),
+            Request::Rollback => matches!(
+                self.status,
+                Status::Running
+                    | Status::Paused
+                    | Status::Halted
+                    | Status::Succeeded
+                    | Status::SucceededWithFailures
+            ),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot {} rollout {} while it is {:?} ({})",
+                request.as_str(),
+                self.id,
+                self.status,
+                request.allowed_from()
+            ))
+        }
+    }
+
+    /// Applies a request that [`check_request`](Self::check_request) allows.
+    pub fn apply_request(&mut self, request: Request, now_ms: u64) -> Result<Vec<Action>, String> {
+        self.check_request(request)?;
+        match request {
+            Request::Pause => self.status = Status::Paused,
+            Request::Resume => {
                 self.status = Status::Running;
                 // Time spent paused does not count against progress_deadline.
                 self.last_progress_ms = now_ms;
             }
-            ("abort", s) if s.is_active() => self.status = Status::Aborted,
-            ("supersede", s) if s.is_active() => self.status = Status::Superseded,
-            ("rollback", Status::Running | Status::Paused | Status::Halted | Status::Succeeded) => {
-                return Ok(self.roll_back())
-            }
-            (r, s) => return Err(format!("cannot {r} rollout {} while it is {s:?}", self.id)),
+            Request::Abort => self.settle(Status::Aborted),
+            Request::Supersede => self.settle(Status::Superseded),
+            Request::Rollback => return Ok(self.roll_back()),
         }
-        self.message = format!("{request} requested");
+        self.message = format!("{} requested", request.as_str());
         Ok(vec![])
+    }
+
+    /// Ends the rollout as `status`: members still waiting for a verdict are abandoned, not
+    /// left `updating` forever.
+    fn settle(&mut self, status: Status) {
+        self.status = status;
+        for m in self.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
+            if m.state == MemberState::Updating {
+                m.state = MemberState::Abandoned;
+            }
+        }
+    }
+}
+
+/// What an operator (or a newer rollout) asks of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+    /// A newer rollout of the same app took over.
+    Supersede,
+}
+
+impl Request {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Abort => "abort",
+            Request::Rollback => "rollback",
+            Request::Supersede => "supersede",
+        }
+    }
+
+    fn allowed_from(self) -> &'static str {
+        match self {
+            Request::Pause => "only a running rollout can be paused",
+            Request::Resume => "only a paused rollout can be resumed",
+            Request::Abort | Request::Supersede => "only a running or paused rollout can end so",
+            Request::Rollback => {
+                "only a running, paused, halted or finished rollout can be rolled back"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Request {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Request, String> {
+        [
+            Request::Pause,
+            Request::Resume,
+            Request::Abort,
+            Request::Rollback,
+            Request::Supersede,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| format!("unknown rollout request {s:?}"))
     }
 }
 
@@ -539,6 +653,74 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_with_a_failed_member_below_max_failures_is_not_a_success() {
+        let p = Params {
+            max_failures: 2,
+            ..params()
+        };
+        let mut r = Rollout::plan("app", "2", ServiceSpec::default(), p, &fleet(), NOW).unwrap();
+        let mut agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        r.advance(&agents, NOW, &previous);
+        report(&mut agents, "a1", healthy("2"));
+        report(
+            &mut agents,
+            "x1",
+            AppReport {
+                failed_version: Some(name("2")),
+                last_error: Some("cannot listen on 127.0.0.1:31703: Address in use".into()),
+                ..AppReport::new(name("app"))
+            },
+        );
+        for id in ["a2", "x2", "x3"] {
+            report(&mut agents, id, healthy("2"));
+        }
+        for step in 0..8 {
+            r.advance(&agents, NOW + 1000 * step, &previous);
+        }
+        assert_eq!(r.status, Status::SucceededWithFailures, "{}", r.message);
+        assert!(
+            r.message.contains("x1: cannot listen") && r.message.contains("1 agent(s) failed"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn requests_follow_one_transition_table_and_abort_settles_members() {
+        let mut r =
+            Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        r.advance(&agents, NOW, &previous);
+        assert!(r
+            .check_request(Request::Resume)
+            .unwrap_err()
+            .contains("only a paused rollout"));
+        r.apply_request(Request::Pause, NOW).unwrap();
+        let err = r.apply_request(Request::Pause, NOW).unwrap_err();
+        assert!(
+            err.contains("cannot pause rollout 0 while it is Paused"),
+            "{err}"
+        );
+        r.apply_request(Request::Abort, NOW).unwrap();
+        assert_eq!(r.status, Status::Aborted);
+        assert_eq!(
+            r.waves[0].count(MemberState::Abandoned),
+            2,
+            "the canaries were installing"
+        );
+        assert_eq!(r.waves[0].count(MemberState::Updating), 0);
+        let err = r.check_request(Request::Rollback).unwrap_err();
+        assert!(
+            err.contains("cannot rollback rollout 0 while it is Aborted"),
+            "{err}"
+        );
+        assert_eq!("supersede".parse::<Request>(), Ok(Request::Supersede));
+        assert!("explode".parse::<Request>().is_err());
+    }
+
+    #[test]
     fn a_failed_canary_halts_and_rolls_back_what_was_moved() {
         let mut r =
             Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
@@ -622,18 +804,18 @@ mod tests {
 
         let mut r =
             Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
-        r.apply_request("pause", NOW).unwrap();
+        r.apply_request(Request::Pause, NOW).unwrap();
         assert!(
             r.advance(&agents, NOW, &previous).is_empty(),
             "a paused rollout does nothing"
         );
         assert!(r
-            .apply_request("pause", NOW)
+            .apply_request(Request::Pause, NOW)
             .unwrap_err()
             .contains("Paused"));
-        r.apply_request("resume", NOW).unwrap();
+        r.apply_request(Request::Resume, NOW).unwrap();
         assert_eq!(r.advance(&agents, NOW, &previous).len(), 2);
-        r.apply_request("abort", NOW).unwrap();
+        r.apply_request(Request::Abort, NOW).unwrap();
         assert_eq!(r.status, Status::Aborted);
         assert!(r.advance(&agents, NOW + 1, &previous).is_empty());
     }

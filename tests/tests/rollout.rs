@@ -187,6 +187,10 @@ fn pause_holds_a_rollout_resume_finishes_it_and_abort_stops_it() -> Result<()> {
     muscle_e2e::wait_until("the pause to apply", Duration::from_secs(10), || {
         Ok((fleet.deployer.rollout(Some(id))?["status"] == "paused").then_some(()))
     })?;
+    // The CLI and the engine share one transition table: an illegal request fails at once.
+    let again = fleet.deployer.cli(&["rollout", "pause", &id.to_string()])?;
+    assert_eq!(again.status.code(), Some(1), "pausing a paused rollout");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("while it is Paused"));
     let paused = fleet.deployer.rollout(Some(id))?;
     std::thread::sleep(Duration::from_secs(4));
     let later = fleet.deployer.rollout(Some(id))?;
@@ -225,6 +229,19 @@ fn pause_holds_a_rollout_resume_finishes_it_and_abort_stops_it() -> Result<()> {
         "pending"
     );
     assert_eq!(fleet.agent("x86_64-3").service_version()?, "0.1.0");
+    let rollback = fleet
+        .deployer
+        .cli(&["rollout", "rollback", &id.to_string()])?;
+    assert_eq!(
+        rollback.status.code(),
+        Some(1),
+        "rolling back an aborted rollout"
+    );
+    assert!(
+        String::from_utf8_lossy(&rollback.stderr).contains("cannot rollback rollout"),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
     // A second active rollout is refused unless it supersedes.
     let out = fleet.deployer.cli(&[
         "rollout",
@@ -249,6 +266,45 @@ fn pause_holds_a_rollout_resume_finishes_it_and_abort_stops_it() -> Result<()> {
     ])?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--supersede"));
+    Ok(())
+}
+
+#[test]
+fn a_rollout_with_a_failed_member_ends_succeeded_with_failures_and_watch_exits_non_zero(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("failed-member");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 3, &dir)?;
+    // Another process holds x86_64-3's port: its hello-service cannot listen.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", fleet.agent("x86_64-3").port))?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &spec,
+        "--max-failures",
+        "2",
+        "--healthy-deadline",
+        "8s",
+    ])?;
+    let watch = fleet
+        .deployer
+        .cli(&["rollout", "status", "--watch", &id.to_string()])?;
+    let r = fleet.deployer.rollout(Some(id))?;
+    assert_eq!(r["status"], "succeeded_with_failures", "{r:#}");
+    assert!(
+        r["message"].as_str().unwrap().contains("x86_64-3"),
+        "{}",
+        r["message"]
+    );
+    assert_eq!(common::member_state(&r, "x86_64-3"), "failed");
+    assert!(
+        !watch.status.success(),
+        "--watch exits non-zero for anything but a clean success"
+    );
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use blobs::FsBlobStore;
 pub use sqlite::SqliteStore;
 
-use crate::rollout::Rollout;
+use crate::rollout::{Request, Rollout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,10 +99,10 @@ pub trait Store: Send + Sync {
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64>;
     fn update_rollout(&self, rollout: &Rollout) -> Result<()>;
-    /// Queues `pause`, `resume`, `abort` or `rollback` for the engine (which owns the body).
-    fn request_rollout(&self, id: i64, request: &str) -> Result<()>;
+    /// Queues a request for the engine (which owns the body).
+    fn request_rollout(&self, id: i64, request: Request) -> Result<()>;
     /// Takes every queued request, oldest rollout first.
-    fn take_rollout_requests(&self) -> Result<Vec<(i64, String)>>;
+    fn take_rollout_requests(&self) -> Result<Vec<(i64, Request)>>;
     fn rollout(&self, id: i64) -> Result<Option<Rollout>>;
     fn rollouts(&self) -> Result<Vec<Rollout>>;
 }

@@ -8,7 +8,7 @@ use muscle_protocol::CheckinRequest;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Store, StoreError};
-use crate::rollout::Rollout;
+use crate::rollout::{Request, Rollout};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS releases (
@@ -269,15 +269,15 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn request_rollout(&self, id: i64, request: &str) -> Result<()> {
+    fn request_rollout(&self, id: i64, request: Request) -> Result<()> {
         self.conn().execute(
             "UPDATE rollouts SET request = ?2 WHERE id = ?1",
-            params![id, request],
+            params![id, request.as_str()],
         )?;
         Ok(())
     }
 
-    fn take_rollout_requests(&self) -> Result<Vec<(i64, String)>> {
+    fn take_rollout_requests(&self) -> Result<Vec<(i64, Request)>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let requests = {
@@ -285,10 +285,18 @@ impl Store for SqliteStore {
                 "SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id",
             )?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
+        let requests = requests
+            .into_iter()
+            .map(|(id, text)| {
+                text.parse()
+                    .map(|r| (id, r))
+                    .map_err(|e| StoreError::Corrupt(format!("rollout {id}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         tx.execute(
             "UPDATE rollouts SET request = NULL WHERE request IS NOT NULL",
             [],
