@@ -291,6 +291,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             generation: self.generation,
             apps,
+            interval_ms: Some(self.cfg.interval.as_millis() as u64),
             problem: self.answer_problem.clone(),
         }
     }

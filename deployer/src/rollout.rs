@@ -13,10 +13,7 @@ use muscle_protocol::duration::serde_dur;
 use muscle_protocol::{Health, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{AgentRecord, Assignment};
-
-/// An agent not seen for this long is stale: not selected for new rollouts, shown as such.
-pub const STALE_AFTER_MS: u64 = 30_000;
+use crate::store::{AgentRecord, Assignment, STALE_AFTER_MISSED};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Params {
@@ -129,7 +126,7 @@ impl Rollout {
     ) -> Result<Rollout, String> {
         let mut selected: Vec<&AgentRecord> = agents
             .iter()
-            .filter(|a| now_ms.saturating_sub(a.last_seen_ms) < STALE_AFTER_MS)
+            .filter(|a| !a.is_stale(now_ms))
             .filter(|a| {
                 params
                     .selector
@@ -144,10 +141,9 @@ impl Rollout {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             return Err(format!(
-                "no live agent matches the selector [{}] ({} agents known, none seen in the last {}s match)",
+                "no live agent matches the selector [{}] ({} agents known; none that matches checked in within {STALE_AFTER_MISSED} of its intervals)",
                 sel.join(", "),
                 agents.len(),
-                STALE_AFTER_MS / 1000
             ));
         }
         selected.sort_by(|a, b| a.id.cmp(&b.id));
@@ -535,6 +531,7 @@ mod tests {
             last_seen_ms: NOW,
             apps: vec![],
             desired_generation: 0,
+            interval_ms: 500,
         }
     }
 
@@ -600,7 +597,10 @@ mod tests {
     #[test]
     fn selectors_and_staleness_choose_agents_and_an_empty_choice_is_an_error() {
         let mut agents = fleet();
-        agents[0].last_seen_ms = NOW - STALE_AFTER_MS - 1;
+        agents[0].last_seen_ms = NOW - crate::store::STALE_AFTER_MS - 1;
+        // An agent that checks in every 45 s is not stale 40 s after its last check-in.
+        agents[1].interval_ms = 45_000;
+        agents[1].last_seen_ms = NOW - 40_000;
         let p = Params {
             selector: BTreeMap::from([("arch".into(), "aarch64".into())]),
             ..params()

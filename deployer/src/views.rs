@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::rollout::{MemberState, Rollout, STALE_AFTER_MS};
+use crate::rollout::{MemberState, Rollout};
 use crate::store::{AgentRecord, ReleaseRecord};
 
 #[derive(Serialize)]
@@ -14,6 +14,8 @@ pub struct FleetRow {
     pub agent_version: String,
     pub apps: Vec<AppCell>,
     pub last_seen_s: u64,
+    /// The agent's own check-in interval: it is stale after a few of them.
+    pub interval_ms: u64,
     pub stale: bool,
 }
 
@@ -59,7 +61,8 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                     })
                     .collect(),
                 last_seen_s: age / 1000,
-                stale: age >= STALE_AFTER_MS,
+                interval_ms: a.interval_ms,
+                stale: a.is_stale(now_ms),
             }
         })
         .collect()

@@ -19,6 +19,10 @@ pub struct CheckinRequest {
     pub generation: u64,
     #[serde(default)]
     pub apps: Vec<AppReport>,
+    /// How often this agent checks in: the deployer judges it stale after a few missed intervals,
+    /// not after a fixed time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
     /// Why the agent refused the server's last answer (unparsable, too large, or naming
     /// something that is not a valid name); absent when it took it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -326,6 +326,10 @@ fn one_rollout_spans_four_architectures_with_a_canary_for_each() -> Result<()> {
         .collect();
     reported.sort();
     assert_eq!(reported, ["aarch64", "arm", "riscv64", "x86_64"]);
+    // Each reports its own interval, which its staleness is judged by.
+    for row in fleet.deployer.fleet()? {
+        assert_eq!(row["interval_ms"], 500, "{row}");
+    }
     common::roll_out(&fleet, "0.1.0")?;
     let spec = common::service_spec();
     let id = fleet.start_rollout(&["hello-service", "0.2.0", "--service", &spec])?;

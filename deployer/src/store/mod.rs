@@ -61,13 +61,28 @@ pub struct AgentRecord {
     pub apps: Vec<AppReport>,
     /// Bumped whenever this agent's desired state changes.
     pub desired_generation: u64,
+    /// The check-in interval the agent reported.
+    pub interval_ms: u64,
 }
 
 impl AgentRecord {
+    /// Not heard from for [`STALE_AFTER_MISSED`] of its own intervals (and at least
+    /// [`STALE_AFTER_MS`]): not selected for new rollouts, shown as stale.
+    pub fn is_stale(&self, now_ms: u64) -> bool {
+        let allowed = (self.interval_ms.saturating_mul(STALE_AFTER_MISSED)).max(STALE_AFTER_MS);
+        now_ms.saturating_sub(self.last_seen_ms) >= allowed
+    }
+
     pub fn report(&self, app: &str) -> Option<&AppReport> {
         self.apps.iter().find(|a| a.app == app)
     }
 }
+
+/// The least time without a check-in after which an agent is stale, whatever its interval.
+pub const STALE_AFTER_MS: u64 = 30_000;
+
+/// How many of its own check-in intervals an agent may miss before it is stale.
+pub const STALE_AFTER_MISSED: u64 = 3;
 
 /// What one agent should run for one app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

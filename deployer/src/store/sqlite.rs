@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
 
+/// Changes to a database made by an older deployer, in order: entry `i` takes a database from
+/// `PRAGMA user_version` `i` to `i + 1`. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: the agent's own check-in interval, for staleness.
+    "ALTER TABLE agents ADD COLUMN interval_ms INTEGER NOT NULL DEFAULT 5000;",
+];
+
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
@@ -47,6 +54,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -57,6 +65,25 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Brings the schema to the latest version, one transaction per step.
+fn migrate(conn: &Connection) -> Result<()> {
+    let current: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "the database is at schema version {current}, newer than this deployer knows ({}): use a newer muscle-deploy",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
+        conn.execute_batch(&format!(
+            "BEGIN; {step} PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))?;
+    }
+    Ok(())
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -79,7 +106,7 @@ fn release_row(row: &rusqlite::Row) -> rusqlite::Result<ReleaseRecord> {
 }
 
 const AGENT_COLUMNS: &str =
-    "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation";
+    "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation, interval_ms";
 
 fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, String)> {
     let record = AgentRecord {
@@ -91,6 +118,7 @@ fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, Stri
         last_seen_ms: row.get::<_, i64>(5)? as u64,
         apps: vec![],
         desired_generation: row.get::<_, i64>(7)? as u64,
+        interval_ms: row.get::<_, i64>(8)? as u64,
     };
     Ok((record, row.get(3)?, row.get(6)?))
 }
@@ -148,8 +176,8 @@ impl Store for SqliteStore {
         // The hot path of every check-in: one cached statement, the generation read back with it.
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7
+            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8
              RETURNING desired_generation",
         )?;
         let generation: i64 = stmt.query_row(
@@ -160,7 +188,8 @@ impl Store for SqliteStore {
                 json(&req.labels),
                 req.agent_version,
                 now_ms as i64,
-                json(&req.apps)
+                json(&req.apps),
+                req.interval_ms.unwrap_or(5000) as i64
             ],
             |r| r.get(0),
         )?;
@@ -322,5 +351,40 @@ impl Store for SqliteStore {
             .query_map([], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         bodies.iter().map(|b| parse("rollout", b)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_of_an_older_deployer_is_migrated_and_keeps_its_rows() {
+        let dir = std::env::temp_dir().join(format!("muscle-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            // What the first deployer wrote: schema version 0, no interval column.
+            let old = Connection::open(dir.join("muscle.db")).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute(
+                "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps) VALUES ('x1', 'x86_64', 'h', '{}', '0.1.0', 7, '[]')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&dir).unwrap();
+        let agents = store.agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!((agents[0].last_seen_ms, agents[0].interval_ms), (7, 5000));
+        let version: i64 = store
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        drop(store);
+        // Opening again changes nothing.
+        assert_eq!(SqliteStore::open(&dir).unwrap().agents().unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
