@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use muscle_protocol::ReleaseManifest;
+
 use crate::rollout::{Action, Status};
-use crate::store::{Result, Store};
+use crate::store::{AgentRecord, Assignment, Result, Store};
 
 /// One engine step over every rollout. Returns the messages of rollouts whose state changed.
 pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
@@ -34,7 +36,7 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     {
         let before = rollout.clone();
         let app = rollout.app.clone();
-        let previous = |agent: &str| store.assignment(agent, &app).ok().flatten();
+        let previous = |agent: &str| last_known_good(store, agents.get(agent), agent, &app);
         let actions = rollout.advance(&agents, now_ms, &previous);
         apply(store, &actions)?;
         if rollout != before {
@@ -48,6 +50,46 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         }
     }
     Ok(log)
+}
+
+/// What a rollback sends `agent_id` back to for `app`: the version it last ran healthy (the one
+/// its agent reports committed), never merely its last assignment, which may be a version that
+/// failed there. `None` when it never ran the app healthy: the app is then removed.
+fn last_known_good(
+    store: &dyn Store,
+    agent: Option<&AgentRecord>,
+    agent_id: &str,
+    app: &str,
+) -> Option<Assignment> {
+    let assigned = store.assignment(agent_id, app).ok().flatten();
+    let good = agent?.report(app)?.installed_version.clone()?;
+    if let Some(a) = assigned.filter(|a| a.version == good.as_str()) {
+        return Some(a);
+    }
+    // Assigned something else since: run the good version with the spec its release signed,
+    // else the one the agent was last given.
+    let signed = store
+        .release(app, &good)
+        .ok()
+        .flatten()
+        .and_then(|r| ReleaseManifest::parse(r.manifest.as_bytes()).ok())
+        .and_then(|m| m.service);
+    let service = signed
+        .or_else(|| {
+            store
+                .assignment(agent_id, app)
+                .ok()
+                .flatten()
+                .map(|a| a.service)
+        })
+        .unwrap_or_default();
+    Some(Assignment {
+        agent_id: agent_id.to_owned(),
+        app: app.to_owned(),
+        version: good.to_string(),
+        service,
+        rollout_id: None,
+    })
 }
 
 fn apply(store: &dyn Store, actions: &[Action]) -> Result<()> {

@@ -309,6 +309,52 @@ fn a_rollout_with_a_failed_member_ends_succeeded_with_failures_and_watch_exits_n
 }
 
 #[test]
+fn rollback_returns_each_agent_to_its_last_known_good_version_not_a_failed_one() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("last-known-good");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    for release in [&b.v1, &b.v2, &b.v3_bad] {
+        deployer.publish(&release.dir)?;
+    }
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
+    let spec = common::service_spec();
+    common::roll_out(&fleet, "0.1.0")?;
+    // 0.3.0 fails in the canary, without auto-rollback: x86_64-1 stays assigned 0.3.0 but rolls
+    // itself back and runs 0.1.0.
+    let bad = fleet.start_rollout(&[
+        "hello-service",
+        "0.3.0",
+        "--service",
+        &spec,
+        "--healthy-deadline",
+        "8s",
+    ])?;
+    let r = fleet.deployer.wait_rollout_end(bad, ROLLOUT_TIMEOUT)?;
+    assert_eq!(r["status"], "halted", "{r:#}");
+    assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
+    common::roll_out(&fleet, "0.2.0")?;
+    let good = fleet.deployer.rollout(None)?["id"].as_i64().unwrap();
+    fleet
+        .deployer
+        .ok(&["rollout", "rollback", &good.to_string()])?;
+    for agent in &fleet.agents {
+        muscle_e2e::wait_until(
+            &format!("{} back on 0.1.0", agent.opts.id),
+            Duration::from_secs(90),
+            || Ok((agent.service_version()? == "0.1.0").then_some(())),
+        )?;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let state = fleet.agent("x86_64-1").state()?;
+    assert_ne!(
+        state["apps"]["hello-service"]["failure"]["version"], "0.3.0",
+        "sent to the failed 0.3.0 again, it would fail anew"
+    );
+    assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
+    Ok(())
+}
+
+#[test]
 fn one_rollout_spans_four_architectures_with_a_canary_for_each() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("four-arches");
