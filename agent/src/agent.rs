@@ -144,7 +144,10 @@ impl Agent {
                     }
                     Err(e) => {
                         if !was_down {
-                            eprintln!("muscle-agent: check-in failed: {e:#}; backing off");
+                            let error = format!("{e:#}");
+                            let hint = crate::clock::hint_for(&error)
+                                .map_or(String::new(), |h| format!(" ({h})"));
+                            eprintln!("muscle-agent: check-in failed: {error}{hint}; backing off");
                             was_down = true;
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -292,6 +295,7 @@ impl Agent {
             generation: self.generation,
             apps,
             interval_ms: Some(self.cfg.interval.as_millis() as u64),
+            clock_unix: Some(crate::clock::now_unix()),
             problem: self.answer_problem.clone(),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use muscle_protocol::{DesiredApp, Name, ReleaseManifest, ServiceSpec};
 
@@ -20,6 +20,9 @@ pub enum InstallError {
     Transient(String),
     /// These bytes or this manifest will never be installed here.
     Refused(String),
+    /// Refused by this device's clock (an expired manifest): retried at every check-in, since
+    /// the clock may be what is wrong.
+    ByClock(String),
     /// Installed, started, and not healthy in time: rolled back.
     Unhealthy {
         reason: String,
@@ -72,6 +75,7 @@ impl Agent {
                     // decides when the rollout gives up on this agent.
                     InstallError::Transient(r) => (r, None, false),
                     InstallError::Refused(r) => (r, None, true),
+                    InstallError::ByClock(r) => (r, None, false),
                     InstallError::Unhealthy { reason, log_tail } => (reason, log_tail, true),
                 };
                 eprintln!(
@@ -179,12 +183,12 @@ impl Agent {
         .map_err(|e| refuse(format!("manifest signature: {e}")))?;
         let manifest =
             ReleaseManifest::parse(d.manifest.as_bytes()).map_err(|e| refuse(e.to_string()))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |t| t.as_secs());
-        manifest
-            .check_expiry(now)
-            .map_err(|e| refuse(e.to_string()))?;
+        manifest.check_expiry(crate::clock::now_unix()).map_err(|e| {
+            InstallError::ByClock(format!(
+                "{} {}: {e} by this device's clock; if the clock is wrong, fix it (retried at every check-in)",
+                d.app, d.version
+            ))
+        })?;
         // Counters are kept per app: a release of one app offered as another would dodge them.
         if manifest.app != d.app || manifest.version != d.version {
             return Err(refuse(format!(

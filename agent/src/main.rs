@@ -1,6 +1,7 @@
 //! `muscle-agent`: the tiny pull-based agent on every machine of the fleet.
 
 mod agent;
+mod clock;
 mod download;
 mod fsutil;
 mod health;
@@ -279,9 +280,9 @@ fn fetch(
     let part = fsutil::tmp_path(out);
     let http = http::client(ca_file)?;
     install::fetch_verified(&http, url, &part, size, sha256, url).map_err(|e| match e {
-        install::InstallError::Refused(r) | install::InstallError::Transient(r) => {
-            anyhow::anyhow!(r)
-        }
+        install::InstallError::Refused(r)
+        | install::InstallError::Transient(r)
+        | install::InstallError::ByClock(r) => anyhow::anyhow!(r),
         install::InstallError::Unhealthy { reason, .. } => anyhow::anyhow!(reason),
     })?;
     std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;

@@ -532,6 +532,7 @@ mod tests {
             apps: vec![],
             desired_generation: 0,
             interval_ms: 500,
+            clock_skew_s: 0,
         }
     }
 

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::rollout::{MemberState, Rollout};
-use crate::store::{AgentRecord, ReleaseRecord};
+use crate::store::{AgentRecord, ReleaseRecord, CLOCK_SKEW_FLAGGED_S};
 
 #[derive(Serialize)]
 pub struct FleetRow {
@@ -16,6 +16,8 @@ pub struct FleetRow {
     pub last_seen_s: u64,
     /// The agent's own check-in interval: it is stale after a few of them.
     pub interval_ms: u64,
+    /// The agent's clock minus the deployer's.
+    pub clock_skew_s: i64,
     pub stale: bool,
 }
 
@@ -62,6 +64,7 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                     .collect(),
                 last_seen_s: age / 1000,
                 interval_ms: a.interval_ms,
+                clock_skew_s: a.clock_skew_s,
                 stale: a.is_stale(now_ms),
             }
         })
@@ -85,11 +88,14 @@ pub fn fleet_table(agents: &[AgentRecord], now_ms: u64) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let seen = if r.stale {
+            let mut seen = if r.stale {
                 format!("{}s ago (stale)", r.last_seen_s)
             } else {
                 format!("{}s ago", r.last_seen_s)
             };
+            if r.clock_skew_s.abs() > CLOCK_SKEW_FLAGGED_S {
+                seen += &format!(" (clock {:+}s off)", r.clock_skew_s);
+            }
             vec![
                 r.id,
                 r.arch,

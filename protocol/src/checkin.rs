@@ -19,6 +19,10 @@ pub struct CheckinRequest {
     pub generation: u64,
     #[serde(default)]
     pub apps: Vec<AppReport>,
+    /// The agent's clock (Unix seconds) when it sent this: the deployer flags skew, which
+    /// explains refusals of expiring releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_unix: Option<u64>,
     /// How often this agent checks in: the deployer judges it stale after a few missed intervals,
     /// not after a fixed time.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,8 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub labels: Vec<(String, String)>,
     pub extra_args: Vec<String>,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Agent {
@@ -63,6 +65,7 @@ impl Agent {
             cmd.args(["--label", &format!("{k}={v}")]);
         }
         cmd.args(&self.opts.extra_args)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(
@@ -195,6 +198,7 @@ impl Fleet {
             for i in 1..=count {
                 let id = format!("{arch}-{i}");
                 let opts = AgentOptions {
+                    env: vec![],
                     id: id.clone(),
                     bin: bin.clone(),
                     arch: arch.to_string(),

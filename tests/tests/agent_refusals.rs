@@ -95,6 +95,7 @@ fn start_agent(server: &ScriptedServer, name: &str, extra_args: Vec<String>) -> 
     let b = common::builds();
     let dir = common::scratch(name);
     let opts = AgentOptions {
+        env: vec![],
         id: name.into(),
         bin: b.agent("x86_64"),
         arch: "x86_64".into(),
@@ -370,5 +371,49 @@ fn untrusted_tampered_expired_and_replayed_manifests_are_refused() -> Result<()>
         &["release counter 100 is lower than 200"],
     )?;
     assert_untouched(&agent, "0.2.0", &pids, "0.1.0")?;
+    Ok(())
+}
+
+#[test]
+fn an_expiry_refusal_by_a_wrong_clock_is_retried_and_clears_once_the_clock_is_right() -> Result<()>
+{
+    let b = common::builds();
+    let server = ScriptedServer::start();
+    let dir = common::scratch("wrong-clock");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    // The device's clock runs two hours ahead (through the agent's test clock hook).
+    let clock = dir.join("clock");
+    std::fs::write(&clock, (now + 7200).to_string())?;
+    let opts = AgentOptions {
+        env: vec![("MUSCLE_TEST_CLOCK_FILE".into(), clock.display().to_string())],
+        id: "wrong-clock".into(),
+        bin: b.agent("x86_64"),
+        arch: "x86_64".into(),
+        state_dir: dir.join("agent"),
+        labels: vec![],
+        extra_args: vec![],
+    };
+    let agent = Agent::start(opts, &server.url())?;
+    let (m1, v1) = release_parts(&b.v1)?;
+    let (text, _) = signed(&m1, 100, Some(now + 3600), &signing_key(7));
+    let sha = offer(&server, "0.1.0", &text, None, v1, None)?;
+    let reason = wait_refused(
+        &server,
+        "0.1.0",
+        &sha,
+        &agent,
+        &["expired", "check", "clock"],
+    )?;
+    assert!(reason.contains("this device's clock"), "{reason}");
+    // Not a final refusal: the deployer is not told the version failed, and the agent's report
+    // carries its clock, two hours ahead.
+    let report = server.reports().last().cloned().context("no report")?;
+    let skew = report["clock_unix"].as_u64().unwrap_or(0) as i64 - now as i64;
+    assert!((7100..7400).contains(&skew), "reported clock: {report}");
+    // The clock is fixed: the same offer installs at a following check-in.
+    std::fs::write(&clock, now.to_string())?;
+    wait_installed(&server, &agent, "0.1.0")?;
     Ok(())
 }

@@ -156,6 +156,7 @@ fn start() -> Result<Target> {
     let server = ScriptedServer::start();
     let key = signing_key(7);
     let opts = AgentOptions {
+        env: vec![],
         id: "pinned".into(),
         bin: b.agent("x86_64"),
         arch: "x86_64".into(),

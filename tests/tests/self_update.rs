@@ -188,6 +188,7 @@ fn a_new_agent_that_does_not_come_up_is_reverted_and_reported() -> Result<()> {
     // Each case reports to its own scripted server, so one's report cannot pass for the other's.
     let agent_at = |name: &str, server: &muscle_e2e::ScriptedServer| {
         let opts = muscle_e2e::AgentOptions {
+            env: vec![],
             id: name.into(),
             bin: bin.clone(),
             arch: "x86_64".into(),

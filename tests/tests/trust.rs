@@ -317,6 +317,7 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
 
     // An agent that trusts only the public roots refuses this server's certificate.
     let opts = muscle_e2e::AgentOptions {
+        env: vec![],
         id: "untrusting".into(),
         bin: b.agent("x86_64"),
         arch: "x86_64".into(),

@@ -63,6 +63,8 @@ pub struct AgentRecord {
     pub desired_generation: u64,
     /// The check-in interval the agent reported.
     pub interval_ms: u64,
+    /// The agent's clock minus the deployer's at its last check-in, in seconds.
+    pub clock_skew_s: i64,
 }
 
 impl AgentRecord {
@@ -80,6 +82,9 @@ impl AgentRecord {
 
 /// The least time without a check-in after which an agent is stale, whatever its interval.
 pub const STALE_AFTER_MS: u64 = 30_000;
+
+/// A clock further off than this is flagged: it decides which releases an agent deems expired.
+pub const CLOCK_SKEW_FLAGGED_S: i64 = 60;
 
 /// How many of its own check-in intervals an agent may miss before it is stale.
 pub const STALE_AFTER_MISSED: u64 = 3;

@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 const MIGRATIONS: &[&str] = &[
     // 1: the agent's own check-in interval, for staleness.
     "ALTER TABLE agents ADD COLUMN interval_ms INTEGER NOT NULL DEFAULT 5000;",
+    // 2: how far the agent's clock is from the deployer's, when it last checked in.
+    "ALTER TABLE agents ADD COLUMN clock_skew_s INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteStore {
@@ -105,8 +107,8 @@ fn release_row(row: &rusqlite::Row) -> rusqlite::Result<ReleaseRecord> {
     })
 }
 
-const AGENT_COLUMNS: &str =
-    "id, arch, hostname, labels, agent_version, last_seen_ms, apps, desired_generation, interval_ms";
+const AGENT_COLUMNS: &str = "id, arch, hostname, labels, agent_version, last_seen_ms, apps, \
+     desired_generation, interval_ms, clock_skew_s";
 
 fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, String)> {
     let record = AgentRecord {
@@ -119,6 +121,7 @@ fn agent_row(row: &rusqlite::Row) -> rusqlite::Result<(AgentRecord, String, Stri
         apps: vec![],
         desired_generation: row.get::<_, i64>(7)? as u64,
         interval_ms: row.get::<_, i64>(8)? as u64,
+        clock_skew_s: row.get(9)?,
     };
     Ok((record, row.get(3)?, row.get(6)?))
 }
@@ -176,8 +179,8 @@ impl Store for SqliteStore {
         // The hot path of every check-in: one cached statement, the generation read back with it.
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8
+            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9
              RETURNING desired_generation",
         )?;
         let generation: i64 = stmt.query_row(
@@ -189,7 +192,9 @@ impl Store for SqliteStore {
                 req.agent_version,
                 now_ms as i64,
                 json(&req.apps),
-                req.interval_ms.unwrap_or(5000) as i64
+                req.interval_ms.unwrap_or(5000) as i64,
+                req.clock_unix
+                    .map_or(0, |t| t as i64 - (now_ms / 1000) as i64)
             ],
             |r| r.get(0),
         )?;
