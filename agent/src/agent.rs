@@ -46,6 +46,8 @@ pub struct Agent {
     started: Instant,
     /// Why the last check-in answer was refused, told to the server at the next check-in.
     answer_problem: Option<String>,
+    /// Per app, the offer that failed for a passing reason and when to try it again.
+    pub(crate) retry_at: BTreeMap<Name, (String, Instant)>,
 }
 
 /// An answer that arrived but cannot be taken: too large, unparsable, invalid names.
@@ -98,6 +100,7 @@ impl Agent {
             http,
             started: Instant::now(),
             answer_problem: None,
+            retry_at: BTreeMap::new(),
         };
         // Before touching services: this start may be a self-update's, to count or revert.
         agent.check_self_update()?;

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-/// How a download failed. `Refused` is final for these bytes; `Incomplete` is worth resuming.
+/// How a download failed: bytes that are not the signed ones (deleted; fetched anew next time),
+/// or a transfer that did not finish (resumed next time).
 #[derive(Debug)]
 pub enum DownloadError {
-    Refused(String),
+    Mismatch(String),
     Incomplete(String),
 }
 
@@ -52,7 +53,7 @@ pub fn fetch(
     let got = hex::encode(hasher.finalize());
     if got != sha256 {
         let _ = std::fs::remove_file(part);
-        return Err(DownloadError::Refused(format!(
+        return Err(DownloadError::Mismatch(format!(
             "sha256 mismatch for {url}: got {got}, expected {sha256} from the manifest"
         )));
     }
@@ -110,7 +111,7 @@ fn transfer(
         if have + n as u64 > size {
             drop(file);
             let _ = std::fs::remove_file(part);
-            return Err(DownloadError::Refused(format!(
+            return Err(DownloadError::Mismatch(format!(
                 "{url} sent more than the signed size of {size} bytes"
             )));
         }

@@ -43,12 +43,11 @@ impl Agent {
                 .is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256)
         };
         let offer = offer_id(d);
-        if at_desired
-            || st
-                .failure
-                .as_ref()
-                .is_some_and(|f| f.offer == offer && f.permanent)
-        {
+        let refused_for_good = st
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.offer == offer && f.permanent);
+        if at_desired || refused_for_good || self.backing_off(&d.app, &offer) {
             return false;
         }
         eprintln!("muscle-agent: {}: installing {}", d.app, d.version);
@@ -58,6 +57,7 @@ impl Agent {
         } else {
             self.install(d)
         };
+        self.retry_at.remove(&d.app);
         let st = self.app_state_mut(&d.app);
         match result {
             Ok(()) => eprintln!(
@@ -70,6 +70,12 @@ impl Agent {
                     .as_ref()
                     .filter(|f| f.offer == offer)
                     .map_or(1, |f| f.attempts + 1);
+                if !matches!(e, InstallError::Refused(_) | InstallError::Unhealthy { .. }) {
+                    let delay = retry_delay(attempts);
+                    self.retry_at
+                        .insert(d.app.clone(), (offer.clone(), Instant::now() + delay));
+                }
+                let st = self.app_state_mut(&d.app);
                 let (reason, log_tail, permanent) = match e {
                     // Retried at every check-in, resuming the download; the deployer's deadline
                     // decides when the rollout gives up on this agent.
@@ -97,6 +103,13 @@ impl Agent {
             eprintln!("muscle-agent: {e:#}");
         }
         true
+    }
+
+    /// Whether `offer` of `app` failed recently for a passing reason and waits for its retry.
+    fn backing_off(&self, app: &Name, offer: &str) -> bool {
+        self.retry_at
+            .get(app)
+            .is_some_and(|(o, at)| o == offer && Instant::now() < *at)
     }
 
     /// The remembered state of `app`; the agent's own lives apart from the services'.
@@ -381,6 +394,18 @@ impl Agent {
 
 /// What identifies an offer: the bytes, the manifest and its signature. A refusal is final for
 /// one offer; the same version re-signed or re-released is a new offer.
+/// How long to wait before the `attempts`+1-th try of an offer that failed for a reason that
+/// may pass (a cut download, bytes that did not match, a full disk, the clock): doubling from 1 s
+/// to 5 minutes, ±10% so that a fleet does not retry in step.
+pub(crate) fn retry_delay(attempts: u32) -> std::time::Duration {
+    let base = 1000u64
+        .saturating_mul(1 << attempts.saturating_sub(1).min(9))
+        .min(300_000);
+    let spread = base / 10;
+    let jitter = u64::from(std::process::id()).wrapping_mul(2_654_435_761) % (2 * spread + 1);
+    std::time::Duration::from_millis(base - spread + jitter)
+}
+
 pub(crate) fn offer_id(d: &DesiredApp) -> String {
     let signature = d.signature.as_deref().unwrap_or("");
     muscle_protocol::sha256_hex(
@@ -399,9 +424,10 @@ pub fn fetch_verified(
     sha256: &str,
     what: &str,
 ) -> Result<(), InstallError> {
+    // Bytes that do not match the signed hash are the server's fault, not the release's: the
+    // store may be repaired, so they are retried (with backoff), not refused for good.
     download::fetch(http, url, part, size, sha256).map_err(|e| match e {
-        DownloadError::Refused(r) => InstallError::Refused(r),
-        DownloadError::Incomplete(r) => InstallError::Transient(r),
+        DownloadError::Mismatch(r) | DownloadError::Incomplete(r) => InstallError::Transient(r),
     })?;
     if let Err(reason) = check_elf(part) {
         let _ = std::fs::remove_file(part);

@@ -417,3 +417,44 @@ fn an_expiry_refusal_by_a_wrong_clock_is_retried_and_clears_once_the_clock_is_ri
     wait_installed(&server, &agent, "0.1.0")?;
     Ok(())
 }
+
+#[test]
+fn failing_downloads_back_off_and_a_repaired_blob_is_fetched_again() -> Result<()> {
+    let b = common::builds();
+    let server = ScriptedServer::start();
+    let agent = start_agent(&server, "backoff", vec![])?;
+    let (m1, v1) = release_parts(&b.v1)?;
+
+    // A download the server always cuts off: retried, but with doubling delays (1, 2, 4, 8 s),
+    // not once per check-in.
+    let sha = offer(
+        &server,
+        "0.1.0",
+        &m1.to_string(),
+        None,
+        v1.clone(),
+        Some(1000),
+    )?;
+    std::thread::sleep(Duration::from_secs(20));
+    let path = format!("/blobs/{sha}-{}", v1.len());
+    let attempts = server
+        .blob_requests()
+        .iter()
+        .filter(|(p, _)| *p == path)
+        .count();
+    assert!(
+        (2..=7).contains(&attempts),
+        "{attempts} download attempts in 20 s (backoff allows about 5)"
+    );
+
+    // Bytes that do not match the signed hash, then the store is repaired: fetched again (a
+    // new offer, so its backoff starts afresh).
+    let (m2, v2) = release_parts(&b.v2)?;
+    let mut corrupt = v2.clone();
+    corrupt[1000] ^= 0xff;
+    let sha = offer(&server, "0.2.0", &m2.to_string(), None, corrupt, None)?;
+    wait_refused(&server, "0.2.0", &sha, &agent, &["sha256 mismatch"])?;
+    offer(&server, "0.2.0", &m2.to_string(), None, v2, None)?;
+    wait_installed(&server, &agent, "0.2.0")?;
+    Ok(())
+}
