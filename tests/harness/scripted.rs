@@ -29,6 +29,8 @@ struct Script {
     reports: Vec<Value>,
     /// Spaces appended to every check-in answer (an oversized answer).
     padding: usize,
+    /// Send check-in answers one byte a second (a trickling peer).
+    trickle_answers: bool,
     /// Every blob request as (path, first byte asked for).
     blob_requests: Vec<(String, usize)>,
 }
@@ -84,6 +86,11 @@ impl ScriptedServer {
         self.script.lock().unwrap().padding = bytes;
     }
 
+    /// From now on, check-in answers trickle: one byte a second, for as long as the agent reads.
+    pub fn trickle_answers(&self, on: bool) {
+        self.script.lock().unwrap().trickle_answers = on;
+    }
+
     pub fn reports(&self) -> Vec<Value> {
         self.script.lock().unwrap().reports.clone()
     }
@@ -132,14 +139,23 @@ fn handle(stream: TcpStream, script: &Mutex<Script>) -> std::io::Result<()> {
     let mut out = stream;
     if method == "POST" && path == "/v1/checkin" {
         let report: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (answer, padding) = {
+        let (answer, padding, trickle) = {
             let mut s = script.lock().unwrap();
             s.reports.push(report);
             let answer = serde_json::json!({ "generation": s.generation, "unchanged": false, "apps": s.apps });
-            (answer, s.padding)
+            (answer, s.padding, s.trickle_answers)
         };
         let text = answer.to_string() + &" ".repeat(padding);
-        return write!(out, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}", text.len());
+        write!(out, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", text.len())?;
+        if !trickle {
+            return out.write_all(text.as_bytes());
+        }
+        for byte in text.as_bytes() {
+            out.write_all(&[*byte])?;
+            out.flush()?;
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        return Ok(());
     }
     let blob = {
         let mut s = script.lock().unwrap();

@@ -325,3 +325,40 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     assert_eq!(snapshot(&t.dir, &state_dir), before, "after a restart");
     Ok(())
 }
+
+#[test]
+fn a_trickling_answer_is_abandoned_at_its_deadline_and_the_agent_checks_in_again() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("trickle-answer");
+    let server = ScriptedServer::start();
+    let opts = AgentOptions {
+        env: vec![],
+        id: "trickled".into(),
+        bin: b.agent("x86_64"),
+        arch: "x86_64".into(),
+        state_dir: dir.join("agent"),
+        labels: vec![],
+        extra_args: vec![],
+    };
+    let agent = Agent::start(opts, &server.url())?;
+    wait_until("a first check-in", Duration::from_secs(30), || {
+        Ok((!server.reports().is_empty()).then_some(()))
+    })?;
+    // Every answer now comes one byte a second: each check-in is abandoned at its 30 s deadline,
+    // and the agent comes back for more instead of hanging on the first.
+    // (Padded to ~250 bytes: without a deadline, one answer would hold the agent 4 minutes.)
+    server.pad_answers(200);
+    server.trickle_answers(true);
+    let seen = server.reports().len();
+    wait_until(
+        "a check-in after an abandoned one",
+        Duration::from_secs(90),
+        || Ok((server.reports().len() >= seen + 2).then_some(())),
+    )?;
+    assert!(
+        agent.log().contains("check-in failed"),
+        "the abandoned check-in is logged: {}",
+        agent.log()
+    );
+    Ok(())
+}
