@@ -46,33 +46,42 @@ struct Target {
     v2: (Value, Vec<u8>),
 }
 
-impl Target {
-    /// Offers `app` `version` with `manifest` (signed by the pinned key, counter given) and
-    /// `service` as the deployer's own spec.
-    fn offer(
-        &self,
-        app: &str,
-        version: &str,
-        manifest: &Value,
-        counter: u64,
-        bytes: &[u8],
-        service: Value,
-    ) {
-        self.offer_binary(app, version, manifest, counter, bytes, service, APP)
-    }
+/// What the malicious deployer offers: a release's manifest (re-signed with the pinned key and
+/// `counter`) and bytes, under an app name and version, naming a binary of its choosing.
+struct Offer<'a> {
+    app: &'a str,
+    version: &'a str,
+    manifest: &'a Value,
+    bytes: &'a [u8],
+    counter: u64,
+    binary: &'a str,
+}
 
-    /// Like [`offer`](Self::offer), naming `binary` as the one to run.
-    #[allow(clippy::too_many_arguments)]
-    fn offer_binary(
-        &self,
-        app: &str,
-        version: &str,
-        manifest: &Value,
-        counter: u64,
-        bytes: &[u8],
-        service: Value,
-        binary: &str,
-    ) {
+impl<'a> Offer<'a> {
+    /// `release` offered as hello-service `version`, as released.
+    fn of(release: &'a (Value, Vec<u8>), version: &'a str, counter: u64) -> Offer<'a> {
+        Offer {
+            app: APP,
+            version,
+            manifest: &release.0,
+            bytes: &release.1,
+            counter,
+            binary: APP,
+        }
+    }
+}
+
+impl Target {
+    /// Offers `o`, with `service` as the deployer's own spec.
+    fn offer(&self, o: Offer, service: Value) {
+        let Offer {
+            app,
+            version,
+            manifest,
+            bytes,
+            counter,
+            binary,
+        } = o;
         let (text, sig) = signed(manifest, counter, None, &signing_key(7));
         let entry = manifest["artifacts"]
             .as_array()
@@ -196,7 +205,7 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
         "the release carries its spec: {}",
         t.v1.0
     );
-    t.offer(APP, "0.1.0", &t.v1.0, 100, &t.v1.1, evil_spec.clone());
+    t.offer(Offer::of(&t.v1, "0.1.0", 100), evil_spec.clone());
     wait_until("0.1.0 healthy", Duration::from_secs(60), || {
         let r = t.server.last_app_report(APP).context("no report")?;
         ensure!(
@@ -232,11 +241,10 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     let mut unsigned_spec = t.v2.0.clone();
     unsigned_spec.as_object_mut().unwrap().remove("service");
     t.offer(
-        APP,
-        "0.2.0",
-        &unsigned_spec,
-        200,
-        &t.v2.1,
+        Offer {
+            manifest: &unsigned_spec,
+            ..Offer::of(&t.v2, "0.2.0", 200)
+        },
         evil_spec.clone(),
     );
     t.wait_refused(APP, "0.2.0", "carries no signed service spec")?;
@@ -254,14 +262,13 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     other["binary"] = "other-bin".into();
     other["path"] = "x86_64-unknown-linux-musl/other-bin".into();
     two_bins["artifacts"].as_array_mut().unwrap().push(other);
-    t.offer_binary(
-        APP,
-        "0.2.0",
-        &two_bins,
-        200,
-        &t.v2.1,
+    t.offer(
+        Offer {
+            manifest: &two_bins,
+            binary: "other-bin",
+            ..Offer::of(&t.v2, "0.2.0", 200)
+        },
         evil_spec.clone(),
-        "other-bin",
     );
     t.wait_refused(
         APP,
@@ -272,11 +279,10 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
 
     // 4. Cross-app replay: an older signed release of hello-service offered as another app.
     t.offer(
-        "other-app",
-        "0.1.0",
-        &t.v1.0,
-        50,
-        &t.v1.1,
+        Offer {
+            app: "other-app",
+            ..Offer::of(&t.v1, "0.1.0", 50)
+        },
         evil_spec.clone(),
     );
     t.wait_refused(
@@ -292,7 +298,13 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
         (t.dir.join("outside").to_str().unwrap(), "'/' at position 0"),
         (&"x".repeat(300), "300 characters long"),
     ] {
-        t.offer(app, "0.1.0", &t.v1.0, 100, &t.v1.1, evil_spec.clone());
+        t.offer(
+            Offer {
+                app,
+                ..Offer::of(&t.v1, "0.1.0", 100)
+            },
+            evil_spec.clone(),
+        );
         t.wait_answer_refused(reason)?;
         untouched(&format!("app name {app:?}"))?;
     }
@@ -306,7 +318,7 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
     );
 
     // 6. An oversized answer is refused, not buffered.
-    t.offer(APP, "0.1.0", &t.v1.0, 100, &t.v1.1, evil_spec);
+    t.offer(Offer::of(&t.v1, "0.1.0", 100), evil_spec);
     t.server.pad_answers(6 * 1024 * 1024);
     t.wait_answer_refused("larger than")?;
     untouched("an oversized answer")?;
