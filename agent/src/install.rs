@@ -77,8 +77,8 @@ impl Agent {
                 }
                 let st = self.app_state_mut(&d.app);
                 let (reason, log_tail, permanent) = match e {
-                    // Retried at every check-in, resuming the download; the deployer's deadline
-                    // decides when the rollout gives up on this agent.
+                    // Retried after `retry_delay`, resuming the download; the deployer's
+                    // deadline decides when the rollout gives up on this agent.
                     InstallError::Transient(r) => (r, None, false),
                     InstallError::Refused(r) => (r, None, true),
                     InstallError::ByClock(r) => (r, None, false),
