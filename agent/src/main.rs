@@ -86,7 +86,7 @@ enum Supervisor {
 #[derive(clap::Args)]
 struct RunArgs {
     /// The deployer's URL, e.g. http://127.0.0.1:7700
-    #[arg(long)]
+    #[arg(long, value_parser = muscle_protocol::parse_url)]
     server: String,
     #[arg(long, default_value = "/var/lib/muscle-agent")]
     state_dir: PathBuf,
@@ -124,8 +124,8 @@ struct RunArgs {
     /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
     #[arg(long)]
     leave_services_running: bool,
-    /// Rotate a service's log beyond this many bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    /// Rotate a service's log beyond this size (bytes, or with K, M, G).
+    #[arg(long, default_value = "1M", value_parser = muscle_protocol::parse_size)]
     log_max_bytes: u64,
     /// Versions kept on disk per app, the current and previous included.
     #[arg(long, default_value_t = 3)]

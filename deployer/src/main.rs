@@ -182,6 +182,16 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out);
     }
+    // Only publish and serve make a store; anything else in a folder without one is a mistyped
+    // --data-dir, not an empty fleet.
+    let creates = matches!(cli.command, Command::Publish { .. } | Command::Serve { .. });
+    if !creates && !dir.join("muscle.db").is_file() {
+        bail!(
+            "no store in {} (no muscle.db): check --data-dir or $MUSCLE_DATA_DIR; \
+             `muscle-deploy publish` or `serve` creates one",
+            dir.display()
+        );
+    }
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&dir)
             .with_context(|| format!("opening the store in {}", dir.display()))?,

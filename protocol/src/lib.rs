@@ -73,6 +73,43 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses a server URL given on a command line: `http://` or `https://` and a host, so that a
+/// forgotten scheme is refused at start rather than failing at every check-in.
+pub fn parse_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| {
+            format!("{s:?}: expected a URL with its scheme, like http://{s} or https://{s}")
+        })?;
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        return Err(format!("{s:?}: expected a host after the scheme"));
+    }
+    Ok(s.to_owned())
+}
+
+/// Parses a size: bytes, or a number with `K`, `M` or `G` (powers of 1024; `KiB`, `MiB`, `GiB`
+/// too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size like 1048576, 64K or 1M"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("{s:?}: unknown unit {other:?}, expected K, M or G")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
 /// Parses a label or selector written `key=value`, both parts valid [`Name`]s.
 pub fn parse_label(s: &str) -> Result<(Name, Name), String> {
     let (k, v) = parse_key_value(s)?;
@@ -87,3 +124,24 @@ pub const MAX_CHECKIN_BYTES: usize = 256 * 1024;
 /// The largest check-in answer the agent reads: a desired state with its manifests is a few KiB
 /// per app; anything past this is refused rather than buffered.
 pub const MAX_ANSWER_BYTES: u64 = 4 * 1024 * 1024;
+
+#[cfg(test)]
+mod cli_value_tests {
+    use super::*;
+
+    #[test]
+    fn urls_need_their_scheme_and_sizes_take_units() {
+        assert!(parse_url("http://127.0.0.1:7700").is_ok());
+        assert!(parse_url("https://deployer.lan").is_ok());
+        let err = parse_url("127.0.0.1:7700").unwrap_err();
+        assert!(err.contains("like http://127.0.0.1:7700"), "{err}");
+        assert!(parse_url("http://").is_err());
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("20000"), Ok(20_000));
+        assert!(parse_size("1T").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("99999999999999G")
+            .unwrap_err()
+            .contains("too large"));
+    }
+}

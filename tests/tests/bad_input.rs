@@ -225,3 +225,57 @@ fn malformed_and_oversized_checkins_get_clear_errors_and_do_not_disturb_the_flee
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
     Ok(())
 }
+
+#[test]
+fn command_lines_are_checked_at_start() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("cli-checks");
+
+    // A mistyped --data-dir is not an empty fleet: refused, and nothing is created there.
+    let missing = dir.join("no-such-store");
+    let out = std::process::Command::new(&b.deployer)
+        .arg("--data-dir")
+        .arg(&missing)
+        .arg("fleet")
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("no store in"),
+        "{}",
+        common::text(&out)
+    );
+    assert!(!missing.exists(), "a read command created a store");
+
+    // A server URL without its scheme is refused at start, not at every check-in.
+    let agent = b.agent("x86_64");
+    let out = std::process::Command::new(&agent)
+        .args(["run", "--server", "127.0.0.1:7700", "--state-dir"])
+        .arg(dir.join("agent"))
+        .output()?;
+    assert_eq!(out.status.code(), Some(2), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("expected a URL with its scheme, like http://127.0.0.1:7700"),
+        "{}",
+        common::text(&out)
+    );
+
+    // Sizes take units: the agent starts with --log-max-bytes 1M.
+    let mut child = std::process::Command::new(&agent)
+        .args([
+            "run",
+            "--server",
+            "http://127.0.0.1:9",
+            "--log-max-bytes",
+            "1M",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("agent"))
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let still_running = child.try_wait()?.is_none();
+    child.kill()?;
+    child.wait()?;
+    assert!(still_running, "the agent refused --log-max-bytes 1M");
+    Ok(())
+}
