@@ -21,6 +21,22 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl AgentOptions {
+    /// Agent `id` running `bin` (an `arch` binary) with its state in `state_dir`: no labels, no
+    /// extra arguments or environment (set those fields to add them).
+    pub fn new(id: &str, bin: PathBuf, arch: &str, state_dir: PathBuf) -> AgentOptions {
+        AgentOptions {
+            id: id.to_owned(),
+            bin,
+            arch: arch.to_owned(),
+            state_dir,
+            labels: vec![],
+            extra_args: vec![],
+            env: vec![],
+        }
+    }
+}
+
 pub struct Agent {
     pub opts: AgentOptions,
     /// The port its hello-service listens on (`--var port=`).
@@ -198,13 +214,9 @@ impl Fleet {
             for i in 1..=count {
                 let id = format!("{arch}-{i}");
                 let opts = AgentOptions {
-                    env: vec![],
-                    id: id.clone(),
-                    bin: bin.clone(),
-                    arch: arch.to_string(),
-                    state_dir: dir.join(&id),
                     labels: vec![("site".into(), "lab".into())],
                     extra_args: agent_args.iter().map(|a| a.to_string()).collect(),
+                    ..AgentOptions::new(&id, bin.clone(), arch, dir.join(&id))
                 };
                 agents.push(Agent::start(opts, &deployer.url())?);
             }

@@ -95,13 +95,8 @@ fn start_agent(server: &ScriptedServer, name: &str, extra_args: Vec<String>) -> 
     let b = common::builds();
     let dir = common::scratch(name);
     let opts = AgentOptions {
-        env: vec![],
-        id: name.into(),
-        bin: b.agent("x86_64"),
-        arch: "x86_64".into(),
-        state_dir: dir.join("agent"),
-        labels: vec![],
         extra_args,
+        ..AgentOptions::new(name, b.agent("x86_64"), "x86_64", dir.join("agent"))
     };
     Agent::start(opts, &server.url())
 }
@@ -388,12 +383,12 @@ fn an_expiry_refusal_by_a_wrong_clock_is_retried_and_clears_once_the_clock_is_ri
     std::fs::write(&clock, (now + 7200).to_string())?;
     let opts = AgentOptions {
         env: vec![("MUSCLE_TEST_CLOCK_FILE".into(), clock.display().to_string())],
-        id: "wrong-clock".into(),
-        bin: b.agent("x86_64"),
-        arch: "x86_64".into(),
-        state_dir: dir.join("agent"),
-        labels: vec![],
-        extra_args: vec![],
+        ..AgentOptions::new(
+            "wrong-clock",
+            b.agent("x86_64"),
+            "x86_64",
+            dir.join("agent"),
+        )
     };
     let agent = Agent::start(opts, &server.url())?;
     let (m1, v1) = release_parts(&b.v1)?;

@@ -165,16 +165,11 @@ fn start() -> Result<Target> {
     let server = ScriptedServer::start();
     let key = signing_key(7);
     let opts = AgentOptions {
-        env: vec![],
-        id: "pinned".into(),
-        bin: b.agent("x86_64"),
-        arch: "x86_64".into(),
-        state_dir: dir.join("agent"),
-        labels: vec![],
         extra_args: vec![
             "--trusted-key".into(),
             muscle_protocol::public_key_hex(&key),
         ],
+        ..AgentOptions::new("pinned", b.agent("x86_64"), "x86_64", dir.join("agent"))
     };
     let agent = Agent::start(opts, &server.url())?;
     Ok(Target {
@@ -343,15 +338,7 @@ fn a_trickling_answer_is_abandoned_at_its_deadline_and_the_agent_checks_in_again
     let b = common::builds();
     let dir = common::scratch("trickle-answer");
     let server = ScriptedServer::start();
-    let opts = AgentOptions {
-        env: vec![],
-        id: "trickled".into(),
-        bin: b.agent("x86_64"),
-        arch: "x86_64".into(),
-        state_dir: dir.join("agent"),
-        labels: vec![],
-        extra_args: vec![],
-    };
+    let opts = AgentOptions::new("trickled", b.agent("x86_64"), "x86_64", dir.join("agent"));
     let agent = Agent::start(opts, &server.url())?;
     wait_until("a first check-in", Duration::from_secs(30), || {
         Ok((!server.reports().is_empty()).then_some(()))

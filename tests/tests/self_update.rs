@@ -187,15 +187,7 @@ fn a_new_agent_that_does_not_come_up_is_reverted_and_reported() -> Result<()> {
     let bin = b.agent("x86_64");
     // Each case reports to its own scripted server, so one's report cannot pass for the other's.
     let agent_at = |name: &str, server: &muscle_e2e::ScriptedServer| {
-        let opts = muscle_e2e::AgentOptions {
-            env: vec![],
-            id: name.into(),
-            bin: bin.clone(),
-            arch: "x86_64".into(),
-            state_dir: dir.join(name),
-            labels: vec![],
-            extra_args: vec![],
-        };
+        let opts = muscle_e2e::AgentOptions::new(name, bin.clone(), "x86_64", dir.join(name));
         muscle_e2e::Agent::start(opts, &server.url())
     };
 

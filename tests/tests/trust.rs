@@ -316,15 +316,12 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
     }
 
     // An agent that trusts only the public roots refuses this server's certificate.
-    let opts = muscle_e2e::AgentOptions {
-        env: vec![],
-        id: "untrusting".into(),
-        bin: b.agent("x86_64"),
-        arch: "x86_64".into(),
-        state_dir: dir.join("untrusting"),
-        labels: vec![],
-        extra_args: vec![],
-    };
+    let opts = muscle_e2e::AgentOptions::new(
+        "untrusting",
+        b.agent("x86_64"),
+        "x86_64",
+        dir.join("untrusting"),
+    );
     let stranger = muscle_e2e::Agent::start(opts, &fleet.deployer.url())?;
     let log = muscle_e2e::wait_until(
         "the certificate to be refused",

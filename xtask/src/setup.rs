@@ -68,16 +68,20 @@ fn rustup_targets(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Re
     if missing.is_empty() {
         return Ok(());
     }
+    let mut args = vec!["target", "add"];
+    args.extend(missing);
+    install(check, todo, "rustup", &args)
+}
+
+/// Runs `program args` as this user, saying so; with `--check`, only notes it in `todo`.
+fn install(check: bool, todo: &mut Vec<String>, program: &str, args: &[&str]) -> Result<()> {
+    let line = format!("{program} {}", args.join(" "));
     if check {
-        todo.push(format!("rustup target add {}", missing.join(" ")));
+        todo.push(line);
         return Ok(());
     }
-    eprintln!("setup: rustup target add {}", missing.join(" "));
-    util::run(
-        Command::new("rustup")
-            .args(["target", "add"])
-            .args(&missing),
-    )
+    eprintln!("setup: {line}");
+    util::run(Command::new(program).args(args))
 }
 
 fn packages(
@@ -172,26 +176,16 @@ fn zig(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
 fn fuzzing(check: bool, todo: &mut Vec<String>) -> Result<()> {
     let toolchains = util::output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        let install = ["toolchain", "install", "nightly", "--profile", "minimal"];
-        if check {
-            todo.push(format!("rustup {}", install.join(" ")));
-        } else {
-            eprintln!("setup: rustup {}", install.join(" "));
-            util::run(Command::new("rustup").args(install))?;
-        }
+        let nightly = ["toolchain", "install", "nightly", "--profile", "minimal"];
+        install(check, todo, "rustup", &nightly)?;
     }
     let have_fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !have_fuzz {
-        let install = ["install", "cargo-fuzz", "--locked", "--version", "0.13.2"];
-        if check {
-            todo.push(format!("cargo {}", install.join(" ")));
-        } else {
-            eprintln!("setup: cargo {}", install.join(" "));
-            util::run(Command::new("cargo").args(install))?;
-        }
+        let cargo_fuzz = ["install", "cargo-fuzz", "--locked", "--version", "0.13.2"];
+        install(check, todo, "cargo", &cargo_fuzz)?;
     }
     Ok(())
 }
