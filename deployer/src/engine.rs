@@ -61,10 +61,10 @@ fn last_known_good(
     agent_id: &str,
     app: &str,
 ) -> Option<Assignment> {
-    let assigned = store.assignment(agent_id, app).ok().flatten();
     let good = agent?.report(app)?.installed_version.clone()?;
-    if let Some(a) = assigned.filter(|a| a.version == good.as_str()) {
-        return Some(a);
+    let assigned = store.assignment(agent_id, app).ok().flatten();
+    if let Some(a) = assigned.as_ref().filter(|a| a.version == good.as_str()) {
+        return Some(a.clone());
     }
     // Assigned something else since: run the good version with the spec its release signed,
     // else the one the agent was last given.
@@ -75,13 +75,7 @@ fn last_known_good(
         .and_then(|r| ReleaseManifest::parse(r.manifest.as_bytes()).ok())
         .and_then(|m| m.service);
     let service = signed
-        .or_else(|| {
-            store
-                .assignment(agent_id, app)
-                .ok()
-                .flatten()
-                .map(|a| a.service)
-        })
+        .or_else(|| assigned.map(|a| a.service))
         .unwrap_or_default();
     Some(Assignment {
         agent_id: agent_id.to_owned(),
