@@ -112,3 +112,24 @@ impl StateStore {
         fsutil::write_atomic(&self.path, &json)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_file_that_names_a_path_is_refused_on_load() {
+        let dir = std::env::temp_dir().join(format!("muscle-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = StateStore::new(&dir);
+        std::fs::write(dir.join("state.json"), r#"{"apps": {"../../x": {}}}"#).unwrap();
+        let err = format!("{:#}", store.load().unwrap_err());
+        assert!(
+            err.contains("not a valid agent state file") && err.contains("starts with '.'"),
+            "{err}"
+        );
+        std::fs::write(dir.join("state.json"), r#"{"apps": {"hello": {}}}"#).unwrap();
+        assert!(store.load().unwrap().apps.contains_key("hello"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
