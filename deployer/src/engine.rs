@@ -1,28 +1,34 @@
 //! The rollout engine: applies queued requests and advances every running rollout, persisting
 //! each step, so a deployer restarted at any moment resumes where it was.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use muscle_protocol::ReleaseManifest;
 
-use crate::rollout::{Action, Status};
-use crate::store::{AgentRecord, Assignment, Result, Store};
+use crate::rollout::Status;
+use crate::store::{AgentRecord, Assignment, Result, Step, Store};
 
 /// One engine step over every rollout. Returns the messages of rollouts whose state changed.
+/// Each rollout's step (assignments, its new state, the request it answered) commits as one
+/// transaction; a store error stops the tick and is returned, never skipped over.
 pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     let mut log = Vec::new();
-    for (id, request) in store.take_rollout_requests()? {
+    for (id, request) in store.rollout_requests()? {
         let Some(mut rollout) = store.rollout(id)? else {
             continue;
         };
-        match rollout.apply_request(request, now_ms) {
-            Ok(actions) => {
-                apply(store, &actions)?;
-                store.update_rollout(&rollout)?;
-                log.push(format!("rollout {id}: {}", rollout.message));
-            }
-            Err(why) => log.push(format!("rollout {id}: {why}")),
-        }
+        let (actions, line) = match rollout.apply_request(request, now_ms) {
+            Ok(actions) => (actions, format!("rollout {id}: {}", rollout.message)),
+            Err(why) => (vec![], format!("rollout {id}: {why}")),
+        };
+        store.commit_step(&Step {
+            rollout: &rollout,
+            save_rollout: true,
+            actions: &actions,
+            handled: Some(request),
+        })?;
+        log.push(line);
     }
     let agents: BTreeMap<String, _> = store
         .agents()?
@@ -36,17 +42,31 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     {
         let before = rollout.clone();
         let app = rollout.app.clone();
-        let previous = |agent: &str| last_known_good(store, agents.get(agent), agent, &app);
+        let failed = RefCell::new(None);
+        let previous = |agent: &str| {
+            last_known_good(store, agents.get(agent), agent, &app).unwrap_or_else(|e| {
+                failed.borrow_mut().get_or_insert(e);
+                None
+            })
+        };
         let actions = rollout.advance(&agents, now_ms, &previous);
-        apply(store, &actions)?;
-        if rollout != before {
-            store.update_rollout(&rollout)?;
-            if rollout.message != before.message || rollout.status != before.status {
-                log.push(format!(
-                    "rollout {} ({} {}): {:?}: {}",
-                    rollout.id, rollout.app, rollout.version, rollout.status, rollout.message
-                ));
-            }
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        if rollout == before && actions.is_empty() {
+            continue;
+        }
+        store.commit_step(&Step {
+            rollout: &rollout,
+            save_rollout: rollout != before,
+            actions: &actions,
+            handled: None,
+        })?;
+        if rollout.message != before.message || rollout.status != before.status {
+            log.push(format!(
+                "rollout {} ({} {}): {:?}: {}",
+                rollout.id, rollout.app, rollout.version, rollout.status, rollout.message
+            ));
         }
     }
     Ok(log)
@@ -60,40 +80,32 @@ fn last_known_good(
     agent: Option<&AgentRecord>,
     agent_id: &str,
     app: &str,
-) -> Option<Assignment> {
-    let good = agent?.report(app)?.installed_version.clone()?;
-    let assigned = store.assignment(agent_id, app).ok().flatten();
+) -> Result<Option<Assignment>> {
+    let Some(good) = agent
+        .and_then(|a| a.report(app))
+        .and_then(|r| r.installed_version.clone())
+    else {
+        return Ok(None);
+    };
+    let assigned = store.assignment(agent_id, app)?;
     if let Some(a) = assigned.as_ref().filter(|a| a.version == good.as_str()) {
-        return Some(a.clone());
+        return Ok(Some(a.clone()));
     }
     // Assigned something else since: run the good version with the spec its release signed,
-    // else the one the agent was last given.
+    // else the one the agent was last given. (A stored manifest that no longer parses was
+    // checked at publish; its spec is then simply not used.)
     let signed = store
-        .release(app, &good)
-        .ok()
-        .flatten()
+        .release(app, &good)?
         .and_then(|r| ReleaseManifest::parse(r.manifest.as_bytes()).ok())
         .and_then(|m| m.service);
     let service = signed
         .or_else(|| assigned.map(|a| a.service))
         .unwrap_or_default();
-    Some(Assignment {
+    Ok(Some(Assignment {
         agent_id: agent_id.to_owned(),
         app: app.to_owned(),
         version: good.to_string(),
         service,
         rollout_id: None,
-    })
-}
-
-fn apply(store: &dyn Store, actions: &[Action]) -> Result<()> {
-    for Action::Assign {
-        agent_id,
-        app,
-        assignment,
-    } in actions
-    {
-        store.assign(agent_id, app, assignment.as_ref())?;
-    }
-    Ok(())
+    }))
 }

@@ -3,6 +3,7 @@
 
 mod auth;
 mod engine;
+mod failpoint;
 mod publish;
 mod rollout;
 mod server;

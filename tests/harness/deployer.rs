@@ -14,6 +14,8 @@ pub struct Deployer {
     pub port: u16,
     /// Extra `serve` arguments (tokens, ...), kept across restarts.
     pub serve_args: Vec<String>,
+    /// Extra environment (failpoints, ...), kept across restarts.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -32,6 +34,7 @@ impl Deployer {
             data_dir: data_dir.to_owned(),
             port: free_port(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            env: vec![],
             child: None,
             log: data_dir.join("deployer.log"),
         };
@@ -57,6 +60,7 @@ impl Deployer {
                 "200ms",
             ])
             .args(&self.serve_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -154,6 +158,14 @@ impl Deployer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits until the process exits by itself (a crash, a failpoint); its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("the deployer is not running")?;
+        let status = wait_until("the deployer to exit", timeout, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
     }
 
     /// Starts it again on the same port and store.

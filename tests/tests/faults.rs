@@ -178,6 +178,64 @@ fn a_deployer_killed_mid_rollout_resumes_it_and_cut_off_agents_keep_serving() ->
     Ok(())
 }
 
+#[test]
+fn a_deployer_crashing_inside_an_engine_step_leaves_it_undone_and_rollback_still_restores(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("engine-step-crash");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    deployer.publish(&b.v2.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
+    common::roll_out(&fleet, "0.1.0")?;
+
+    // The engine dies between writing the canary's assignment and saving the rollout.
+    fleet.deployer.env = vec![("MUSCLE_FAILPOINTS".into(), "engine-step".into())];
+    fleet.deployer.restart()?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[APP, "0.2.0", "--service", &spec, "--max-parallel", "1"])?;
+    let status = fleet.deployer.wait_exit(Duration::from_secs(30))?;
+    assert!(!status.success(), "the failpoint aborts the deployer");
+    assert!(fleet.deployer.log().contains("failpoint engine-step"));
+
+    // What the crash left: no assignment of 0.2.0 without the rollout that made it.
+    let db = rusqlite::Connection::open(fleet.deployer.data_dir.join("muscle.db"))?;
+    let assigned: i64 = db.query_row(
+        "SELECT count(*) FROM assignments WHERE json_extract(body, '$.version') = '0.2.0'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(assigned, 0, "an assignment outlived the step that made it");
+    drop(db);
+    let r = fleet.deployer.rollout(Some(id))?;
+    assert_eq!(common::member_state(&r, "x86_64-1"), "pending", "{r:#}");
+
+    // Restarted without the failpoint, the step is redone; a rollback then restores 0.1.0.
+    fleet.deployer.env.clear();
+    fleet.deployer.restart()?;
+    wait_until("a canary on 0.2.0", Duration::from_secs(90), || {
+        let r = fleet.deployer.rollout(Some(id))?;
+        let canary = r["waves"][0]["members"][0]["agent_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok((fleet.agent(&canary).service_version()? == "0.2.0").then_some(()))
+    })?;
+    fleet
+        .deployer
+        .ok(&["rollout", "rollback", &id.to_string()])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(90))?;
+    assert_eq!(r["status"], "rolled_back", "{r:#}");
+    for agent in &fleet.agents {
+        wait_until("0.1.0 after the rollback", Duration::from_secs(60), || {
+            Ok((one_healthy_version(agent)? == "0.1.0").then_some(()))
+        })?;
+    }
+    Ok(())
+}
+
 /// A small tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);
 

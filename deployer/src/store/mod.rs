@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use blobs::FsBlobStore;
 pub use sqlite::SqliteStore;
 
-use crate::rollout::{Request, Rollout};
+use crate::rollout::{Action, Request, Rollout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,6 +99,16 @@ pub struct Assignment {
     pub rollout_id: Option<i64>,
 }
 
+/// What one engine step changes; see [`Store::commit_step`].
+pub struct Step<'a> {
+    pub rollout: &'a Rollout,
+    /// Whether `rollout` changed and must be saved.
+    pub save_rollout: bool,
+    pub actions: &'a [Action],
+    /// The request this step answered (applied or refused).
+    pub handled: Option<Request>,
+}
+
 pub trait Store: Send + Sync {
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
@@ -114,15 +124,17 @@ pub trait Store: Send + Sync {
 
     fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>>;
     fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>>;
-    /// Sets (or with `None` removes) what `agent_id` runs for `app`, bumping its generation.
-    fn assign(&self, agent_id: &str, app: &str, assignment: Option<&Assignment>) -> Result<()>;
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64>;
-    fn update_rollout(&self, rollout: &Rollout) -> Result<()>;
+    /// One engine step, in one transaction: the assignments it makes, the rollout's new state,
+    /// and (when the step answered one) the removal of the request it handled. A crash can
+    /// leave the store before or after a step, never in the middle.
+    fn commit_step(&self, step: &Step) -> Result<()>;
     /// Queues a request for the engine (which owns the body).
     fn request_rollout(&self, id: i64, request: Request) -> Result<()>;
-    /// Takes every queued request, oldest rollout first.
-    fn take_rollout_requests(&self) -> Result<Vec<(i64, Request)>>;
+    /// Every queued request, oldest rollout first. A request stays queued until the step
+    /// that handles it commits.
+    fn rollout_requests(&self) -> Result<Vec<(i64, Request)>>;
     fn rollout(&self, id: i64) -> Result<Option<Rollout>>;
     fn rollouts(&self) -> Result<Vec<Rollout>>;
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use muscle_protocol::CheckinRequest;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Store, StoreError};
-use crate::rollout::{Request, Rollout};
+use super::{AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Step, Store, StoreError};
+use crate::rollout::{Action, Request, Rollout};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS releases (
@@ -85,6 +85,37 @@ fn migrate(conn: &Connection) -> Result<()> {
             i + 1
         ))?;
     }
+    Ok(())
+}
+
+/// Sets (or removes) one assignment inside `tx`, bumping the agent's desired generation.
+fn assign_in(
+    tx: &rusqlite::Transaction,
+    agent_id: &str,
+    app: &str,
+    assignment: Option<&Assignment>,
+) -> Result<()> {
+    match assignment {
+        Some(a) => tx.execute(
+            "INSERT INTO assignments (agent_id, app, body) VALUES (?1, ?2, ?3) ON CONFLICT(agent_id, app) DO UPDATE SET body = ?3",
+            params![agent_id, app, json(a)],
+        )?,
+        None => tx.execute(
+            "DELETE FROM assignments WHERE agent_id = ?1 AND app = ?2",
+            params![agent_id, app],
+        )?,
+    };
+    // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
+    tx.execute("INSERT INTO counters (name, value) VALUES ('generation', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", [])?;
+    let generation: i64 = tx.query_row(
+        "SELECT value FROM counters WHERE name = 'generation'",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "UPDATE agents SET desired_generation = ?2 WHERE id = ?1",
+        params![agent_id, generation],
+    )?;
     Ok(())
 }
 
@@ -252,31 +283,6 @@ impl Store for SqliteStore {
         body.map(|b| parse("assignment", &b)).transpose()
     }
 
-    fn assign(&self, agent_id: &str, app: &str, assignment: Option<&Assignment>) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        match assignment {
-            Some(a) => tx.execute(
-                "INSERT INTO assignments (agent_id, app, body) VALUES (?1, ?2, ?3) ON CONFLICT(agent_id, app) DO UPDATE SET body = ?3",
-                params![agent_id, app, json(a)],
-            )?,
-            None => tx.execute("DELETE FROM assignments WHERE agent_id = ?1 AND app = ?2", params![agent_id, app])?,
-        };
-        // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
-        tx.execute("INSERT INTO counters (name, value) VALUES ('generation', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", [])?;
-        let generation: i64 = tx.query_row(
-            "SELECT value FROM counters WHERE name = 'generation'",
-            [],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE agents SET desired_generation = ?2 WHERE id = ?1",
-            params![agent_id, generation],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -295,11 +301,33 @@ impl Store for SqliteStore {
         Ok(id)
     }
 
-    fn update_rollout(&self, rollout: &Rollout) -> Result<()> {
-        self.conn().execute(
-            "UPDATE rollouts SET body = ?2 WHERE id = ?1",
-            params![rollout.id, json(rollout)],
-        )?;
+    fn commit_step(&self, step: &Step) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for Action::Assign {
+            agent_id,
+            app,
+            assignment,
+        } in step.actions
+        {
+            assign_in(&tx, agent_id, app, assignment.as_ref())?;
+        }
+        crate::failpoint::hit("engine-step");
+        let id = step.rollout.id;
+        if step.save_rollout {
+            tx.execute(
+                "UPDATE rollouts SET body = ?2 WHERE id = ?1",
+                params![id, json(step.rollout)],
+            )?;
+        }
+        if let Some(request) = step.handled {
+            // Only the request handled: one made meanwhile stays queued for the next step.
+            tx.execute(
+                "UPDATE rollouts SET request = NULL WHERE id = ?1 AND request = ?2",
+                params![id, request.as_str()],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -311,32 +339,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn take_rollout_requests(&self) -> Result<Vec<(i64, Request)>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let requests = {
-            let mut stmt = tx.prepare(
-                "SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id",
-            )?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows
-        };
-        let requests = requests
-            .into_iter()
+    fn rollout_requests(&self) -> Result<Vec<(i64, Request)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, request FROM rollouts WHERE request IS NOT NULL ORDER BY id")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
             .map(|(id, text)| {
                 text.parse()
                     .map(|r| (id, r))
                     .map_err(|e| StoreError::Corrupt(format!("rollout {id}: {e}")))
             })
-            .collect::<Result<Vec<_>>>()?;
-        tx.execute(
-            "UPDATE rollouts SET request = NULL WHERE request IS NOT NULL",
-            [],
-        )?;
-        tx.commit()?;
-        Ok(requests)
+            .collect()
     }
 
     fn rollout(&self, id: i64) -> Result<Option<Rollout>> {
