@@ -4,6 +4,8 @@
 mod auth;
 mod engine;
 mod failpoint;
+mod fsck;
+mod listen;
 mod publish;
 mod rollout;
 mod server;
@@ -77,12 +79,22 @@ enum Command {
         /// The private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Connections served at once (default: from the open-file limit); more wait to be
+        /// accepted. Each client has 5 s for its TLS handshake and request headers.
+        #[arg(long)]
+        max_connections: Option<usize>,
     },
     /// Start, follow and steer rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every stored blob and check every release's files; exit 1 when one is damaged
+    /// or missing (re-publishing its release repairs it).
+    Fsck {
         #[arg(long)]
         json: bool,
     },
@@ -204,15 +216,21 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let blobs = FsBlobStore::open(&dir)?;
             let keys = load_keys(&trusted_keys, &dir)?;
-            match publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())? {
-                publish::Published::New(m) => println!(
+            let p = publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())?;
+            let m = &p.manifest;
+            match (p.new, p.repaired) {
+                (true, _) => println!(
                     "published {} {} ({} artifacts)",
                     m.app,
                     m.version,
                     m.artifacts.len()
                 ),
-                publish::Published::AlreadyThere(m) => println!(
+                (false, 0) => println!(
                     "{} {} is already published; nothing to do",
+                    m.app, m.version
+                ),
+                (false, n) => println!(
+                    "{} {} is already published; repaired {n} damaged blob(s) from it",
                     m.app, m.version
                 ),
             }
@@ -237,11 +255,18 @@ fn run(cli: Cli) -> Result<()> {
             admin_token,
             tls_cert,
             tls_key,
+            max_connections,
         } => {
+            // Everything that can fail fails before "serving on" is printed.
             let tls = tls_cert
                 .zip(tls_key)
-                .map(|(cert, key)| server::Tls { cert, key });
+                .map(|(cert, key)| listen::tls_acceptor(&cert, &key))
+                .transpose()?;
             let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut limits = listen::Limits::for_open_file_limit();
+            if let Some(n) = max_connections {
+                limits.max_connections = n;
+            }
             let auth = server::Auth {
                 enroll_token,
                 admin_token,
@@ -268,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                     listener,
                     tick,
                     tls,
+                    limits,
                 )
                 .await
             })?;
@@ -282,6 +308,18 @@ fn run(cli: Cli) -> Result<()> {
                 );
             } else {
                 print!("{}", views::fleet_table(&agents, now_ms()));
+            }
+        }
+        Command::Fsck { json } => {
+            let blobs = FsBlobStore::open(&dir)?;
+            let report = fsck::fsck(store.as_ref(), &blobs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.problems.is_empty() {
+                std::process::exit(1);
             }
         }
         Command::Keygen { .. } => unreachable!("handled above"),

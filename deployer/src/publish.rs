@@ -7,11 +7,14 @@ use ed25519_dalek::VerifyingKey;
 use muscle_inspect::Expectation;
 use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest};
 
-use crate::store::{BlobStore, PutOutcome, ReleaseRecord, Store};
+use crate::store::{BlobPut, BlobStore, PutOutcome, ReleaseRecord, Store};
 
-pub enum Published {
-    New(ReleaseManifest),
-    AlreadyThere(ReleaseManifest),
+pub struct Published {
+    pub manifest: ReleaseManifest,
+    /// False when the same manifest was published before.
+    pub new: bool,
+    /// Stored blobs found damaged and replaced by this release's intact files.
+    pub repaired: usize,
 }
 
 pub fn publish(
@@ -53,8 +56,10 @@ pub fn publish(
     for debug in &manifest.debug {
         contents.push(check_debug_artifact(dir, &manifest, debug)?);
     }
+    let mut repaired = 0;
     for bytes in &contents {
-        blobs.put(bytes).context("storing a blob")?;
+        let (_, put) = blobs.put(bytes).context("storing a blob")?;
+        repaired += usize::from(put == BlobPut::Repaired);
     }
     let record = ReleaseRecord {
         app: manifest.app.to_string(),
@@ -64,15 +69,20 @@ pub fn publish(
         signature,
         published_ms: now_ms,
     };
-    match store.put_release(&record)? {
-        PutOutcome::Inserted => Ok(Published::New(manifest)),
-        PutOutcome::Identical => Ok(Published::AlreadyThere(manifest)),
+    let new = match store.put_release(&record)? {
+        PutOutcome::Inserted => true,
+        PutOutcome::Identical => false,
         PutOutcome::Conflict => bail!(
             "{} {} is already published with a different manifest; a version's bytes never change: release under a new version",
             manifest.app,
             manifest.version
         ),
-    }
+    };
+    Ok(Published {
+        manifest,
+        new,
+        repaired,
+    })
 }
 
 /// The file must be a regular file whose size, sha256 and ELF facts are what the manifest says,

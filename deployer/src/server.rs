@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,8 +15,10 @@ use muscle_protocol::{
 
 use crate::auth;
 pub use crate::auth::Auth;
+use crate::listen::{self, Limits};
 use crate::store::{BlobStore, FsBlobStore, Store};
 use crate::{engine, now_ms};
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Clone)]
 pub struct Server {
@@ -38,22 +40,17 @@ pub fn router(server: Server) -> Router {
         .route("/v1/releases", get(releases))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))
+        .layer(axum::middleware::from_fn(request_deadline))
         .with_state(server)
 }
 
-/// Serves until SIGTERM or Ctrl-C, advancing rollouts every `tick`.
-/// A certificate chain and its private key, PEM files, to serve HTTPS.
-pub struct Tls {
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
-}
-
-/// Serves until SIGTERM or Ctrl-C (over TLS when `tls` is given), advancing rollouts every `tick`.
+/// Serves until SIGTERM or Ctrl-C (over TLS with `tls`), advancing rollouts every `tick`.
 pub async fn serve(
     server: Server,
     listener: tokio::net::TcpListener,
     tick: Duration,
-    tls: Option<Tls>,
+    tls: Option<TlsAcceptor>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     let store = server.store.clone();
     let engine = tokio::spawn(async move {
@@ -72,43 +69,9 @@ pub async fn serve(
             }
         }
     });
-    match tls {
-        None => {
-            axum::serve(listener, router(server))
-                .with_graceful_shutdown(shutdown_signal())
-                .await?
-        }
-        Some(tls) => serve_tls(router(server), listener, tls).await?,
-    }
+    listen::serve(listener, router(server), tls, limits, shutdown_signal()).await;
     engine.abort();
     eprintln!("muscle-deploy: stopped");
-    Ok(())
-}
-
-async fn serve_tls(app: Router, listener: tokio::net::TcpListener, tls: Tls) -> anyhow::Result<()> {
-    use anyhow::Context;
-    // rustls is built with ring only (no aws-lc: nothing to build with cmake).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot load the TLS certificate {} and key {} (PEM files expected)",
-                tls.cert.display(),
-                tls.key.display()
-            )
-        })?;
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stopper.graceful_shutdown(Some(Duration::from_secs(10)));
-    });
-    let listener = listener.into_std()?;
-    axum_server::from_tcp_rustls(listener, config)
-        .handle(handle)
-        .serve(app.into_make_service())
-        .await?;
     Ok(())
 }
 
@@ -118,6 +81,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// How long a request may take to arrive and be answered (the answer's body, a blob download,
+/// streams on without it): a client that trickles its body cannot hold a connection.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+async fn request_deadline(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request was not received and answered within {REQUEST_DEADLINE:?}"),
+        )
+        .into_response(),
     }
 }
 
@@ -349,12 +330,15 @@ async fn blob(State(s): State<Server>, Path(hex): Path<String>, headers: HeaderM
     }
     let blobs = s.blobs.clone();
     let key = hex.clone();
-    let bytes = match tokio::task::spawn_blocking(move || blobs.get(&key)).await {
-        Ok(Ok(Some(bytes))) => bytes,
+    let blob = match tokio::task::spawn_blocking(move || blobs.open(&key)).await {
+        Ok(Ok(Some(blob))) => blob,
         Ok(Ok(None)) => {
             return ApiError(StatusCode::NOT_FOUND, format!("no blob sha256:{hex}")).into_response()
         }
-        Ok(Err(e)) => return internal(e).into_response(),
+        Ok(Err(e)) => {
+            eprintln!("muscle-deploy: {e}");
+            return ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
         Err(e) => return internal(e).into_response(),
     };
     let mut response_headers = HeaderMap::new();
@@ -372,33 +356,44 @@ async fn blob(State(s): State<Server>, Path(hex): Path<String>, headers: HeaderM
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    let len = bytes.len() as u64;
-    match headers
+    let len = blob.len;
+    let (status, start, count) = match headers
         .get(header::RANGE)
         .map(|r| parse_range(r.to_str().unwrap_or(""), len))
     {
-        None => (StatusCode::OK, response_headers, bytes).into_response(),
+        None => (StatusCode::OK, 0, len),
         Some(Some((start, end))) => {
             let range = format!("bytes {start}-{end}/{len}");
             response_headers.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&range).expect("digits"),
             );
-            (
-                StatusCode::PARTIAL_CONTENT,
-                response_headers,
-                bytes[start as usize..=end as usize].to_vec(),
-            )
-                .into_response()
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         Some(None) => {
             response_headers.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes */{len}")).expect("digits"),
             );
-            (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response()
+            return (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response();
         }
+    };
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    match stream_file(blob.file, start, count).await {
+        Ok(body) => (status, response_headers, body).into_response(),
+        Err(e) => internal(e).into_response(),
     }
+}
+
+/// `count` bytes of `file` from `start`, read as the client takes them: memory stays at one
+/// buffer per download, however large the blob and however slow the reader.
+async fn stream_file(mut file: std::fs::File, start: u64, count: u64) -> std::io::Result<Body> {
+    use tokio::io::AsyncReadExt;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(count);
+    Ok(Body::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024),
+    ))
 }
 
 /// `bytes=START-[END]` or `bytes=-SUFFIX` within a blob of `len` bytes, as inclusive bounds.

@@ -16,6 +16,8 @@ pub struct Deployer {
     pub serve_args: Vec<String>,
     /// Extra environment (failpoints, ...), kept across restarts.
     pub env: Vec<(String, String)>,
+    /// Runs it under this open-file limit (soft and hard), with `prlimit`.
+    pub open_file_limit: Option<u64>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -35,6 +37,7 @@ impl Deployer {
             port: free_port(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             env: vec![],
+            open_file_limit: None,
             child: None,
             log: data_dir.join("deployer.log"),
         };
@@ -47,7 +50,15 @@ impl Deployer {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.bin)
+        let mut command = match self.open_file_limit {
+            None => Command::new(&self.bin),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&self.bin);
+                c
+            }
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args([
@@ -158,6 +169,10 @@ impl Deployer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Waits until the process exits by itself (a crash, a failpoint); its exit status.

@@ -340,5 +340,15 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
         .fleet()?
         .iter()
         .all(|r| r["id"] != "untrusting"));
+
+    // Plain HTTP to the TLS port is told what to do, not sent a TLS alert.
+    let plain = fleet.deployer.url().replace("https://", "http://");
+    match ureq::get(&format!("{plain}/healthz")).call() {
+        Err(ureq::Error::Status(400, answer)) => {
+            let text = answer.into_string()?;
+            assert!(text.contains("speaks TLS: use https://"), "{text}");
+        }
+        other => panic!("plain HTTP to the TLS port: {other:?}"),
+    }
     Ok(())
 }

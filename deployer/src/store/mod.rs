@@ -26,6 +26,8 @@ pub enum StoreError {
     },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("blob sha256:{sha256} is damaged in the store (its content hashes to {found}); `muscle-deploy fsck` lists the releases that hold it, and re-publishing one repairs it")]
+    Damaged { sha256: String, found: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -139,8 +141,42 @@ pub trait Store: Send + Sync {
     fn rollouts(&self) -> Result<Vec<Rollout>>;
 }
 
+/// What putting a blob did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobPut {
+    Stored,
+    /// An intact copy was there already.
+    AlreadyThere,
+    /// A damaged copy was there and was replaced.
+    Repaired,
+}
+
+/// What re-hashing a stored blob found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobCheck {
+    Intact,
+    Missing,
+    /// Its content no longer hashes to its name.
+    Damaged {
+        found: String,
+    },
+}
+
+/// A blob opened for reading, checked against its name.
+pub struct BlobFile {
+    pub file: std::fs::File,
+    pub len: u64,
+}
+
 pub trait BlobStore: Send + Sync {
-    /// Stores `bytes` under their sha256 (once) and returns the hex digest.
-    fn put(&self, bytes: &[u8]) -> Result<String>;
-    fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores `bytes` under their sha256 and returns the hex digest. A stored copy is re-hashed,
+    /// never trusted by its size: a damaged one is replaced.
+    fn put(&self, bytes: &[u8]) -> Result<(String, BlobPut)>;
+    /// Opens a blob to serve it, or fails with [`StoreError::Damaged`]: a blob whose content
+    /// does not hash to its name is never served.
+    fn open(&self, sha256: &str) -> Result<Option<BlobFile>>;
+    /// Re-hashes one blob.
+    fn check(&self, sha256: &str) -> Result<BlobCheck>;
+    /// The names of every stored blob.
+    fn list(&self) -> Result<Vec<String>>;
 }
