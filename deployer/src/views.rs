@@ -10,7 +10,7 @@ pub struct FleetRow {
     pub id: String,
     pub arch: String,
     pub hostname: String,
-    pub labels: String,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub agent_version: String,
     pub apps: Vec<AppCell>,
     pub last_seen_s: u64,
@@ -34,16 +34,12 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
         .iter()
         .map(|a| {
             let age = now_ms.saturating_sub(a.last_seen_ms);
+            let stale = a.is_stale(now_ms);
             FleetRow {
                 id: a.id.clone(),
                 arch: a.arch.clone(),
                 hostname: a.hostname.clone(),
-                labels: a
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                labels: a.labels.clone(),
                 agent_version: a.agent_version.clone(),
                 apps: a
                     .apps
@@ -55,17 +51,22 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                             .as_ref()
                             .or(r.installed_version.as_ref())
                             .map(ToString::to_string),
-                        health: serde_json::to_value(r.health)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        // What a silent agent last said is no longer known to hold.
+                        health: if stale {
+                            "unknown".to_owned()
+                        } else {
+                            serde_json::to_value(r.health)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        },
                         error: r.last_error.clone(),
                     })
                     .collect(),
                 last_seen_s: age / 1000,
                 interval_ms: a.interval_ms,
                 clock_skew_s: a.clock_skew_s,
-                stale: a.is_stale(now_ms),
+                stale,
             }
         })
         .collect()
@@ -96,11 +97,12 @@ pub fn fleet_table(agents: &[AgentRecord], now_ms: u64) -> String {
             if r.clock_skew_s.abs() > CLOCK_SKEW_FLAGGED_S {
                 seen += &format!(" (clock {:+}s off)", r.clock_skew_s);
             }
+            let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             vec![
                 r.id,
                 r.arch,
                 r.hostname,
-                r.labels,
+                labels.join(","),
                 r.agent_version,
                 apps,
                 seen,
@@ -232,4 +234,49 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out += &line(row.iter().map(String::as_str).collect());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use muscle_protocol::{AppReport, Health, Name};
+
+    use super::*;
+
+    #[test]
+    fn fleet_json_has_labels_as_an_object_and_a_stale_agents_health_unknown() {
+        let mut report = AppReport::new(Name::parse("hello").unwrap());
+        report.health = Health::Healthy;
+        let agent = AgentRecord {
+            id: "a".into(),
+            arch: "x86_64".into(),
+            hostname: "h".into(),
+            labels: BTreeMap::from([
+                ("site".into(), "lab".into()),
+                ("tier".into(), "edge".into()),
+            ]),
+            agent_version: "0.1.0".into(),
+            last_seen_ms: 1_000,
+            apps: vec![report],
+            desired_generation: 0,
+            interval_ms: 45_000,
+            clock_skew_s: 0,
+        };
+        let fresh =
+            serde_json::to_value(fleet_rows(std::slice::from_ref(&agent), 100_000)).unwrap();
+        assert_eq!(
+            fresh[0]["labels"],
+            serde_json::json!({"site": "lab", "tier": "edge"})
+        );
+        assert_eq!(
+            fresh[0]["apps"][0]["health"], "healthy",
+            "45 s interval: not stale at 99 s"
+        );
+        let later = 1_000 + 3 * 45_000;
+        let stale = serde_json::to_value(fleet_rows(std::slice::from_ref(&agent), later)).unwrap();
+        assert_eq!(stale[0]["stale"], true);
+        assert_eq!(stale[0]["apps"][0]["health"], "unknown");
+        assert!(fleet_table(&[agent], later).contains("(unknown)"));
+    }
 }
