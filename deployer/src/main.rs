@@ -513,6 +513,9 @@ fn status(id: Option<i64>, watch: bool, json: bool, store: &dyn Store) -> Result
             None => "there are no rollouts yet; start one with `muscle-deploy rollout start APP VERSION`".into(),
         })
     };
+    if watch && json {
+        return watch_json(store, &find);
+    }
     if watch {
         return watch_rollout(store, &find);
     }
@@ -523,6 +526,31 @@ fn status(id: Option<i64>, watch: bool, json: bool, store: &dyn Store) -> Result
         print!("{}", views::rollout_summary(&rollout));
     }
     Ok(())
+}
+
+/// The rollout as one JSON line each time it changes, until it ends (`--watch --json`).
+fn watch_json(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>) -> Result<()> {
+    let mut last: Option<Rollout> = None;
+    loop {
+        let r = find(store)?;
+        if last.as_ref() != Some(&r) {
+            println!("{}", serde_json::to_string(&r)?);
+            last = Some(r.clone());
+        }
+        if !r.status.is_active() {
+            return ended(&r);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A watch exits 0 only for a clean success.
+fn ended(r: &Rollout) -> Result<()> {
+    if r.status == Status::Succeeded {
+        Ok(())
+    } else {
+        bail!("rollout {} ended {:?}", r.id, r.status)
+    }
 }
 
 /// Progress bars per wave (healthy members of members), until the rollout ends.
@@ -565,11 +593,7 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
         if !r.status.is_active() {
             bars.iter().for_each(ProgressBar::abandon);
             print!("{}", views::rollout_summary(&r));
-            return if r.status == Status::Succeeded {
-                Ok(())
-            } else {
-                bail!("rollout {} ended {:?}", r.id, r.status)
-            };
+            return ended(&r);
         }
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -292,7 +292,14 @@ fn a_rollout_with_a_failed_member_ends_succeeded_with_failures_and_watch_exits_n
     ])?;
     let watch = fleet
         .deployer
-        .cli(&["rollout", "status", "--watch", &id.to_string()])?;
+        .cli(&["rollout", "status", "--watch", "--json", &id.to_string()])?;
+    // --watch --json: one JSON rollout per line, as it changes; the last one is the end.
+    let lines: Vec<serde_json::Value> = String::from_utf8(watch.stdout.clone())?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(lines.len() >= 2, "{lines:?}");
+    assert_eq!(lines.last().unwrap()["status"], "succeeded_with_failures");
     let r = fleet.deployer.rollout(Some(id))?;
     assert_eq!(r["status"], "succeeded_with_failures", "{r:#}");
     assert!(
