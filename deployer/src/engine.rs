@@ -11,7 +11,8 @@ use crate::store::{AgentRecord, Assignment, Result, Step, Store};
 
 /// One engine step over every rollout. Returns the messages of rollouts whose state changed.
 /// Each rollout's step (assignments, its new state, the request it answered) commits as one
-/// transaction; a store error stops the tick and is returned, never skipped over.
+/// transaction. A record one rollout cannot read holds that rollout, logged every tick; a
+/// failing store stops the tick with its error.
 pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     let mut log = Vec::new();
     for (id, request) in store.rollout_requests()? {
@@ -51,7 +52,9 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         };
         let actions = rollout.advance(&agents, now_ms, &previous);
         if let Some(e) = failed.into_inner() {
-            return Err(e);
+            // This rollout waits (and says why); the others, rollbacks included, go on.
+            log.push(format!("rollout {}: cannot advance: {e}", rollout.id));
+            continue;
         }
         if rollout == before && actions.is_empty() {
             continue;

@@ -55,6 +55,7 @@ pub fn fsck(store: &dyn Store, blobs: &dyn BlobStore) -> Result<Report> {
             BlobCheck::Intact => continue,
             BlobCheck::Missing => "missing".to_owned(),
             BlobCheck::Damaged { found } => format!("damaged (its content hashes to {found})"),
+            BlobCheck::Unreadable { error } => format!("unreadable ({error})"),
         };
         report.problems.push(Problem {
             sha256: sha.clone(),

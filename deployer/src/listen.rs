@@ -125,6 +125,8 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // New clients are refused at once rather than left waiting through the drain.
+    drop(listener);
     let _ = stop.send(true);
     let all = limits.max_connections as u32;
     let _ = tokio::time::timeout(Duration::from_secs(10), permits.acquire_many(all)).await;

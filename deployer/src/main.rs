@@ -81,8 +81,8 @@ enum Command {
         tls_key: Option<PathBuf>,
         /// Connections served at once (default: from the open-file limit); more wait to be
         /// accepted. Each client has 5 s for its TLS handshake and request headers.
-        #[arg(long)]
-        max_connections: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: Option<u32>,
     },
     /// Start, follow and steer rollouts.
     #[command(subcommand)]
@@ -265,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let mut limits = listen::Limits::for_open_file_limit();
             if let Some(n) = max_connections {
-                limits.max_connections = n;
+                limits.max_connections = n as usize;
             }
             let auth = server::Auth {
                 enroll_token,

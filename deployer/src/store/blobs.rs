@@ -17,8 +17,12 @@ use super::{BlobCheck, BlobFile, BlobPut, BlobStore, Result, StoreError};
 
 pub struct FsBlobStore {
     dir: PathBuf,
-    /// Blobs whose file was hashed and found intact, and the identity of the file then.
-    verified: Mutex<HashMap<String, FileId>>,
+    /// Blobs whose file was hashed, the identity of the file then, and whether it was intact:
+    /// neither an intact nor a damaged file is hashed again until it changes.
+    verified: Mutex<HashMap<String, (FileId, bool)>>,
+    /// One hash at a time: a wave of agents asking for a new blob at once waits for one hash
+    /// instead of each reading the whole file.
+    hashing: Mutex<()>,
 }
 
 /// What changes when a file's content may have: inode, size, and change time.
@@ -67,6 +71,7 @@ impl FsBlobStore {
         Ok(FsBlobStore {
             dir,
             verified: Mutex::new(HashMap::new()),
+            hashing: Mutex::new(()),
         })
     }
 
@@ -96,15 +101,19 @@ impl FsBlobStore {
         Ok(meta.is_file().then_some((file, meta)))
     }
 
-    fn is_verified(&self, sha256: &str, id: FileId) -> bool {
+    /// Whether this very file was found intact (`Some(true)`) or damaged before.
+    fn verdict(&self, sha256: &str, id: FileId) -> Option<bool> {
         let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        verified.get(sha256) == Some(&id)
+        verified
+            .get(sha256)
+            .filter(|(known, _)| *known == id)
+            .map(|(_, intact)| *intact)
     }
 
-    fn remember(&self, sha256: &str, id: Option<FileId>) {
+    fn remember(&self, sha256: &str, id: Option<(FileId, bool)>) {
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         match id {
-            Some(id) => verified.insert(sha256.to_owned(), id),
+            Some(verdict) => verified.insert(sha256.to_owned(), verdict),
             None => verified.remove(sha256),
         };
     }
@@ -116,15 +125,20 @@ impl BlobStore for FsBlobStore {
         let path = self.dir.join(&sha);
         let outcome = match self.check(&sha)? {
             BlobCheck::Intact => return Ok((sha, BlobPut::AlreadyThere)),
-            BlobCheck::Damaged { .. } => BlobPut::Repaired,
+            BlobCheck::Damaged { .. } | BlobCheck::Unreadable { .. } => BlobPut::Repaired,
             BlobCheck::Missing => BlobPut::Stored,
         };
-        let tmp = self.dir.join(format!(".{sha}.tmp"));
+        // Unique per process: two publishes of the same blob never write one temporary file.
+        let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(bytes)
             .and_then(|_| file.sync_all())
             .map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The rename is durable only once the directory is.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
         self.remember(&sha, None);
         Ok((sha, outcome))
     }
@@ -137,17 +151,25 @@ impl BlobStore for FsBlobStore {
             return Ok(None);
         };
         let id = FileId::of(&meta);
-        if !self.is_verified(sha256, id) {
-            let found = hash_reader(&mut file).map_err(io(&path))?;
-            if found != sha256 {
-                self.remember(sha256, None);
-                return Err(StoreError::Damaged {
-                    sha256: sha256.to_owned(),
-                    found,
-                });
+        let intact = match self.verdict(sha256, id) {
+            Some(known) => known,
+            None => {
+                let _one_at_a_time = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+                match self.verdict(sha256, id) {
+                    Some(known) => known,
+                    None => {
+                        let found = hash_reader(&mut file).map_err(io(&path))?;
+                        std::io::Seek::rewind(&mut file).map_err(io(&path))?;
+                        self.remember(sha256, Some((id, found == sha256)));
+                        found == sha256
+                    }
+                }
             }
-            self.remember(sha256, Some(id));
-            std::io::Seek::rewind(&mut file).map_err(io(&path))?;
+        };
+        if !intact {
+            return Err(StoreError::Damaged {
+                sha256: sha256.to_owned(),
+            });
         }
         Ok(Some(BlobFile {
             file,
@@ -159,17 +181,31 @@ impl BlobStore for FsBlobStore {
         let Some(path) = self.path(sha256) else {
             return Ok(BlobCheck::Missing);
         };
-        let Some((file, meta)) = Self::open_file(&path)? else {
-            return Ok(BlobCheck::Missing);
+        let opened = match Self::open_file(&path) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return Ok(BlobCheck::Missing),
+            Err(e) => {
+                return Ok(BlobCheck::Unreadable {
+                    error: e.to_string(),
+                })
+            }
         };
-        let found = hash_reader(file).map_err(io(&path))?;
-        if found == sha256 {
-            self.remember(sha256, Some(FileId::of(&meta)));
-            Ok(BlobCheck::Intact)
+        let (file, meta) = opened;
+        let found = match hash_reader(file) {
+            Ok(found) => found,
+            Err(e) => {
+                return Ok(BlobCheck::Unreadable {
+                    error: e.to_string(),
+                })
+            }
+        };
+        let intact = found == sha256;
+        self.remember(sha256, Some((FileId::of(&meta), intact)));
+        Ok(if intact {
+            BlobCheck::Intact
         } else {
-            self.remember(sha256, None);
-            Ok(BlobCheck::Damaged { found })
-        }
+            BlobCheck::Damaged { found }
+        })
     }
 
     fn list(&self) -> Result<Vec<String>> {
@@ -205,10 +241,7 @@ mod tests {
         damaged[10] ^= 1;
         std::fs::write(blobs.path(&sha).unwrap(), &damaged).unwrap();
         match blobs.open(&sha) {
-            Err(StoreError::Damaged { sha256, found }) => {
-                assert_eq!(sha256, sha);
-                assert_eq!(found, muscle_protocol::sha256_hex(&damaged));
-            }
+            Err(StoreError::Damaged { sha256 }) => assert_eq!(sha256, sha),
             other => panic!(
                 "served a damaged blob: {:?}",
                 other.map(|b| b.map(|b| b.len))

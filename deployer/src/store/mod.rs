@@ -26,8 +26,8 @@ pub enum StoreError {
     },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
-    #[error("blob sha256:{sha256} is damaged in the store (its content hashes to {found}); `muscle-deploy fsck` lists the releases that hold it, and re-publishing one repairs it")]
-    Damaged { sha256: String, found: String },
+    #[error("blob sha256:{sha256} is damaged in the store (its content no longer hashes to its name); `muscle-deploy fsck` lists the releases that hold it, and re-publishing one repairs it")]
+    Damaged { sha256: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -159,6 +159,10 @@ pub enum BlobCheck {
     /// Its content no longer hashes to its name.
     Damaged {
         found: String,
+    },
+    /// Reading it failed (a bad sector, permissions): as good as damaged.
+    Unreadable {
+        error: String,
     },
 }
 
