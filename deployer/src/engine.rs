@@ -19,13 +19,14 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         let Some(mut rollout) = store.rollout(id)? else {
             continue;
         };
-        let (actions, line) = match rollout.apply_request(request, now_ms) {
-            Ok(actions) => (actions, format!("rollout {id}: {}", rollout.message)),
-            Err(why) => (vec![], format!("rollout {id}: {why}")),
+        let (actions, line, applied) = match rollout.apply_request(request, now_ms) {
+            Ok(actions) => (actions, format!("rollout {id}: {}", rollout.message), true),
+            Err(why) => (vec![], format!("rollout {id}: {why}"), false),
         };
+        // A refused request only leaves the queue.
         store.commit_step(&Step {
             rollout: &rollout,
-            save_rollout: true,
+            save_rollout: applied,
             actions: &actions,
             handled: Some(request),
         })?;

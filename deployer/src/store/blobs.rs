@@ -52,16 +52,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// The sha256 of everything `reader` yields, read in 64 KiB pieces.
+/// The sha256 of everything `reader` yields (streamed, as the agent re-hashes a partial file).
 fn hash_reader(mut reader: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match reader.read(&mut buf)? {
-            0 => return Ok(hex::encode(hasher.finalize())),
-            n => hasher.update(&buf[..n]),
-        }
-    }
+    std::io::copy(&mut reader, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 impl FsBlobStore {
