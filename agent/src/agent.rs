@@ -12,8 +12,10 @@ use muscle_protocol::{
 };
 
 use crate::paths::AppPaths;
+use crate::process::Launch;
+use crate::state::Installed;
 use crate::state::{AgentState, StateStore};
-use crate::supervisor::Service;
+use crate::supervisor::Supervisor;
 
 pub struct Config {
     pub server: String,
@@ -39,8 +41,11 @@ pub struct Agent {
     pub(crate) id: Name,
     pub(crate) store: StateStore,
     pub(crate) state: AgentState,
-    pub(crate) services: BTreeMap<Name, Service>,
+    /// Runs the services, on its own thread.
+    pub(crate) supervisor: Supervisor,
     desired: Vec<DesiredApp>,
+    /// Apps the deployer took off this host.
+    removed: Vec<Name>,
     generation: u64,
     pub(crate) http: ureq::Agent,
     started: Instant,
@@ -89,13 +94,15 @@ impl Agent {
         state.agent_id = Some(id.clone());
         store.save(&state)?;
         let http = crate::http::client(cfg.ca_file.as_deref())?;
+        let supervisor = Supervisor::spawn(cfg.launcher.clone(), http.clone(), cfg.log_max_bytes);
         let mut agent = Agent {
             cfg,
             id,
             store,
             state,
-            services: BTreeMap::new(),
+            supervisor,
             desired: vec![],
+            removed: vec![],
             generation: 0,
             http,
             started: Instant::now(),
@@ -116,6 +123,62 @@ impl Agent {
         self.store.save(&self.state)
     }
 
+    /// What it takes to run `installed` as `app`'s service.
+    pub(crate) fn launch(&self, app: &Name, installed: &Installed) -> Launch {
+        let paths = self.paths(app);
+        Launch {
+            app: app.clone(),
+            version: installed.version.clone(),
+            binary: paths.binary(&installed.version, &installed.binary),
+            spec: installed.spec.clone(),
+            marker: paths.marker(),
+            log: paths.log,
+        }
+    }
+
+    /// Starts `installed` for `app` (on probation: not restarted if it exits) and records it.
+    pub(crate) fn start_service(
+        &mut self,
+        app: &Name,
+        installed: &Installed,
+        probation: bool,
+    ) -> Result<()> {
+        let pid = self
+            .supervisor
+            .start(self.launch(app, installed), probation)?;
+        let st = self.state.apps.entry(app.clone()).or_default();
+        st.pid = Some(pid);
+        st.running_version = Some(installed.version.clone());
+        self.save()
+    }
+
+    pub(crate) fn stop_service(&mut self, app: &str) {
+        self.supervisor.stop(app);
+        if let Some(st) = self.state.apps.get_mut(app) {
+            st.pid = None;
+            st.running_version = None;
+        }
+    }
+
+    /// Records the pids of services the supervisor restarted, so that a restarted agent
+    /// finds them.
+    fn record_pids(&mut self) {
+        let mut changed = false;
+        for (app, pid) in self.supervisor.pids() {
+            if let Some(st) = self.state.apps.get_mut(&app) {
+                if pid.is_some() && st.pid != pid {
+                    st.pid = pid;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = self.save() {
+                eprintln!("muscle-agent: {e:#}");
+            }
+        }
+    }
+
     /// Runs until SIGTERM/SIGINT. Services keep running whatever the network does.
     pub fn run(&mut self) -> Result<()> {
         eprintln!(
@@ -129,7 +192,7 @@ impl Agent {
         let mut backoff = self.cfg.interval;
         let mut was_down = false;
         while !SHUTDOWN.load(Ordering::Relaxed) {
-            self.supervise();
+            self.record_pids();
             if Instant::now() >= next_checkin {
                 let delay = match self.checkin() {
                     Ok(changed) => {
@@ -166,13 +229,15 @@ impl Agent {
 
     fn shutdown(&mut self) -> Result<()> {
         if self.cfg.leave_services_running {
+            self.supervisor.halt();
             eprintln!("muscle-agent: exiting, services left running");
             return Ok(());
         }
         eprintln!("muscle-agent: stopping services");
-        let apps: Vec<Name> = self.services.keys().cloned().collect();
-        for app in apps {
-            self.stop_service(&app);
+        self.supervisor.stop_all();
+        for st in self.state.apps.values_mut() {
+            st.pid = None;
+            st.running_version = None;
         }
         self.save()
     }
@@ -269,15 +334,23 @@ impl Agent {
         self.commit_self_update()?;
         if !response.unchanged {
             self.desired = response.apps;
+            self.removed = response.removed;
             self.generation = response.generation;
         }
         Ok(self.reconcile())
     }
 
-    /// Reconciles every desired app (each one, even after one changed something).
+    /// Reconciles every desired app (each one, even after one changed something), and removes
+    /// those taken off this host.
     fn reconcile(&mut self) -> bool {
         let desired = self.desired.clone();
         let mut changed = false;
+        for app in self.removed.clone() {
+            // The agent itself is never removed, and an app is never both wanted and not.
+            if app != crate::selfupdate::SELF_APP && !desired.iter().any(|d| d.app == app) {
+                changed |= self.remove_app(&app);
+            }
+        }
         for d in &desired {
             changed |= self.reconcile_app(d);
         }
@@ -286,8 +359,14 @@ impl Agent {
 
     /// What this agent tells the server.
     pub fn report(&mut self) -> CheckinRequest {
-        let names: Vec<Name> = self.state.apps.keys().cloned().collect();
-        let mut apps: Vec<AppReport> = names.iter().map(|app| self.app_report(app)).collect();
+        // An app removed from this host is kept only for its counters: not reported.
+        let mut apps: Vec<AppReport> = self
+            .state
+            .apps
+            .iter()
+            .filter(|(_, st)| st.current.is_some() || st.pending.is_some() || st.failure.is_some())
+            .map(|(app, _)| self.app_report(app))
+            .collect();
         apps.push(self.self_report());
         CheckinRequest {
             agent_id: self.id.clone(),
@@ -324,18 +403,16 @@ impl Agent {
         }
     }
 
-    fn app_report(&mut self, app: &Name) -> AppReport {
+    fn app_report(&self, app: &Name) -> AppReport {
         let st = self.state.apps.get(app).cloned().unwrap_or_default();
         let mut report = AppReport {
             installed_version: st.current.as_ref().map(|c| c.version.clone()),
             ..AppReport::new(app.clone())
         };
-        if let Some(svc) = self.services.get_mut(app.as_str()) {
-            report.running_version = svc.is_running().then(|| svc.version.clone());
+        if let Some(svc) = self.supervisor.status(app) {
+            report.running_version = svc.running.then(|| svc.version.clone());
             report.health = svc.health;
-            report.healthy_for_ms = svc
-                .healthy_since
-                .map_or(0, |t| t.elapsed().as_millis() as u64);
+            report.healthy_for_ms = svc.healthy_for.map_or(0, |t| t.as_millis() as u64);
             report.restarts = svc.restarts;
             if svc.health != Health::Healthy {
                 report.last_error = svc.last_problem.clone();

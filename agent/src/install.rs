@@ -1,19 +1,17 @@
-//! Reconciling an app to its desired version: verify, download, stage, switch, probation, and
-//! commit or roll back.
+//! Installing, as functions over their inputs: verify an offer, stage its binary (fetched and
+//! verified), clean old versions. The agent (`reconcile.rs`) decides when, and records state.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use muscle_protocol::{DesiredApp, Name, ReleaseManifest, ServiceSpec};
+use ed25519_dalek::VerifyingKey;
+use muscle_protocol::{DesiredApp, ReleaseManifest, ServiceSpec};
 
-use crate::agent::Agent;
 use crate::download::{self, DownloadError};
-use crate::selfupdate::SELF_APP;
-use crate::state::{AppState, Failure, Installed};
-use crate::{fsutil, logs};
-
-const LOG_TAIL_BYTES: u64 = 2048;
+use crate::fsutil;
+use crate::paths::AppPaths;
+use crate::state::AppState;
 
 pub enum InstallError {
     /// Worth retrying at the next check-in: a cut download, a full disk.
@@ -30,365 +28,155 @@ pub enum InstallError {
     },
 }
 
-impl Agent {
-    /// Moves `d.app` toward `d.version`. Returns whether anything changed on this host.
-    pub fn reconcile_app(&mut self, d: &DesiredApp) -> bool {
-        let is_self = d.app == SELF_APP;
-        let st = self.app_state_mut(&d.app);
-        let at_desired = if is_self {
-            d.version == env!("CARGO_PKG_VERSION")
-        } else {
-            st.current
-                .as_ref()
-                .is_some_and(|c| c.version == d.version && c.sha256 == d.artifact.sha256)
-        };
-        let offer = offer_id(d);
-        let refused_for_good = st
-            .failure
-            .as_ref()
-            .is_some_and(|f| f.offer == offer && f.permanent);
-        if at_desired || refused_for_good || self.backing_off(&d.app, &offer) {
-            return false;
-        }
-        eprintln!("muscle-agent: {}: installing {}", d.app, d.version);
-        // A successful self-update does not return: the new agent takes over this process.
-        let result = if is_self {
-            self.update_self(d)
-        } else {
-            self.install(d)
-        };
-        self.retry_at.remove(&d.app);
-        let st = self.app_state_mut(&d.app);
-        match result {
-            Ok(()) => eprintln!(
-                "muscle-agent: {}: {} is healthy and committed",
-                d.app, d.version
-            ),
-            Err(e) => {
-                let attempts = st
-                    .failure
-                    .as_ref()
-                    .filter(|f| f.offer == offer)
-                    .map_or(1, |f| f.attempts + 1);
-                if !matches!(e, InstallError::Refused(_) | InstallError::Unhealthy { .. }) {
-                    let delay = retry_delay(attempts);
-                    self.retry_at
-                        .insert(d.app.clone(), (offer.clone(), Instant::now() + delay));
-                }
-                let st = self.app_state_mut(&d.app);
-                let (reason, log_tail, permanent) = match e {
-                    // Retried after `retry_delay`, resuming the download; the deployer's
-                    // deadline decides when the rollout gives up on this agent.
-                    InstallError::Transient(r) => (r, None, false),
-                    InstallError::Refused(r) => (r, None, true),
-                    InstallError::ByClock(r) => (r, None, false),
-                    InstallError::Unhealthy { reason, log_tail } => (reason, log_tail, true),
-                };
-                eprintln!(
-                    "muscle-agent: {}: {} not installed: {reason}",
-                    d.app, d.version
-                );
-                st.failure = Some(Failure {
-                    version: d.version.clone(),
-                    sha256: d.artifact.sha256.clone(),
-                    offer,
-                    reason,
-                    log_tail,
-                    permanent,
-                    attempts,
-                });
-            }
-        }
-        if let Err(e) = self.save() {
-            eprintln!("muscle-agent: {e:#}");
-        }
-        true
-    }
-
-    /// Whether `offer` of `app` failed recently for a passing reason and waits for its retry.
-    fn backing_off(&self, app: &Name, offer: &str) -> bool {
-        self.retry_at
-            .get(app)
-            .is_some_and(|(o, at)| o == offer && Instant::now() < *at)
-    }
-
-    /// The remembered state of `app`; the agent's own lives apart from the services'.
-    pub(crate) fn app_state_mut(&mut self, app: &Name) -> &mut AppState {
-        if app == SELF_APP {
-            &mut self.state.agent
-        } else {
-            self.state.apps.entry(app.clone()).or_default()
-        }
-    }
-
-    pub(crate) fn app_state(&self, app: &str) -> AppState {
-        if app == SELF_APP {
-            self.state.agent.clone()
-        } else {
-            self.state.apps.get(app).cloned().unwrap_or_default()
-        }
-    }
-
-    fn install(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
-        let manifest = self.check_manifest(d)?;
-        let spec = self
-            .spec_to_run(d, &manifest)?
-            .expand(&self.cfg.vars)
-            .map_err(|e| InstallError::Refused(e.to_string()))?;
-        spec.validate()
-            .map_err(|e| InstallError::Refused(e.to_string()))?;
-        self.stage(d)?;
-        let new = Installed {
-            version: d.version.clone(),
-            binary: d.artifact.binary.clone(),
-            sha256: d.artifact.sha256.clone(),
-            spec,
-        };
-        self.switch(&d.app, new)?;
-        let st = self.state.apps.get_mut(&d.app).expect("switch created it");
-        st.highest_counter = st.highest_counter.max(manifest.counter);
-        st.ran.insert(d.version.clone(), d.artifact.sha256.clone());
-        self.clean_old_versions(&d.app);
-        Ok(())
-    }
-
-    /// The service spec to run: with pinned keys, only the one signed into the release (the
-    /// deployer's copy is ignored: it is covered by no signature); otherwise the deployer's.
-    fn spec_to_run<'a>(
-        &self,
-        d: &'a DesiredApp,
-        manifest: &'a ReleaseManifest,
-    ) -> Result<&'a ServiceSpec, InstallError> {
-        if self.cfg.trusted_keys.is_empty() {
-            return Ok(&d.service);
-        }
-        let refuse =
-            |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
-        let signed = manifest.service.as_ref().ok_or_else(|| {
-            refuse(
-                "the release carries no signed service spec, and an agent that pins keys runs \
-                 only what the release key signed (release it with `cargo xtask release \
-                 --service FILE`)"
-                    .into(),
-            )
-        })?;
-        // Which of the release's binaries runs is part of what was signed, too.
-        let binary = signed.binary_name(&d.app);
-        if d.artifact.binary != binary {
-            return Err(refuse(format!(
-                "the signed service spec runs {binary}, not the {} offered",
-                d.artifact.binary
-            )));
-        }
-        Ok(signed)
-    }
-
-    /// The manifest must be signed by a trusted key (when keys are pinned), unexpired, not a
-    /// replay, and must name exactly the artifact the server points at for this architecture.
-    pub(crate) fn check_manifest(&self, d: &DesiredApp) -> Result<ReleaseManifest, InstallError> {
-        let refuse =
-            |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
-        muscle_protocol::verify_signature(
-            d.manifest.as_bytes(),
-            d.signature.as_deref(),
-            &self.cfg.trusted_keys,
-        )
+/// The manifest must be signed by a trusted key (when keys are pinned), unexpired by `now_unix`,
+/// not a replay of an older release than `st` accepted, and must name exactly the artifact the
+/// server points at for this architecture.
+pub fn check_manifest(
+    d: &DesiredApp,
+    trusted_keys: &[VerifyingKey],
+    st: &AppState,
+    now_unix: u64,
+) -> Result<ReleaseManifest, InstallError> {
+    let refuse = |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
+    muscle_protocol::verify_signature(d.manifest.as_bytes(), d.signature.as_deref(), trusted_keys)
         .map_err(|e| refuse(format!("manifest signature: {e}")))?;
-        let manifest =
-            ReleaseManifest::parse(d.manifest.as_bytes()).map_err(|e| refuse(e.to_string()))?;
-        manifest.check_expiry(crate::clock::now_unix()).map_err(|e| {
-            InstallError::ByClock(format!(
-                "{} {}: {e} by this device's clock; if the clock is wrong, fix it (retried at every check-in)",
-                d.app, d.version
-            ))
-        })?;
-        // Counters are kept per app: a release of one app offered as another would dodge them.
-        if manifest.app != d.app || manifest.version != d.version {
-            return Err(refuse(format!(
-                "the manifest is for {} {}, not {} {}",
-                manifest.app, manifest.version, d.app, d.version
-            )));
-        }
-        let arch = muscle_inspect::host_arch();
-        let artifact = manifest.artifact(&d.artifact.binary, arch).ok_or_else(|| {
-            refuse(format!(
-                "the manifest has no {} binary for {arch}",
-                d.artifact.binary
-            ))
-        })?;
-        if artifact.sha256 != d.artifact.sha256 || artifact.size != d.artifact.size {
-            return Err(refuse(format!(
-                "the artifact offered (sha256 {}, {} bytes) is not the one the manifest names (sha256 {}, {} bytes)",
-                d.artifact.sha256, d.artifact.size, artifact.sha256, artifact.size
-            )));
-        }
-        let st = self.app_state(&d.app);
-        let ran_here = st.ran.get(&d.version) == Some(&d.artifact.sha256);
-        if manifest.counter < st.highest_counter && !ran_here {
-            return Err(refuse(format!(
-                "release counter {} is lower than {} already accepted: an older release replayed (refused; roll back with a new release)",
-                manifest.counter, st.highest_counter
-            )));
-        }
-        Ok(manifest)
+    let manifest =
+        ReleaseManifest::parse(d.manifest.as_bytes()).map_err(|e| refuse(e.to_string()))?;
+    manifest.check_expiry(now_unix).map_err(|e| {
+        InstallError::ByClock(format!(
+            "{} {}: {e} by this device's clock; if the clock is wrong, fix it (retried at every check-in)",
+            d.app, d.version
+        ))
+    })?;
+    // Counters are kept per app: a release of one app offered as another would dodge them.
+    if manifest.app != d.app || manifest.version != d.version {
+        return Err(refuse(format!(
+            "the manifest is for {} {}, not {} {}",
+            manifest.app, manifest.version, d.app, d.version
+        )));
     }
-
-    /// Puts the verified binary at `versions/<version>/<binary>`, downloading it if needed.
-    pub(crate) fn stage(&mut self, d: &DesiredApp) -> Result<PathBuf, InstallError> {
-        let paths = self.paths(&d.app);
-        let transient = |what: String| InstallError::Transient(what);
-        paths
-            .create()
-            .map_err(|e| transient(format!("cannot create {}: {e}", paths.dir.display())))?;
-        let dest = paths.binary(&d.version, &d.artifact.binary);
-        if std::fs::read(&dest).is_ok_and(|b| muscle_protocol::sha256_hex(&b) == d.artifact.sha256)
-        {
-            return Ok(dest);
-        }
-        let part = paths.downloads.join(format!("{}.part", d.artifact.sha256));
-        let url = self.artifact_url(&d.artifact.url);
-        let what = format!("{} {}", d.app, d.version);
-        fetch_verified(
-            &self.http,
-            &url,
-            &part,
-            d.artifact.size,
-            &d.artifact.sha256,
-            &what,
-        )?;
-        let tmp_dir = fsutil::tmp_path(&paths.versions.join(&d.version));
-        let final_dir = paths.versions.join(&d.version);
-        let moved = (|| -> std::io::Result<()> {
-            let _ = std::fs::remove_dir_all(&tmp_dir);
-            std::fs::create_dir_all(&tmp_dir)?;
-            std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
-            std::fs::rename(&part, tmp_dir.join(&d.artifact.binary))?;
-            std::fs::File::open(&tmp_dir)?.sync_all()?;
-            let _ = std::fs::remove_dir_all(&final_dir);
-            std::fs::rename(&tmp_dir, &final_dir)?;
-            std::fs::File::open(&paths.versions)?.sync_all()
-        })();
-        moved.map_err(|e| transient(format!("cannot stage {}: {e}", final_dir.display())))?;
-        Ok(dest)
+    let arch = muscle_inspect::host_arch();
+    let artifact = manifest.artifact(&d.artifact.binary, arch).ok_or_else(|| {
+        refuse(format!(
+            "the manifest has no {} binary for {arch}",
+            d.artifact.binary
+        ))
+    })?;
+    if artifact.sha256 != d.artifact.sha256 || artifact.size != d.artifact.size {
+        return Err(refuse(format!(
+            "the artifact offered (sha256 {}, {} bytes) is not the one the manifest names (sha256 {}, {} bytes)",
+            d.artifact.sha256, d.artifact.size, artifact.sha256, artifact.size
+        )));
     }
-
-    fn artifact_url(&self, url: &str) -> String {
-        if url.starts_with("http://") || url.starts_with("https://") {
-            url.to_owned()
-        } else {
-            format!(
-                "{}/{}",
-                self.cfg.server.trim_end_matches('/'),
-                url.trim_start_matches('/')
-            )
-        }
+    let ran_here = st.ran.get(&d.version) == Some(&d.artifact.sha256);
+    if manifest.counter < st.highest_counter && !ran_here {
+        return Err(refuse(format!(
+            "release counter {} is lower than {} already accepted: an older release replayed (refused; roll back with a new release)",
+            manifest.counter, st.highest_counter
+        )));
     }
+    Ok(manifest)
+}
 
-    /// Stops the old version, starts the new one, and keeps it only if it proves healthy.
-    fn switch(&mut self, app: &Name, new: Installed) -> Result<(), InstallError> {
-        let paths = self.paths(app);
-        let st = self.state.apps.entry(app.clone()).or_default();
-        let old = st.current.clone();
-        st.pending = Some(new.clone());
-        self.save()
-            .map_err(|e| InstallError::Transient(format!("{e:#}")))?;
-        self.stop_service(app);
-        let started = fsutil::switch_symlink(&paths.current, &paths.versions.join(&new.version))
-            .and_then(|_| self.start_service(app, &new));
-        let verdict = match started {
-            Ok(()) => self.probation(app),
-            Err(e) => Err(format!("{e:#}")),
-        };
-        match verdict {
-            Ok(()) => {
-                let st = self.state.apps.get_mut(app).expect("exists");
-                st.previous = old;
-                st.current = Some(new);
-                st.pending = None;
-                st.failure = None;
-                self.save()
-                    .map_err(|e| InstallError::Transient(format!("{e:#}")))
-            }
-            Err(reason) => {
-                let log_tail = logs::tail(&paths.log, LOG_TAIL_BYTES);
-                self.roll_back(app, old);
-                Err(InstallError::Unhealthy {
-                    reason: format!("{} rolled back: {reason}", new.version),
-                    log_tail,
-                })
-            }
-        }
+/// The service spec to run: with pinned keys, only the one signed into the release (the
+/// deployer's copy is ignored: it is covered by no signature); otherwise the deployer's.
+pub fn spec_to_run<'a>(
+    d: &'a DesiredApp,
+    manifest: &'a ReleaseManifest,
+    trusted_keys: &[VerifyingKey],
+) -> Result<&'a ServiceSpec, InstallError> {
+    if trusted_keys.is_empty() {
+        return Ok(&d.service);
     }
-
-    fn roll_back(&mut self, app: &Name, old: Option<Installed>) {
-        self.stop_service(app);
-        let paths = self.paths(app);
-        if let Some(old) = &old {
-            let restored =
-                fsutil::switch_symlink(&paths.current, &paths.versions.join(&old.version))
-                    .and_then(|_| self.start_service(app, old));
-            if let Err(e) = restored {
-                eprintln!(
-                    "muscle-agent: {app}: cannot restart {} after rollback: {e:#}",
-                    old.version
-                );
-            }
-        } else {
-            let _ = std::fs::remove_file(&paths.current);
-        }
-        let st = self.state.apps.get_mut(app).expect("exists");
-        st.pending = None;
-        if let Err(e) = self.save() {
-            eprintln!("muscle-agent: {e:#}");
-        }
+    let refuse = |what: String| InstallError::Refused(format!("{} {}: {what}", d.app, d.version));
+    let signed = manifest.service.as_ref().ok_or_else(|| {
+        refuse(
+            "the release carries no signed service spec, and an agent that pins keys runs \
+             only what the release key signed (release it with `cargo xtask release \
+             --service FILE`)"
+                .into(),
+        )
+    })?;
+    // Which of the release's binaries runs is part of what was signed, too.
+    let binary = signed.binary_name(&d.app);
+    if d.artifact.binary != binary {
+        return Err(refuse(format!(
+            "the signed service spec runs {binary}, not the {} offered",
+            d.artifact.binary
+        )));
     }
+    Ok(signed)
+}
 
-    /// Health-checks the new process until it has been healthy for `min_healthy_time`, or fails
-    /// once `healthy_deadline` passes or the process exits.
-    fn probation(&mut self, app: &str) -> Result<(), String> {
-        let started = Instant::now();
-        loop {
-            let svc = self.services.get_mut(app).expect("just started");
-            let (min, deadline) = (svc.spec.min_healthy_time, svc.spec.healthy_deadline);
-            let check = svc.check_health(&self.http);
-            if !svc.is_running() {
-                return Err("the new process exited during its health probation".into());
-            }
-            if svc.healthy_since.is_some_and(|t| t.elapsed() >= min) {
-                return Ok(());
-            }
-            if started.elapsed() >= deadline {
-                let last = check
-                    .err()
-                    .unwrap_or_else(|| "healthy, but not for long enough".into());
-                return Err(format!("not healthy for {min:?} within healthy_deadline {deadline:?} (last check: {last})"));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+/// Puts the verified binary at `versions/<version>/<binary>` under `paths`, downloading it
+/// (relative URLs from `server`) if it is not there already.
+pub fn stage(
+    http: &ureq::Agent,
+    server: &str,
+    paths: &AppPaths,
+    d: &DesiredApp,
+) -> Result<PathBuf, InstallError> {
+    let transient = |what: String| InstallError::Transient(what);
+    paths
+        .create()
+        .map_err(|e| transient(format!("cannot create {}: {e}", paths.dir.display())))?;
+    let dest = paths.binary(&d.version, &d.artifact.binary);
+    if std::fs::read(&dest).is_ok_and(|b| muscle_protocol::sha256_hex(&b) == d.artifact.sha256) {
+        return Ok(dest);
     }
+    let part = paths.downloads.join(format!("{}.part", d.artifact.sha256));
+    let url = artifact_url(server, &d.artifact.url);
+    let what = format!("{} {}", d.app, d.version);
+    fetch_verified(
+        http,
+        &url,
+        &part,
+        d.artifact.size,
+        &d.artifact.sha256,
+        &what,
+    )?;
+    let tmp_dir = fsutil::tmp_path(&paths.versions.join(&d.version));
+    let final_dir = paths.versions.join(&d.version);
+    let moved = (|| -> std::io::Result<()> {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        std::fs::create_dir_all(&tmp_dir)?;
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&part, tmp_dir.join(&d.artifact.binary))?;
+        std::fs::File::open(&tmp_dir)?.sync_all()?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp_dir, &final_dir)?;
+        std::fs::File::open(&paths.versions)?.sync_all()
+    })();
+    moved.map_err(|e| transient(format!("cannot stage {}: {e}", final_dir.display())))?;
+    Ok(dest)
+}
 
-    /// Keeps the current and previous versions plus the newest others up to `keep_versions`.
-    fn clean_old_versions(&self, app: &str) {
-        let paths = self.paths(app);
-        let st = &self.state.apps[app];
-        let keep: Vec<&str> = [&st.current, &st.previous]
-            .into_iter()
-            .flatten()
-            .map(|i| i.version.as_str())
-            .collect();
-        let Ok(entries) = std::fs::read_dir(&paths.versions) else {
-            return;
-        };
-        let mut others: Vec<(SystemTime, PathBuf)> = entries
-            .flatten()
-            .filter(|e| !keep.iter().any(|k| e.file_name() == *k))
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        others.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
-        let room = self.cfg.keep_versions.saturating_sub(keep.len());
-        for (_, path) in others.into_iter().skip(room) {
-            let _ = std::fs::remove_dir_all(path);
-        }
+fn artifact_url(server: &str, url: &str) -> String {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        url.to_owned()
+    } else {
+        format!(
+            "{}/{}",
+            server.trim_end_matches('/'),
+            url.trim_start_matches('/')
+        )
+    }
+}
+
+/// Keeps the versions in `keep` plus the newest others, up to `keep_versions` in all.
+pub fn clean_old_versions(paths: &AppPaths, keep: &[&str], keep_versions: usize) {
+    let Ok(entries) = std::fs::read_dir(&paths.versions) else {
+        return;
+    };
+    let mut others: Vec<(SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| !keep.iter().any(|k| e.file_name() == *k))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    others.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+    let room = keep_versions.saturating_sub(keep.len());
+    for (_, path) in others.into_iter().skip(room) {
+        let _ = std::fs::remove_dir_all(path);
     }
 }
 

@@ -10,6 +10,8 @@ mod install;
 mod logs;
 mod paths;
 mod process;
+mod reconcile;
+mod repair;
 mod selfupdate;
 mod state;
 mod supervisor;

@@ -3,6 +3,7 @@
 //! ```text
 //! STATE_DIR/state.json
 //! STATE_DIR/apps/<app>/versions/<version>/<binary>
+//! STATE_DIR/apps/<app>/versions/<version>/receipt.json   (what it takes to run it)
 //! STATE_DIR/apps/<app>/current -> versions/<version>
 //! STATE_DIR/apps/<app>/downloads/<sha256>.part
 //! STATE_DIR/apps/<app>/service.log (+ service.log.1)
@@ -37,6 +38,12 @@ impl AppPaths {
 
     pub fn binary(&self, version: &str, binary: &str) -> PathBuf {
         self.versions.join(version).join(binary)
+    }
+
+    /// What the agent knew when it installed `version`: enough to run and adopt it again after
+    /// `state.json` is lost.
+    pub fn receipt(&self, version: &str) -> PathBuf {
+        self.versions.join(version).join("receipt.json")
     }
 
     /// The value of the process marker for this app's services.

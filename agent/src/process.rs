@@ -6,13 +6,47 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use muscle_protocol::ServiceSpec;
+use muscle_protocol::{Name, ServiceSpec};
 
 use crate::logs;
 
 /// The environment variable that marks a process as a service of this agent: its value is
-/// `<state dir>/apps/<app>`. It survives the agent (and qemu-user, which rewrites argv).
+/// `<state dir>/apps/<app>`. It survives the agent (and qemu-user, which rewrites argv and
+/// `/proc/<pid>/exe`).
 pub const MARKER: &str = "MUSCLE_SERVICE";
+/// Beside [`MARKER`]: the version the process runs, so that an agent that lost its state can
+/// tell which of the processes it finds to adopt.
+pub const MARKER_VERSION: &str = "MUSCLE_SERVICE_VERSION";
+
+/// Everything it takes to start one service process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub app: Name,
+    pub version: Name,
+    pub binary: PathBuf,
+    pub spec: ServiceSpec,
+    pub log: PathBuf,
+    /// The value of [`MARKER`].
+    pub marker: String,
+}
+
+impl Launch {
+    /// The environment that marks the process as this service's.
+    pub fn marker_env(&self) -> [(&'static str, String); 2] {
+        [
+            (MARKER, self.marker.clone()),
+            (MARKER_VERSION, self.version.to_string()),
+        ]
+    }
+}
+
+/// A live process carrying an app's marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marked {
+    pub pid: u32,
+    /// `None` for a process started by an agent older than [`MARKER_VERSION`].
+    pub version: Option<String>,
+}
 
 /// A service process: our child, one adopted from a previous run of the agent, or the main
 /// process of a systemd unit.
@@ -36,27 +70,13 @@ pub enum Launcher {
 }
 
 impl Launcher {
-    /// Starts `binary` for `app` under `spec`.
-    pub fn launch(
-        &self,
-        app: &str,
-        version: &str,
-        binary: &Path,
-        spec: &ServiceSpec,
-        log: &Path,
-        marker: &str,
-    ) -> Result<Proc> {
+    /// Starts one process of `launch`.
+    pub fn launch(&self, launch: &Launch) -> Result<Proc> {
         match self {
-            Launcher::Builtin => Ok(Proc::Child(spawn(binary, spec, log, marker)?)),
-            Launcher::Systemd { unit_dir, user } => crate::systemd::start(
-                unit_dir,
-                app,
-                version,
-                binary,
-                spec,
-                marker,
-                user.as_deref(),
-            ),
+            Launcher::Builtin => Ok(Proc::Child(spawn(launch)?)),
+            Launcher::Systemd { unit_dir, user } => {
+                crate::systemd::start(unit_dir, launch, user.as_deref())
+            }
         }
     }
 
@@ -136,14 +156,15 @@ impl Proc {
     }
 }
 
-/// Starts `binary` under `spec`, output appended to `log`, marked with `marker`.
-pub fn spawn(binary: &Path, spec: &ServiceSpec, log: &Path, marker: &str) -> Result<Child> {
-    let out = logs::open_append(log)?;
+/// Starts `launch.binary` under its spec, output appended to its log, marked.
+pub fn spawn(launch: &Launch) -> Result<Child> {
+    let (binary, spec) = (&launch.binary, &launch.spec);
+    let out = logs::open_append(&launch.log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(binary);
     cmd.args(&spec.args)
         .envs(&spec.env)
-        .env(MARKER, marker)
+        .envs(launch.marker_env())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -175,9 +196,10 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// The pids of live processes whose environment carries `MARKER=marker`.
-pub fn find_marked(marker: &str) -> Vec<u32> {
+/// The live processes whose environment carries `MARKER=marker`, with the version they run.
+pub fn find_marked(marker: &str) -> Vec<Marked> {
     let needle = format!("{MARKER}={marker}");
+    let version_prefix = format!("{MARKER_VERSION}=");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return vec![];
     };
@@ -185,11 +207,19 @@ pub fn find_marked(marker: &str) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
-                .unwrap_or(false)
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let mut vars = env.split(|b| *b == 0);
+            vars.clone()
+                .any(|var| var == needle.as_bytes())
+                .then(|| Marked {
+                    pid,
+                    version: vars.find_map(|var| {
+                        let value = var.strip_prefix(version_prefix.as_bytes())?;
+                        String::from_utf8(value.to_vec()).ok()
+                    }),
+                })
         })
-        .filter(|pid| is_alive(*pid))
+        .filter(|m| is_alive(m.pid))
         .collect()
 }

@@ -31,7 +31,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 impl Agent {
     /// Verifies, stages and probes the new agent, then execs it. Returns only on failure.
     pub(crate) fn update_self(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
-        let manifest = self.check_manifest(d)?;
+        let manifest = self.verify(d)?;
         let new = self.stage(d)?;
         self.probe(&new)?;
         let from = std::env::current_exe().map_err(|e| {
@@ -53,7 +53,10 @@ impl Agent {
             "muscle-agent: probe of agent {} passed; handing over",
             d.version
         );
+        // No restart may fork while the process is replaced; the new agent adopts the services.
+        self.supervisor.halt();
         let err = exec_self(&new);
+        self.supervisor.resume();
         self.state.self_update = None;
         let _ = self.save();
         Err(InstallError::Refused(format!(

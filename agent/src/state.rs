@@ -8,6 +8,7 @@ use muscle_protocol::{Name, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::paths::AppPaths;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct AgentState {
@@ -67,6 +68,86 @@ pub struct Installed {
     pub sha256: String,
     /// The service spec with the agent's variables expanded.
     pub spec: ServiceSpec,
+}
+
+/// Written beside each installed version: with it, an agent whose `state.json` was lost finds
+/// what each app ran (the `current` link), how to run it, and which release counters it
+/// accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub installed: Installed,
+    pub counter: u64,
+}
+
+impl Receipt {
+    pub fn write(&self, paths: &AppPaths) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).expect("a receipt serializes");
+        fsutil::write_atomic(&paths.receipt(&self.installed.version), &json)
+    }
+
+    fn read(paths: &AppPaths, version: &str) -> Result<Receipt> {
+        let path = paths.receipt(version);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let receipt: Receipt = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a valid receipt", path.display()))?;
+        anyhow::ensure!(
+            receipt.installed.version == version,
+            "{} is for version {}",
+            path.display(),
+            receipt.installed.version
+        );
+        Ok(receipt)
+    }
+}
+
+/// Rebuilds the state of every app found under `STATE_DIR/apps` that `state` does not know
+/// (its `state.json` was lost or moved away), from the receipts of its installed versions.
+/// Returns what was recovered, for the log.
+pub fn recover_lost_apps(state_dir: &Path, state: &mut AgentState) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("apps")) else {
+        return vec![];
+    };
+    let mut recovered = vec![];
+    for entry in entries.flatten() {
+        let Some(app) = entry.file_name().to_str().and_then(|n| Name::parse(n).ok()) else {
+            continue;
+        };
+        if state.apps.contains_key(&app) {
+            continue;
+        }
+        let paths = AppPaths::new(state_dir, &app);
+        let mut st = AppState::default();
+        for version in version_dirs(&paths) {
+            if let Ok(r) = Receipt::read(&paths, &version) {
+                st.highest_counter = st.highest_counter.max(r.counter);
+                st.ran
+                    .insert(r.installed.version.clone(), r.installed.sha256.clone());
+            }
+        }
+        let current = std::fs::read_link(&paths.current).ok().and_then(|target| {
+            let version = target.file_name()?.to_str()?.to_owned();
+            Receipt::read(&paths, &version).ok()
+        });
+        recovered.push(match &current {
+            Some(r) => format!("{app} {} (from its receipt)", r.installed.version),
+            None => format!("{app} (no current version)"),
+        });
+        st.current = current.map(|r| r.installed);
+        state.apps.insert(app, st);
+    }
+    recovered
+}
+
+fn version_dirs(paths: &AppPaths) -> Vec<String> {
+    std::fs::read_dir(&paths.versions)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Why the agent did not install, or rolled back from, a version.
@@ -130,6 +211,42 @@ mod tests {
         );
         std::fs::write(dir.join("state.json"), r#"{"apps": {"hello": {}}}"#).unwrap();
         assert!(store.load().unwrap().apps.contains_key("hello"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lost_state_file_is_rebuilt_from_the_receipts_and_the_current_link() {
+        let dir = std::env::temp_dir().join(format!("muscle-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let paths = AppPaths::new(&dir, "hello");
+        paths.create().unwrap();
+        for (version, counter) in [("0.1.0", 5), ("0.2.0", 7)] {
+            std::fs::create_dir_all(paths.versions.join(version)).unwrap();
+            let installed = Installed {
+                version: Name::parse(version).unwrap(),
+                binary: Name::parse("hello").unwrap(),
+                sha256: format!("{counter:064}"),
+                spec: serde_json::from_str("{}").unwrap(),
+            };
+            Receipt { installed, counter }.write(&paths).unwrap();
+        }
+        // A receipt that lies about its version is not believed.
+        std::fs::create_dir_all(paths.versions.join("9.9.9")).unwrap();
+        std::fs::copy(paths.receipt("0.2.0"), paths.receipt("9.9.9")).unwrap();
+        std::os::unix::fs::symlink(paths.versions.join("0.1.0"), &paths.current).unwrap();
+
+        let mut state = AgentState::default();
+        let recovered = recover_lost_apps(&dir, &mut state);
+        assert_eq!(recovered, ["hello 0.1.0 (from its receipt)"]);
+        let st = &state.apps["hello"];
+        assert_eq!(st.current.as_ref().unwrap().version, "0.1.0");
+        assert_eq!(
+            st.highest_counter, 7,
+            "counters survive: replays stay refused"
+        );
+        assert_eq!(st.ran.len(), 2);
+        // Apps the state knows are left as they are.
+        assert!(recover_lost_apps(&dir, &mut state).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

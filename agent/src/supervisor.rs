@@ -1,46 +1,218 @@
-//! The built-in supervisor: start, restart with backoff, detect crash loops, health-check, rotate
-//! logs, stop gracefully, and re-adopt services after the agent restarts.
+//! The built-in supervisor: starts, reaps, restarts with backoff, detects crash loops,
+//! health-checks, rotates logs and stops services, on a thread of its own. Check-ins, downloads
+//! and installs run on the agent's thread: no peer, however slow, can keep a crashed service down.
+//!
+//! The agent tells it what to run ([`Supervisor::start`], [`Supervisor::stop`], ...) and reads
+//! back [`Status`] snapshots; the supervisor knows nothing of check-ins or the state file.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use muscle_protocol::{Health, Name, ServiceSpec};
+use muscle_protocol::{Health, HealthCheck, Name};
 
-use crate::agent::Agent;
-use crate::process::{self, Proc};
-use crate::state::Installed;
-use crate::{fsutil, health, logs};
+use crate::process::{Launch, Launcher, Proc};
+use crate::{health, logs};
 
-/// How often a running service's health is checked outside of a rollout's probation.
+/// How often the supervisor looks at its services.
+const TICK: Duration = Duration::from_millis(100);
+/// How often a running service's health is checked.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// How often a service on probation is checked: its verdict decides an install.
+const PROBATION_HEALTH_EVERY: Duration = Duration::from_millis(200);
 
-pub struct Service {
+/// What the agent may know of one service.
+#[derive(Debug, Clone)]
+pub struct Status {
     pub version: Name,
-    pub spec: ServiceSpec,
-    pub binary: PathBuf,
-    proc: Option<Proc>,
-    pub restarts: u32,
-    recent_restarts: VecDeque<Instant>,
-    backoff: Duration,
-    restart_at: Option<Instant>,
-    pub healthy_since: Option<Instant>,
-    last_check: Option<Instant>,
+    pub running: bool,
     pub health: Health,
+    /// How long it has passed every health check, if it passes now.
+    pub healthy_for: Option<Duration>,
+    pub restarts: u32,
     pub last_problem: Option<String>,
+    /// On probation, a process that exits is not restarted: how it ended.
+    pub exited_on_probation: Option<String>,
 }
 
-impl Service {
-    fn new(installed: &Installed, binary: PathBuf, proc: Proc) -> Service {
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    services: Mutex<BTreeMap<Name, Service>>,
+    launcher: Launcher,
+    /// For HTTP health checks.
+    http: ureq::Agent,
+    log_max_bytes: u64,
+    /// Tells the thread to return (services keep running).
+    halt: AtomicBool,
+    next_id: AtomicU64,
+}
+
+/// One supervised service.
+struct Service {
+    /// Tells this service from a later one of the same app, for results that arrive after the
+    /// lock was released.
+    id: u64,
+    launch: Launch,
+    proc: Option<Proc>,
+    probation: bool,
+    exited_on_probation: Option<String>,
+    restarts: u32,
+    recent_exits: VecDeque<Instant>,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    healthy_since: Option<Instant>,
+    last_check: Option<Instant>,
+    health: Health,
+    last_problem: Option<String>,
+}
+
+impl Supervisor {
+    /// Starts the supervising thread, with no services yet.
+    pub fn spawn(launcher: Launcher, http: ureq::Agent, log_max_bytes: u64) -> Supervisor {
+        let shared = Arc::new(Shared {
+            services: Mutex::new(BTreeMap::new()),
+            launcher,
+            http,
+            log_max_bytes,
+            halt: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        });
+        let mut supervisor = Supervisor {
+            shared,
+            thread: None,
+        };
+        supervisor.resume();
+        supervisor
+    }
+
+    /// (Re)starts the supervising thread after [`Supervisor::halt`].
+    pub fn resume(&mut self) {
+        if self.thread.is_some() {
+            return;
+        }
+        self.shared.halt.store(false, Ordering::SeqCst);
+        let shared = Arc::clone(&self.shared);
+        self.thread = Some(
+            std::thread::Builder::new()
+                .name("supervisor".into())
+                .spawn(move || shared.run())
+                .expect("a thread can be started"),
+        );
+    }
+
+    /// Stops supervising (nothing is restarted or checked any more); services keep running.
+    pub fn halt(&mut self) {
+        self.shared.halt.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Starts a process of `launch`; on probation an exit ends it instead of restarting it.
+    /// Returns its pid.
+    pub fn start(&self, launch: Launch, probation: bool) -> Result<u32> {
+        let proc = self.shared.launcher.launch(&launch)?;
+        let pid = proc.pid();
+        let app = launch.app.clone();
+        let mut svc = self.shared.service(launch, proc);
+        svc.probation = probation;
+        self.insert(app, svc);
+        Ok(pid)
+    }
+
+    /// Supervises a process a previous agent started, without restarting it.
+    pub fn adopt(&self, launch: Launch, pid: u32) {
+        let proc = self.shared.launcher.adopt(&launch.app, pid);
+        let app = launch.app.clone();
+        let svc = self.shared.service(launch, proc);
+        self.insert(app, svc);
+    }
+
+    fn insert(&self, app: Name, svc: Service) {
+        // A service replaced without a stop would run unsupervised: stop it.
+        let old = self.shared.lock().insert(app, svc);
+        if let Some(mut old) = old {
+            old.stop();
+        }
+    }
+
+    /// Ends the probation of `app`'s service: from now on it is restarted when it exits.
+    pub fn commit(&self, app: &str) {
+        if let Some(svc) = self.shared.lock().get_mut(app) {
+            svc.probation = false;
+        }
+    }
+
+    /// Stops `app`'s service (its stop signal, then SIGKILL after its grace) and forgets it.
+    pub fn stop(&self, app: &str) {
+        // Taken out of the map first: stopping may take the whole grace period, and the others
+        // stay supervised meanwhile.
+        let svc = self.shared.lock().remove(app);
+        if let Some(mut svc) = svc {
+            svc.stop();
+        }
+    }
+
+    /// Halts supervision, then stops every service.
+    pub fn stop_all(&mut self) {
+        self.halt();
+        let services = std::mem::take(&mut *self.shared.lock());
+        for (_, mut svc) in services {
+            svc.stop();
+        }
+    }
+
+    pub fn status(&self, app: &str) -> Option<Status> {
+        self.shared.lock().get_mut(app).map(Service::status)
+    }
+
+    /// The pid of every service's process (none while it waits to be restarted).
+    pub fn pids(&self) -> BTreeMap<Name, Option<u32>> {
+        self.shared
+            .lock()
+            .iter()
+            .map(|(app, svc)| (app.clone(), svc.proc.as_ref().map(Proc::pid)))
+            .collect()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// A health check to run outside the lock.
+struct Due {
+    app: Name,
+    id: u64,
+    check: HealthCheck,
+    log: std::path::PathBuf,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Name, Service>> {
+        // A panic elsewhere must not stop supervision: the map stays consistent between calls.
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn service(&self, launch: Launch, proc: Proc) -> Service {
         Service {
-            version: installed.version.clone(),
-            spec: installed.spec.clone(),
-            binary,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            backoff: launch.spec.restart.initial_backoff,
+            launch,
             proc: Some(proc),
+            probation: false,
+            exited_on_probation: None,
             restarts: 0,
-            recent_restarts: VecDeque::new(),
-            backoff: installed.spec.restart.initial_backoff,
+            recent_exits: VecDeque::new(),
             restart_at: None,
             healthy_since: None,
             last_check: None,
@@ -49,27 +221,104 @@ impl Service {
         }
     }
 
-    pub fn is_running(&mut self) -> bool {
-        self.proc.as_mut().is_some_and(|p| p.exited().is_none())
+    fn run(&self) {
+        while !self.halt.load(Ordering::SeqCst) {
+            self.pass();
+            std::thread::sleep(TICK);
+        }
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
+    /// One look at every service: reap, restart when due, health-check, rotate logs. Launches
+    /// and health checks run without the lock, so the agent is never kept waiting on them.
+    fn pass(&self) {
+        let (restarts, checks) = self.reap();
+        for (app, id, launch) in restarts {
+            let launched = self.launcher.launch(&launch);
+            let mut services = self.lock();
+            match services.get_mut(&app).filter(|s| s.id == id) {
+                Some(svc) => match launched {
+                    Ok(proc) => svc.proc = Some(proc),
+                    Err(e) => svc.on_exit(&format!("{e:#}")),
+                },
+                // Stopped or replaced meanwhile: this process is nobody's.
+                None => {
+                    if let Ok(mut proc) = launched {
+                        proc.stop(libc::SIGTERM, launch.spec.stop_grace);
+                    }
+                }
+            }
+        }
+        for due in checks {
+            let result = health::check(&due.check, &self.http);
+            if let Some(svc) = self.lock().get_mut(&due.app).filter(|s| s.id == due.id) {
+                svc.record_check(result);
+            }
+            let _ = logs::rotate_if_needed(&due.log, self.log_max_bytes);
+        }
     }
 
-    /// Runs the health check once and updates `health` and `healthy_since`.
-    pub fn check_health(&mut self, http: &ureq::Agent) -> Result<(), String> {
-        self.last_check = Some(Instant::now());
-        let result = if self.is_running() {
-            health::check(&self.spec.health, http)
+    /// Under the lock: reaps exits and says which services to restart and which to check.
+    #[allow(clippy::type_complexity)]
+    fn reap(&self) -> (Vec<(Name, u64, Launch)>, Vec<Due>) {
+        let now = Instant::now();
+        let (mut restarts, mut checks) = (vec![], vec![]);
+        for (app, svc) in self.lock().iter_mut() {
+            if let Some(how) = svc.proc.as_mut().and_then(Proc::exited) {
+                svc.proc = None;
+                svc.on_exit(&how);
+            }
+            if svc.proc.is_none() && svc.restart_at.is_some_and(|t| now >= t) {
+                svc.restart_at = None;
+                svc.restarts += 1;
+                restarts.push((app.clone(), svc.id, svc.launch.clone()));
+                continue;
+            }
+            svc.earn_backoff_back();
+            let every = if svc.probation {
+                PROBATION_HEALTH_EVERY
+            } else {
+                HEALTH_EVERY
+            };
+            if svc.proc.is_some() && svc.last_check.is_none_or(|t| t.elapsed() >= every) {
+                svc.last_check = Some(now);
+                checks.push(Due {
+                    app: app.clone(),
+                    id: svc.id,
+                    check: svc.launch.spec.health.clone(),
+                    log: svc.launch.log.clone(),
+                });
+            }
+        }
+        (restarts, checks)
+    }
+}
+
+impl Service {
+    fn status(&mut self) -> Status {
+        let running = self.proc.as_mut().is_some_and(|p| p.exited().is_none());
+        Status {
+            version: self.launch.version.clone(),
+            running,
+            health: self.health,
+            healthy_for: self.healthy_since.map(|t| t.elapsed()),
+            restarts: self.restarts,
+            last_problem: self.last_problem.clone(),
+            exited_on_probation: self.exited_on_probation.clone(),
+        }
+    }
+
+    fn record_check(&mut self, result: Result<(), String>) {
+        let running = self.proc.as_mut().is_some_and(|p| p.exited().is_none());
+        let result = if running {
+            result
         } else {
             Err("the process is not running".into())
         };
-        match &result {
+        match result {
             Ok(()) => {
                 self.healthy_since.get_or_insert_with(Instant::now);
                 // A crash loop stays reported, with its cause, until the service has been stable
-                // for a whole crash-loop window (see `supervise`).
+                // for a whole crash-loop window (see `earn_backoff_back`).
                 if self.health != Health::CrashLoop {
                     self.health = Health::Healthy;
                     self.last_problem = None;
@@ -80,189 +329,190 @@ impl Service {
                 if self.health != Health::CrashLoop {
                     self.health = Health::Unhealthy;
                 }
-                self.last_problem = Some(problem.clone());
+                self.last_problem = Some(problem);
             }
         }
-        result
+    }
+
+    /// A service stable for a whole crash-loop window earns its backoff back.
+    fn earn_backoff_back(&mut self) {
+        let policy = &self.launch.spec.restart;
+        if self
+            .healthy_since
+            .is_some_and(|t| t.elapsed() > policy.crash_loop_window)
+        {
+            self.backoff = policy.initial_backoff;
+            if self.health == Health::CrashLoop {
+                self.health = Health::Healthy;
+                self.last_problem = None;
+            }
+        }
     }
 
     fn stop(&mut self) {
         if let Some(mut proc) = self.proc.take() {
-            let signal = self.spec.stop_signal_number().unwrap_or(libc::SIGTERM);
-            proc.stop(signal, self.spec.stop_grace);
+            let spec = &self.launch.spec;
+            let signal = spec.stop_signal_number().unwrap_or(libc::SIGTERM);
+            proc.stop(signal, spec.stop_grace);
         }
+        self.restart_at = None;
         self.health = Health::Stopped;
         self.healthy_since = None;
     }
 
-    /// Records an exit and schedules the restart with exponential backoff.
-    fn on_exit(&mut self, how: &str, app: &str) {
+    /// Records an exit: on probation the end of it, otherwise a restart with exponential backoff.
+    fn on_exit(&mut self, how: &str) {
+        let (app, version) = (&self.launch.app, &self.launch.version);
+        self.healthy_since = None;
+        if self.probation {
+            self.health = Health::Unhealthy;
+            self.exited_on_probation = Some(how.to_owned());
+            self.last_problem = Some(format!("{app} {version} exited ({how})"));
+            return;
+        }
         let now = Instant::now();
-        let policy = &self.spec.restart;
-        self.recent_restarts.push_back(now);
+        let policy = &self.launch.spec.restart;
+        self.recent_exits.push_back(now);
         while self
-            .recent_restarts
+            .recent_exits
             .front()
             .is_some_and(|t| now.duration_since(*t) > policy.crash_loop_window)
         {
-            self.recent_restarts.pop_front();
+            self.recent_exits.pop_front();
         }
-        let looping = self.recent_restarts.len() as u32 >= policy.crash_loop_restarts;
+        let looping = self.recent_exits.len() as u32 >= policy.crash_loop_restarts;
         self.health = if looping {
             Health::CrashLoop
         } else {
             Health::Unhealthy
         };
-        self.healthy_since = None;
-        self.last_problem = Some(format!(
-            "{app} {} exited ({how}); restart #{} in {:?}",
-            self.version,
+        let problem = format!(
+            "{app} {version} exited ({how}); restart #{} in {:?}",
             self.restarts + 1,
             self.backoff
-        ));
-        eprintln!(
-            "muscle-agent: {}",
-            self.last_problem.as_deref().unwrap_or_default()
         );
+        eprintln!("muscle-agent: {problem}");
+        self.last_problem = Some(problem);
         self.restart_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(policy.max_backoff);
     }
 }
 
-impl Agent {
-    /// One pass over every service: reap, restart when due, health-check, rotate logs.
-    pub fn supervise(&mut self) {
-        let apps: Vec<Name> = self.services.keys().cloned().collect();
-        for app in apps {
-            let paths = self.paths(&app);
-            let (marker, log) = (paths.marker(), paths.log);
-            let svc = self.services.get_mut(&app).expect("listed above");
-            if let Some(how) = svc.proc.as_mut().and_then(Proc::exited) {
-                svc.proc = None;
-                svc.on_exit(&how, &app);
-            }
-            if svc.proc.is_none() && svc.restart_at.is_some_and(|t| Instant::now() >= t) {
-                svc.restart_at = None;
-                svc.restarts += 1;
-                let launched = self.cfg.launcher.launch(
-                    &app,
-                    &svc.version,
-                    &svc.binary,
-                    &svc.spec,
-                    &log,
-                    &marker,
-                );
-                match launched {
-                    Ok(proc) => svc.proc = Some(proc),
-                    Err(e) => svc.on_exit(&format!("{e:#}"), &app),
-                }
-                let pid = svc.pid();
-                if let Some(st) = self.state.apps.get_mut(app.as_str()) {
-                    st.pid = pid;
-                }
-                let _ = self.save();
-                continue;
-            }
-            // A stable service earns its backoff back.
-            if svc
-                .healthy_since
-                .is_some_and(|t| t.elapsed() > svc.spec.restart.crash_loop_window)
-            {
-                svc.backoff = svc.spec.restart.initial_backoff;
-                if svc.health == Health::CrashLoop {
-                    svc.health = Health::Healthy;
-                    svc.last_problem = None;
-                }
-            }
-            if svc.proc.is_some() && svc.last_check.is_none_or(|t| t.elapsed() >= HEALTH_EVERY) {
-                let _ = svc.check_health(&self.http);
-                let _ = logs::rotate_if_needed(&log, self.cfg.log_max_bytes);
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muscle_protocol::ServiceSpec;
+    use std::path::PathBuf;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("muscle-sup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A service running `sh -c script`, restarted after 50 ms.
+    fn launch(dir: &std::path::Path, script: &str) -> Launch {
+        let mut spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "args": ["-c", script],
+            "stop_grace": "1s",
+            "restart": {"initial_backoff": "50ms", "max_backoff": "1s"},
+        }))
+        .unwrap();
+        spec.health = HealthCheck::None;
+        Launch {
+            app: Name::parse("svc").unwrap(),
+            version: Name::parse("1.0.0").unwrap(),
+            binary: PathBuf::from("/bin/sh"),
+            spec,
+            log: dir.join("service.log"),
+            marker: dir.display().to_string(),
         }
     }
 
-    /// Starts `installed` for `app` and records its pid.
-    pub fn start_service(&mut self, app: &Name, installed: &Installed) -> Result<()> {
-        let paths = self.paths(app);
-        let binary = paths.binary(&installed.version, &installed.binary);
-        let proc = self.cfg.launcher.launch(
-            app,
-            &installed.version,
-            &binary,
-            &installed.spec,
-            &paths.log,
-            &paths.marker(),
-        )?;
-        let pid = proc.pid();
-        self.services
-            .insert(app.clone(), Service::new(installed, binary, proc));
-        let st = self.state.apps.entry(app.clone()).or_default();
-        st.pid = Some(pid);
-        st.running_version = Some(installed.version.clone());
-        self.save()
-    }
-
-    pub fn stop_service(&mut self, app: &str) {
-        if let Some(mut svc) = self.services.remove(app) {
-            svc.stop();
-        }
-        if let Some(st) = self.state.apps.get_mut(app) {
-            st.pid = None;
-            st.running_version = None;
+    fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// At start-up: finish or undo what a previous run left half-done, and re-adopt the services
-    /// it started. Afterwards exactly the committed version of each app runs.
-    pub fn repair_all(&mut self) -> Result<()> {
-        let apps: Vec<Name> = self.state.apps.keys().cloned().collect();
-        for app in apps {
-            self.repair(&app)?;
-        }
-        self.save()
+    fn supervisor() -> Supervisor {
+        Supervisor::spawn(Launcher::Builtin, ureq::agent(), 1 << 20)
     }
 
-    fn repair(&mut self, app: &Name) -> Result<()> {
-        let paths = self.paths(app);
-        fsutil::remove_tmp_leftovers(&paths.dir);
-        fsutil::remove_tmp_leftovers(&paths.versions);
-        let marked = process::find_marked(&paths.marker());
-        let st = self.state.apps.get_mut(app).expect("listed by the caller");
-        let interrupted = st.pending.take();
-        let adoptable = interrupted.is_none()
-            && st.running_version == st.current.as_ref().map(|c| c.version.clone());
-        let adopt = st.pid.filter(|pid| adoptable && marked.contains(pid));
-        let current = st.current.clone();
-        for pid in marked.iter().filter(|p| Some(**p) != adopt) {
-            eprintln!("muscle-agent: {app}: stopping leftover process {pid}");
-            let mut orphan = self.cfg.launcher.adopt(app, *pid);
-            orphan.stop(libc::SIGTERM, Duration::from_secs(5));
-        }
-        if let Some(pending) = &interrupted {
-            eprintln!(
-                "muscle-agent: {app}: install of {} was interrupted; back to the committed version",
-                pending.version
-            );
-        }
-        let Some(current) = current else {
-            st.pid = None;
-            st.running_version = None;
-            return Ok(());
-        };
-        fsutil::switch_symlink(&paths.current, &paths.versions.join(&current.version))?;
-        match adopt {
-            Some(pid) => {
-                eprintln!(
-                    "muscle-agent: {app}: adopted running {} (pid {pid})",
-                    current.version
-                );
-                let binary = paths.binary(&current.version, &current.binary);
-                let proc = self.cfg.launcher.adopt(app, pid);
-                self.services
-                    .insert(app.clone(), Service::new(&current, binary, proc));
-                Ok(())
-            }
-            None => self.start_service(app, &current),
-        }
+    #[test]
+    fn a_killed_service_is_restarted_while_the_agent_thread_is_busy() {
+        let dir = scratch("restart");
+        let sup = supervisor();
+        let first = sup.start(launch(&dir, "exec sleep 60"), false).unwrap();
+        // The caller's thread does nothing more: restarts need no help from it.
+        crate::process::signal_pid(first, libc::SIGKILL);
+        wait_for("a new process", || {
+            sup.pids()["svc"].is_some_and(|pid| pid != first)
+        });
+        let status = sup.status("svc").unwrap();
+        assert_eq!(status.restarts, 1);
+        let marked = crate::process::find_marked(&dir.display().to_string());
+        assert_eq!(marked.len(), 1, "{marked:?}");
+        assert_eq!(marked[0].version.as_deref(), Some("1.0.0"));
+        sup.stop("svc");
+        assert!(crate::process::find_marked(&dir.display().to_string()).is_empty());
+    }
+
+    #[test]
+    fn on_probation_an_exit_ends_the_service_instead_of_restarting_it() {
+        let dir = scratch("probation");
+        let sup = supervisor();
+        let pid = sup.start(launch(&dir, "exit 3"), true).unwrap();
+        wait_for("the exit to be seen", || {
+            sup.status("svc")
+                .is_some_and(|s| s.exited_on_probation.is_some())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let status = sup.status("svc").unwrap();
+        assert_eq!((status.running, status.restarts), (false, 0), "{status:?}");
+        assert!(
+            status
+                .exited_on_probation
+                .unwrap()
+                .contains("exit status: 3"),
+            "pid {pid}"
+        );
+    }
+
+    #[test]
+    fn a_committed_service_that_keeps_crashing_backs_off_and_reports_a_crash_loop() {
+        let dir = scratch("loop");
+        let sup = supervisor();
+        sup.start(launch(&dir, "exit 1"), true).unwrap();
+        sup.commit("svc");
+        wait_for("a crash loop", || {
+            sup.status("svc")
+                .is_some_and(|s| s.health == Health::CrashLoop)
+        });
+        let status = sup.status("svc").unwrap();
+        // 50 ms doubling: five restarts take more than 50+100+200+400 ms.
+        assert!(status.restarts >= 4, "{status:?}");
+        assert!(status.last_problem.unwrap().contains("exited"));
+    }
+
+    #[test]
+    fn halted_supervision_restarts_nothing_and_stop_all_stops_everything() {
+        let dir = scratch("halt");
+        let mut sup = supervisor();
+        let pid = sup.start(launch(&dir, "exec sleep 60"), false).unwrap();
+        sup.halt();
+        crate::process::signal_pid(pid, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(crate::process::find_marked(&dir.display().to_string()).is_empty());
+        sup.resume();
+        wait_for("the restart after resume", || {
+            sup.status("svc").is_some_and(|s| s.running)
+        });
+        sup.stop_all();
+        assert!(crate::process::find_marked(&dir.display().to_string()).is_empty());
+        assert!(sup.status("svc").is_none());
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use muscle_protocol::ServiceSpec;
 
-use crate::process::{Proc, MARKER};
+use crate::process::{Launch, Proc};
 
 /// The `muscle-<app>.service` unit running `binary` under `spec`.
 pub fn unit(
@@ -82,21 +82,15 @@ pub fn unit_name(app: &str) -> String {
 
 /// Writes the unit of `app` running `binary` (marked like a built-in service, so that the agent
 /// finds it after a restart), reloads systemd and (re)starts the unit.
-pub fn start(
-    unit_dir: &Path,
-    app: &str,
-    version: &str,
-    binary: &Path,
-    spec: &ServiceSpec,
-    marker: &str,
-    user: Option<&str>,
-) -> Result<Proc> {
-    let mut spec = spec.clone();
-    spec.env.insert(MARKER.to_owned(), marker.to_owned());
-    let name = unit_name(app);
+pub fn start(unit_dir: &Path, launch: &Launch, user: Option<&str>) -> Result<Proc> {
+    let mut spec = launch.spec.clone();
+    for (key, value) in launch.marker_env() {
+        spec.env.insert(key.to_owned(), value);
+    }
+    let name = unit_name(&launch.app);
     crate::fsutil::write_atomic(
         &unit_dir.join(&name),
-        unit(app, version, binary, &spec, user).as_bytes(),
+        unit(&launch.app, &launch.version, &launch.binary, &spec, user).as_bytes(),
     )?;
     systemctl(&["daemon-reload"])?;
     systemctl(&["restart", &name])?;

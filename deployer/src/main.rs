@@ -61,9 +61,6 @@ enum Command {
         /// serving DATA_DIR/blobs as /v1/blobs/sha256/<hex>).
         #[arg(long)]
         blob_base_url: Option<String>,
-        /// Check-in interval suggested to agents.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        interval: Duration,
         /// How often the rollout engine advances rollouts.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         tick: Duration,
@@ -87,6 +84,14 @@ enum Command {
     /// Start, follow and steer rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Take APP off the agents matching the selector (default: every agent that has it): they
+    /// stop and uninstall it, and agents offline now do so when they next check in.
+    Undeploy {
+        app: Name,
+        /// Only agents with this label (repeatable; `arch=aarch64` matches the architecture).
+        #[arg(long = "selector", value_parser = muscle_protocol::parse_key_value)]
+        selector: Vec<(String, String)>,
+    },
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {
         #[arg(long)]
@@ -249,7 +254,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve {
             listen,
             blob_base_url,
-            interval,
             tick,
             enroll_token,
             admin_token,
@@ -287,7 +291,6 @@ fn run(cli: Cli) -> Result<()> {
                         store,
                         blobs,
                         blob_base_url,
-                        interval,
                         auth,
                     },
                     listener,
@@ -299,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
         }
         Command::Rollout(cmd) => rollout_command(cmd, store.as_ref())?,
+        Command::Undeploy { app, selector } => undeploy(store.as_ref(), &app, selector)?,
         Command::Fleet { json } => {
             let agents = store.agents()?;
             if json {
@@ -597,4 +601,45 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// `muscle-deploy undeploy`: tombstones for the matching agents, refused while a rollout of the
+/// app is in progress (it would assign the app again).
+fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> Result<()> {
+    if let Some(active) = store
+        .rollouts()?
+        .into_iter()
+        .find(|r| r.app == app.as_str() && r.status.is_active())
+    {
+        bail!(
+            "rollout {} of {app} is {:?}: abort it first (`muscle-deploy rollout abort {}`)",
+            active.id,
+            active.status,
+            active.id
+        );
+    }
+    let selector: BTreeMap<String, String> = selector.into_iter().collect();
+    let chosen: Vec<String> = store
+        .agents()?
+        .iter()
+        .filter(|a| rollout::selects(&selector, a))
+        .map(|a| a.id.clone())
+        .collect();
+    let removed = store.undeploy(app, &chosen)?;
+    if removed.is_empty() {
+        bail!(
+            "no agent{} has {app} assigned: nothing to undeploy",
+            if selector.is_empty() {
+                ""
+            } else {
+                " matching the selector"
+            }
+        );
+    }
+    println!(
+        "{app} taken off {} agent(s): {} (each stops and uninstalls it at its next check-in)",
+        removed.len(),
+        removed.join(", ")
+    );
+    Ok(())
 }

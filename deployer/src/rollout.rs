@@ -114,6 +114,13 @@ pub enum Action {
     },
 }
 
+/// Whether `agent` has every label of `selector` (`arch` also matches its architecture).
+pub fn selects(selector: &BTreeMap<String, String>, agent: &AgentRecord) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| agent.labels.get(k) == Some(v) || (k == "arch" && &agent.arch == v))
+}
+
 impl Rollout {
     /// Chooses the agents and the waves. Fails naming the selector when no agent matches.
     pub fn plan(
@@ -127,12 +134,7 @@ impl Rollout {
         let mut selected: Vec<&AgentRecord> = agents
             .iter()
             .filter(|a| !a.is_stale(now_ms))
-            .filter(|a| {
-                params
-                    .selector
-                    .iter()
-                    .all(|(k, v)| a.labels.get(k) == Some(v) || (k == "arch" && &a.arch == v))
-            })
+            .filter(|a| selects(&params.selector, a))
             .collect();
         if selected.is_empty() {
             let sel: Vec<String> = params

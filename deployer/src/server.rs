@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use muscle_protocol::{
-    Artifact, CheckinRequest, CheckinResponse, DesiredApp, ReleaseManifest, MAX_CHECKIN_BYTES,
+    Artifact, CheckinRequest, CheckinResponse, DesiredApp, Name, ReleaseManifest, MAX_CHECKIN_BYTES,
 };
 
 use crate::auth;
@@ -26,7 +26,6 @@ pub struct Server {
     pub blobs: Arc<FsBlobStore>,
     /// Where agents download blobs from, when not from this server (a CDN, nginx, ...).
     pub blob_base_url: Option<String>,
-    pub interval: Duration,
     pub auth: Auth,
 }
 
@@ -223,7 +222,6 @@ async fn checkin(
             req.agent_id
         );
     }
-    let interval_ms = Some(s.interval.as_millis() as u64);
     // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
     // blocking pool (measured by `cargo xtask bench`).
     let generation = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
@@ -232,18 +230,20 @@ async fn checkin(
             generation,
             unchanged: true,
             apps: vec![],
-            interval_ms,
+            removed: vec![],
         }));
     }
     let store = s.store.clone();
     let blob_base = s.blob_base_url.clone();
-    let apps = tokio::task::spawn_blocking(move || {
-        desired_apps(
+    let (apps, removed) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+        let apps = desired_apps(
             store.as_ref(),
             &req.agent_id,
             &req.arch,
             blob_base.as_deref(),
-        )
+        )?;
+        let removed = store.removals(&req.agent_id)?;
+        Ok((apps, removed))
     })
     .await
     .map_err(internal)?
@@ -252,7 +252,8 @@ async fn checkin(
         generation,
         unchanged: false,
         apps,
-        interval_ms,
+        // Names the store took from validated assignments.
+        removed: removed.iter().filter_map(|a| Name::parse(a).ok()).collect(),
     }))
 }
 

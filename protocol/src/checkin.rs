@@ -91,9 +91,10 @@ pub struct CheckinResponse {
     pub unchanged: bool,
     #[serde(default)]
     pub apps: Vec<DesiredApp>,
-    /// Suggested check-in interval.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval_ms: Option<u64>,
+    /// Apps taken off this agent: it stops and uninstalls them. Told at every changed answer
+    /// until the app is assigned again, so an agent that missed one still converges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Name>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

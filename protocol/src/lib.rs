@@ -30,7 +30,9 @@
 //! deployer answers with its current `generation`; when that equals
 //! the agent's, `unchanged` is true and `apps` is empty (cheap). Otherwise `apps` lists each
 //! [`DesiredApp`]: app, version, the artifact (URL, sha256, size, binary), the raw release manifest
-//! and its signature, and the [`ServiceSpec`].
+//! and its signature, and the [`ServiceSpec`]; and `removed`: the apps taken off the agent
+//! (a rollback of a first install, `muscle-deploy undeploy`), which it stops and uninstalls.
+//! Apps in neither list are left alone: a deployer that lost its database stops nothing.
 //!
 //! # Service spec ([`ServiceSpec`])
 //!

@@ -65,8 +65,6 @@ impl Deployer {
                 "serve",
                 "--listen",
                 &format!("127.0.0.1:{}", self.port),
-                "--interval",
-                "500ms",
                 "--tick",
                 "200ms",
             ])

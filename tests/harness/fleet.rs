@@ -126,6 +126,14 @@ impl Agent {
         self.spawn()
     }
 
+    /// Waits for an agent that is expected to exit on its own (a refused start).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("the agent is not running")?;
+        let status = crate::wait_until("the agent to exit", timeout, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
+    }
+
     /// The agent's state file, as the agent wrote it.
     pub fn state(&self) -> Result<serde_json::Value> {
         let path = self.opts.state_dir.join("state.json");

@@ -361,3 +361,56 @@ fn a_trickling_answer_is_abandoned_at_its_deadline_and_the_agent_checks_in_again
     );
     Ok(())
 }
+
+#[test]
+fn a_service_killed_while_a_check_in_answer_trickles_is_restarted_within_two_seconds() -> Result<()>
+{
+    let t = start()?;
+    t.offer(Offer::of(&t.v1, "0.1.0", 100), json!({}));
+    wait_until("0.1.0 healthy", Duration::from_secs(60), || {
+        let r = t.server.last_app_report(APP).context("no report")?;
+        ensure!(
+            r["installed_version"] == "0.1.0" && r["health"] == "healthy",
+            "{r}"
+        );
+        Ok(Some(()))
+    })?;
+    // From now on each answer takes minutes to trickle in; the agent abandons it after 30 s.
+    t.server.pad_answers(200);
+    t.server.trickle_answers(true);
+    let seen = t.server.reports().len();
+    wait_until(
+        "a check-in whose answer trickles",
+        Duration::from_secs(30),
+        || Ok((t.server.reports().len() > seen).then_some(())),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pids = t.agent.service_pids();
+    ensure!(pids.len() == 1, "service processes: {pids:?}");
+    let killed = std::time::Instant::now();
+    nix_kill(pids[0])?;
+    let restarted = wait_until("a new service process", Duration::from_secs(40), || {
+        let now = t.agent.service_pids();
+        Ok((now.len() == 1 && now[0] != pids[0]).then(|| now[0]))
+    })?;
+    let took = killed.elapsed();
+    // Still inside the trickling check-in: the restart owed nothing to the network.
+    assert_eq!(
+        t.server.reports().len(),
+        seen + 1,
+        "the check-in in flight ended before the restart"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "pid {restarted} restarted {took:?} after the kill, behind a trickling answer"
+    );
+    Ok(())
+}
+
+fn nix_kill(pid: u32) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -9 {pid}: {status}");
+    Ok(())
+}

@@ -105,6 +105,70 @@ fn an_agent_killed_at_any_point_of_an_install_comes_back_with_exactly_one_health
 }
 
 #[test]
+fn an_agent_that_lost_its_state_adopts_the_running_service_instead_of_orphaning_it() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("lost-state");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    common::roll_out(&fleet, "0.1.0")?;
+    let agent = fleet.agent_mut("x86_64-1");
+    let before = one_healthy_version(agent)?;
+    let pids = agent.service_pids();
+
+    // The agent dies and its state file is damaged (a torn write, a disk fault).
+    agent.kill9();
+    let state_file = agent.opts.state_dir.join("state.json");
+    std::fs::write(&state_file, "{\"apps\": {\"hello-service\": ")?;
+    agent.restart()?;
+    let status = agent.wait_exit(Duration::from_secs(30))?;
+    ensure!(
+        !status.success(),
+        "the agent started on a corrupt state file"
+    );
+    ensure!(
+        agent.log().contains("move it away to start afresh"),
+        "the refusal says what to do: {}",
+        agent.log()
+    );
+    assert_eq!(agent.service_pids(), pids, "the service kept running");
+
+    // The operator does as told; the agent recovers the app from its receipt and adopts the
+    // process that runs it: one service, the same process, supervised.
+    std::fs::rename(&state_file, state_file.with_extension("json.corrupt"))?;
+    agent.restart()?;
+    let agent = fleet.agent("x86_64-1");
+    wait_until("a new state file", Duration::from_secs(30), || {
+        let state = agent.state()?;
+        ensure!(
+            state["apps"][APP]["current"]["version"] == "0.1.0",
+            "{state}"
+        );
+        Ok(Some(()))
+    })?;
+    assert_eq!(one_healthy_version(agent)?, before);
+    assert_eq!(
+        agent.service_pids(),
+        pids,
+        "the running process was adopted"
+    );
+    assert!(agent.log().contains("recovered"), "{}", agent.log());
+    // Supervised: killed, it comes back.
+    Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status()?;
+    wait_until(
+        "a restart of the adopted service",
+        Duration::from_secs(30),
+        || {
+            let now = agent.service_pids();
+            Ok((now.len() == 1 && now != pids).then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
 fn a_deployer_killed_mid_rollout_resumes_it_and_cut_off_agents_keep_serving() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("deployer-crash");

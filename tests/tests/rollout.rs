@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use muscle_e2e::{Deployer, Fleet};
+use muscle_e2e::{wait_until, Deployer, Fleet};
 
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -358,6 +358,79 @@ fn rollback_returns_each_agent_to_its_last_known_good_version_not_a_failed_one()
         "sent to the failed 0.3.0 again, it would fail anew"
     );
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
+    Ok(())
+}
+
+#[test]
+fn rollback_of_a_first_install_and_undeploy_stop_and_uninstall_the_app() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("removal");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
+    let gone = |agent: &muscle_e2e::Agent| -> Result<Option<()>> {
+        let state = agent.state()?;
+        let app = &state["apps"]["hello-service"];
+        anyhow::ensure!(
+            agent.service_pids().is_empty(),
+            "still runs {:?}",
+            agent.service_pids()
+        );
+        anyhow::ensure!(app["current"].is_null(), "still installed: {app}");
+        let versions = agent.opts.state_dir.join("apps/hello-service/versions");
+        anyhow::ensure!(!versions.exists(), "{} left behind", versions.display());
+        Ok(Some(()))
+    };
+
+    // Rolling back the first install of an app takes it off every agent.
+    common::roll_out(&fleet, "0.1.0")?;
+    let first = fleet.deployer.rollout(None)?["id"].as_i64().unwrap();
+    fleet
+        .deployer
+        .ok(&["rollout", "rollback", &first.to_string()])?;
+    for agent in &fleet.agents {
+        wait_until(
+            &format!("hello-service gone from {}", agent.opts.id),
+            Duration::from_secs(60),
+            || gone(agent),
+        )?;
+    }
+
+    // An agent offline while an app is undeployed still removes it when it comes back.
+    common::roll_out(&fleet, "0.1.0")?;
+    fleet.agent_mut("x86_64-2").kill9();
+    let out = fleet
+        .deployer
+        .ok(&["undeploy", "hello-service", "--selector", "arch=x86_64"])?;
+    assert!(out.contains("taken off 2 agent(s)"), "{out}");
+    wait_until(
+        "hello-service gone from x86_64-1",
+        Duration::from_secs(60),
+        || gone(fleet.agent("x86_64-1")),
+    )?;
+    // Its service is still running (the agent died, not the service) until the agent is back.
+    assert_eq!(fleet.agent("x86_64-2").service_pids().len(), 1);
+    fleet.agent_mut("x86_64-2").restart()?;
+    wait_until(
+        "hello-service gone from x86_64-2",
+        Duration::from_secs(60),
+        || gone(fleet.agent("x86_64-2")),
+    )?;
+    let fleet_json = fleet.deployer.fleet()?;
+    assert!(
+        fleet_json.iter().all(|a| a["apps"]
+            .as_array()
+            .is_some_and(|apps| apps.iter().all(|app| app["app"] != "hello-service"))),
+        "no agent reports the app any more: {fleet_json:#?}"
+    );
+    // Nothing left to undeploy is an error, not a silent success.
+    let again = fleet.deployer.cli(&["undeploy", "hello-service"])?;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no agent has hello-service assigned"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     Ok(())
 }
 

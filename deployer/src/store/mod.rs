@@ -126,6 +126,11 @@ pub trait Store: Send + Sync {
 
     fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>>;
     fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>>;
+    /// The apps taken off an agent (tombstones), until one is assigned to it again.
+    fn removals(&self, agent_id: &str) -> Result<Vec<String>>;
+    /// Takes `app` off each of `agent_ids` that has it assigned, in one transaction; returns
+    /// those it was taken off.
+    fn undeploy(&self, app: &str, agent_ids: &[String]) -> Result<Vec<String>>;
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64>;
     /// One engine step, in one transaction: the assignments it makes, the rollout's new state,

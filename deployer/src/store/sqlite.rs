@@ -38,6 +38,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE agents ADD COLUMN interval_ms INTEGER NOT NULL DEFAULT 5000;",
     // 2: how far the agent's clock is from the deployer's, when it last checked in.
     "ALTER TABLE agents ADD COLUMN clock_skew_s INTEGER NOT NULL DEFAULT 0;",
+    // 3: tombstones: apps taken off an agent, told to it at every check-in until re-assigned.
+    "CREATE TABLE removals (agent_id TEXT NOT NULL, app TEXT NOT NULL, PRIMARY KEY (agent_id, app));",
 ];
 
 pub struct SqliteStore {
@@ -96,15 +98,28 @@ fn assign_in(
     assignment: Option<&Assignment>,
 ) -> Result<()> {
     match assignment {
-        Some(a) => tx.execute(
-            "INSERT INTO assignments (agent_id, app, body) VALUES (?1, ?2, ?3) ON CONFLICT(agent_id, app) DO UPDATE SET body = ?3",
-            params![agent_id, app, json(a)],
-        )?,
-        None => tx.execute(
-            "DELETE FROM assignments WHERE agent_id = ?1 AND app = ?2",
-            params![agent_id, app],
-        )?,
-    };
+        Some(a) => {
+            tx.execute(
+                "INSERT INTO assignments (agent_id, app, body) VALUES (?1, ?2, ?3) ON CONFLICT(agent_id, app) DO UPDATE SET body = ?3",
+                params![agent_id, app, json(a)],
+            )?;
+            tx.execute(
+                "DELETE FROM removals WHERE agent_id = ?1 AND app = ?2",
+                params![agent_id, app],
+            )?;
+        }
+        // A tombstone, not just a missing row: the agent must stop what it runs.
+        None => {
+            tx.execute(
+                "DELETE FROM assignments WHERE agent_id = ?1 AND app = ?2",
+                params![agent_id, app],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO removals (agent_id, app) VALUES (?1, ?2)",
+                params![agent_id, app],
+            )?;
+        }
+    }
     // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
     tx.execute("INSERT INTO counters (name, value) VALUES ('generation', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", [])?;
     let generation: i64 = tx.query_row(
@@ -283,6 +298,35 @@ impl Store for SqliteStore {
         body.map(|b| parse("assignment", &b)).transpose()
     }
 
+    fn removals(&self, agent_id: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT app FROM removals WHERE agent_id = ?1 ORDER BY app")?;
+        let apps = stmt
+            .query_map([agent_id], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(apps)
+    }
+
+    fn undeploy(&self, app: &str, agent_ids: &[String]) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut removed = vec![];
+        for agent_id in agent_ids {
+            let assigned: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM assignments WHERE agent_id = ?1 AND app = ?2)",
+                params![agent_id, app],
+                |r| r.get(0),
+            )?;
+            if assigned {
+                assign_in(&tx, agent_id, app, None)?;
+                removed.push(agent_id.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -406,6 +450,41 @@ mod tests {
         drop(store);
         // Opening again changes nothing.
         assert_eq!(SqliteStore::open(&dir).unwrap().agents().unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn taking_an_app_off_an_agent_leaves_a_tombstone_until_it_is_assigned_again() {
+        let dir = std::env::temp_dir().join(format!("muscle-tombstone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir).unwrap();
+        let assignment = Assignment {
+            agent_id: "a1".into(),
+            app: "hello".into(),
+            version: "0.1.0".into(),
+            service: serde_json::from_str("{}").unwrap(),
+            rollout_id: None,
+        };
+        let assign = |a: Option<&Assignment>| {
+            let mut conn = store.conn();
+            let tx = conn.transaction().unwrap();
+            assign_in(&tx, "a1", "hello", a).unwrap();
+            tx.commit().unwrap();
+        };
+        assign(Some(&assignment));
+        assert!(store.removals("a1").unwrap().is_empty());
+        assert_eq!(
+            store
+                .undeploy("hello", &["a1".into(), "a2".into()])
+                .unwrap(),
+            ["a1"]
+        );
+        assert_eq!(store.removals("a1").unwrap(), ["hello"]);
+        assert!(store.assignment("a1", "hello").unwrap().is_none());
+        // Nothing left to take off.
+        assert!(store.undeploy("hello", &["a1".into()]).unwrap().is_empty());
+        assign(Some(&assignment));
+        assert!(store.removals("a1").unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
