@@ -244,7 +244,7 @@ impl Agent {
 
     /// POSTs `body` as JSON to `path` on the server with `bearer`, within an overall deadline;
     /// returns the answer's bytes, at most [`MAX_ANSWER_BYTES`].
-    fn post(
+    pub(crate) fn post(
         &self,
         path: &str,
         bearer: Option<&str>,
@@ -280,7 +280,7 @@ impl Agent {
     }
 
     /// This agent's credential: read from the state dir, or obtained by enrolling once.
-    fn credential(&mut self, request: &CheckinRequest) -> Result<Option<String>> {
+    pub(crate) fn credential(&mut self, request: &CheckinRequest) -> Result<Option<String>> {
         let path = self.cfg.state_dir.join("credential");
         if let Ok(text) = std::fs::read_to_string(&path) {
             return Ok(Some(text.trim().to_owned()));
@@ -379,6 +379,8 @@ impl Agent {
             interval_ms: Some(self.cfg.interval.as_millis() as u64),
             clock_unix: Some(crate::clock::now_unix()),
             problem: self.answer_problem.clone(),
+            probe_nonce: None,
+            confirm_probe: None,
         }
     }
 
@@ -463,9 +465,14 @@ pub fn hostname() -> String {
 }
 
 fn random_u32() -> u32 {
-    let mut buf = [0u8; 4];
+    u32::from_le_bytes(random_bytes()) ^ std::process::id()
+}
+
+/// Bytes from the kernel's random source (zeros if it cannot be read).
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut buf);
     }
-    u32::from_le_bytes(buf) ^ std::process::id()
+    buf
 }

@@ -68,14 +68,23 @@ enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
-    /// Print the hardened systemd unit for an installed app's committed version.
+    /// Print the hardened systemd unit for an installed app's committed version, or with
+    /// `--self` the unit that supervises the agent itself (`-- RUN ARGS` for its `run`).
     SystemdUnit {
-        app: String,
+        #[arg(required_unless_present = "agent")]
+        app: Option<String>,
+        /// The unit for this agent: restarted when it dies (after a failed self-update, as the
+        /// old binary, which reverts it), its services left running across restarts.
+        #[arg(long = "self", conflicts_with = "app")]
+        agent: bool,
         #[arg(long, default_value = "/var/lib/muscle-agent")]
         state_dir: PathBuf,
         /// Run as this user instead of a DynamicUser.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent")]
         user: Option<String>,
+        /// With --self: the arguments of `muscle-agent run` (e.g. `-- --server https://...`).
+        #[arg(last = true)]
+        run_args: Vec<String>,
     },
 }
 
@@ -159,9 +168,15 @@ fn main() {
         } => selfupdate::probe(&server, &state_dir, ca_file.as_deref()),
         Command::SystemdUnit {
             app,
+            agent,
             state_dir,
             user,
-        } => systemd_unit(&app, &state_dir, user.as_deref()),
+            run_args,
+        } => match (app, agent) {
+            (_, true) => agent_unit(&state_dir, &run_args),
+            (Some(app), false) => systemd_unit(&app, &state_dir, user.as_deref()),
+            (None, false) => unreachable!("clap requires an app unless --self"),
+        },
     };
     if let Err(e) = result {
         eprintln!("muscle-agent: error: {e:#}");
@@ -171,10 +186,11 @@ fn main() {
 
 fn run(args: RunArgs) -> Result<()> {
     install_signal_handlers();
-    let trusted_keys = trusted_keys(&args.trusted_keys, &args.state_dir)?;
+    let state_dir = absolute(&args.state_dir)?;
+    let trusted_keys = trusted_keys(&args.trusted_keys, &state_dir)?;
     let cfg = agent::Config {
         server: args.server,
-        state_dir: args.state_dir,
+        state_dir,
         id: args.id,
         labels: args.labels.into_iter().collect(),
         vars: args.vars.into_iter().collect(),
@@ -293,7 +309,22 @@ fn fetch(
     fsutil::sync_parent(out)
 }
 
+/// `systemd-unit --self`: the unit that runs this agent binary.
+fn agent_unit(state_dir: &std::path::Path, run_args: &[String]) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this agent's binary")?;
+    let state_dir = absolute(state_dir)?;
+    print!("{}", systemd::agent_unit(&exe, &state_dir, run_args));
+    Ok(())
+}
+
+/// `path` made absolute against the working directory: units, markers and symlinks must not
+/// depend on where the agent was started.
+fn absolute(path: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot make {} absolute", path.display()))
+}
+
 fn systemd_unit(app: &str, state_dir: &std::path::Path, user: Option<&str>) -> Result<()> {
+    let state_dir = &absolute(state_dir)?;
     let state = state::StateStore::new(state_dir).load()?;
     let Some(current) = state.apps.get(app).and_then(|a| a.current.as_ref()) else {
         bail!("{app} has no committed version in {}", state_dir.display());

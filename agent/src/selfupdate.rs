@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use muscle_protocol::DesiredApp;
+use muscle_protocol::{CheckinRequest, CheckinResponse, DesiredApp, ProbeNonce};
 
 use crate::agent::Agent;
 use crate::install::{offer_id, InstallError};
@@ -33,7 +33,9 @@ impl Agent {
     pub(crate) fn update_self(&mut self, d: &DesiredApp) -> Result<(), InstallError> {
         let manifest = self.verify(d)?;
         let new = self.stage(d)?;
-        self.probe(&new)?;
+        let nonce = ProbeNonce::new(crate::agent::random_bytes());
+        self.probe(&new, &nonce)?;
+        self.confirm_probe(&nonce)?;
         let from = std::env::current_exe().map_err(|e| {
             InstallError::Transient(format!("cannot find this agent's binary: {e}"))
         })?;
@@ -65,9 +67,14 @@ impl Agent {
         )))
     }
 
-    /// Runs the new binary once in probe mode with this agent's report: it must check in.
-    fn probe(&mut self, new: &Path) -> Result<(), InstallError> {
-        let report = serde_json::to_vec(&self.report()).expect("reports serialize");
+    /// Runs the new binary once in probe mode with this agent's report and `nonce`: it must
+    /// check in with them.
+    fn probe(&mut self, new: &Path, nonce: &ProbeNonce) -> Result<(), InstallError> {
+        let report = CheckinRequest {
+            probe_nonce: Some(nonce.clone()),
+            ..self.report()
+        };
+        let report = serde_json::to_vec(&report).expect("reports serialize");
         let mut cmd = Command::new(new);
         cmd.arg("probe")
             .arg("--server")
@@ -123,6 +130,34 @@ impl Agent {
         Err(InstallError::Refused(format!(
             "the new agent failed its probe ({status}): {tail}"
         )))
+    }
+
+    /// An exit status proves nothing: the deployer must have seen the probe's check-in.
+    fn confirm_probe(&mut self, nonce: &ProbeNonce) -> Result<(), InstallError> {
+        let request = CheckinRequest {
+            confirm_probe: Some(nonce.clone()),
+            ..self.report()
+        };
+        let transient = |e: anyhow::Error| {
+            InstallError::Transient(format!("confirming the new agent's probe: {e:#}"))
+        };
+        let credential = self.credential(&request).map_err(transient)?;
+        let answer = self
+            .post("/v1/checkin", credential.as_deref(), &request)
+            .map_err(transient)?;
+        let answer: CheckinResponse = serde_json::from_slice(&answer)
+            .map_err(|e| transient(anyhow::anyhow!("the answer is not a check-in answer: {e}")))?;
+        match answer.probe_seen {
+            Some(true) => Ok(()),
+            Some(false) => Err(InstallError::Refused(
+                "the new agent's probe exited 0 but never checked in with this deployer".into(),
+            )),
+            None => Err(InstallError::Refused(
+                "the deployer cannot confirm a probe's check-in: update muscle-deploy before \
+                 rolling out agents"
+                    .into(),
+            )),
+        }
     }
 
     /// At start-up, with an update in flight: count this start, or revert.

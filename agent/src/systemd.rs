@@ -75,6 +75,30 @@ pub fn unit(
     u
 }
 
+/// The unit that supervises the agent itself. `KillMode=process`: stopping or restarting the
+/// agent leaves the services it started running (the next agent adopts them). A self-update
+/// execs the new binary in place; if that dies, systemd starts `exe` again, the old agent, which
+/// finds the update did not check in, reverts it and reports it.
+pub fn agent_unit(exe: &Path, state_dir: &Path, run_args: &[String]) -> String {
+    let mut exec = quote(&exe.display().to_string());
+    exec.push_str(" run --state-dir ");
+    exec.push_str(&quote(&state_dir.display().to_string()));
+    for arg in run_args {
+        exec.push(' ');
+        exec.push_str(&quote(arg));
+    }
+    format!(
+        "# Written by `muscle-agent systemd-unit --self`.\n\
+         [Unit]\nDescription=muscle-agent: pulls desired state, installs and supervises services\n\
+         After=network-online.target\nWants=network-online.target\n\
+         # Never give up on the agent: it is what brings everything else back.\n\
+         StartLimitIntervalSec=0\n\n\
+         [Service]\nType=exec\nExecStart={exec}\nRestart=always\nRestartSec=2s\n\
+         KillMode=process\nTimeoutStopSec=60s\n\n\
+         [Install]\nWantedBy=multi-user.target\n"
+    )
+}
+
 /// The unit of `app`.
 pub fn unit_name(app: &str) -> String {
     format!("muscle-{app}.service")
@@ -205,5 +229,24 @@ mod tests {
             "systemd-analyze complains: {complaints:#?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_agent_unit_restarts_the_agent_and_leaves_its_services_running() {
+        let unit = agent_unit(
+            Path::new("/usr/local/bin/muscle-agent"),
+            Path::new("/var/lib/muscle agent"),
+            &["--server".into(), "https://d:7700".into()],
+        );
+        assert!(unit.contains(
+            "ExecStart=\"/usr/local/bin/muscle-agent\" run --state-dir \"/var/lib/muscle agent\" \"--server\" \"https://d:7700\"\n"
+        ), "{unit}");
+        for line in [
+            "Restart=always",
+            "KillMode=process",
+            "StartLimitIntervalSec=0",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line} in {unit}");
+        }
     }
 }

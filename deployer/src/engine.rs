@@ -1,12 +1,12 @@
 //! The rollout engine: applies queued requests and advances every running rollout, persisting
 //! each step, so a deployer restarted at any moment resumes where it was.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::cell::{OnceCell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
 
 use muscle_protocol::ReleaseManifest;
 
-use crate::rollout::Status;
+use crate::rollout::{Action, Rollout, Status};
 use crate::store::{AgentRecord, Assignment, Result, Step, Store};
 
 /// One engine step over every rollout. Returns the messages of rollouts whose state changed.
@@ -37,11 +37,8 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         .into_iter()
         .map(|a| (a.id.clone(), a))
         .collect();
-    for mut rollout in store
-        .rollouts()?
-        .into_iter()
-        .filter(|r| r.status == Status::Running)
-    {
+    let mut rollouts = store.rollouts()?;
+    for rollout in rollouts.iter_mut().filter(|r| r.status == Status::Running) {
         let before = rollout.clone();
         let app = rollout.app.clone();
         let failed = RefCell::new(None);
@@ -55,14 +52,15 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         if let Some(e) = failed.into_inner() {
             // This rollout waits (and says why); the others, rollbacks included, go on.
             log.push(format!("rollout {}: cannot advance: {e}", rollout.id));
+            *rollout = before;
             continue;
         }
-        if rollout == before && actions.is_empty() {
+        if *rollout == before && actions.is_empty() {
             continue;
         }
         store.commit_step(&Step {
-            rollout: &rollout,
-            save_rollout: rollout != before,
+            rollout,
+            save_rollout: *rollout != before,
             actions: &actions,
             handled: None,
         })?;
@@ -72,6 +70,64 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
                 rollout.id, rollout.app, rollout.version, rollout.status, rollout.message
             ));
         }
+    }
+    log.extend(admit_late_joiners(store, rollouts, &agents, now_ms)?);
+    Ok(log)
+}
+
+/// Each app's standing rollout (the newest) takes in the agents that newly match its selector.
+fn admit_late_joiners(
+    store: &dyn Store,
+    rollouts: Vec<Rollout>,
+    agents: &BTreeMap<String, AgentRecord>,
+    now_ms: u64,
+) -> Result<Vec<String>> {
+    let mut standing: BTreeMap<String, Rollout> = BTreeMap::new();
+    for r in rollouts.into_iter().filter(Rollout::is_standing) {
+        if standing.get(&r.app).is_none_or(|s| s.id < r.id) {
+            standing.insert(r.app.clone(), r);
+        }
+    }
+    let mut log = Vec::new();
+    for (app, mut rollout) in standing {
+        // Loaded only when some agent could be a late joiner (most ticks, none is).
+        let holders: OnceCell<Result<BTreeSet<String>>> = OnceCell::new();
+        let never_had = |agent: &str| match holders.get_or_init(|| store.holders(&app)) {
+            Ok(holders) => !holders.contains(agent),
+            Err(_) => false,
+        };
+        let before = rollout.clone();
+        let actions = rollout.admit_late_joiners(agents, now_ms, &never_had);
+        if let Some(Err(e)) = holders.into_inner() {
+            log.push(format!(
+                "rollout {}: cannot admit late joiners: {e}",
+                rollout.id
+            ));
+            continue;
+        }
+        if actions.is_empty() && rollout == before {
+            continue;
+        }
+        store.commit_step(&Step {
+            rollout: &rollout,
+            save_rollout: rollout != before,
+            actions: &actions,
+            handled: None,
+        })?;
+        let joined: Vec<&str> = actions
+            .iter()
+            .map(|Action::Assign { agent_id, .. }| agent_id.as_str())
+            .collect();
+        log.push(if joined.is_empty() {
+            format!("rollout {}: {}", rollout.id, rollout.message)
+        } else {
+            format!(
+                "rollout {} ({app} {}): late joiner(s) {} assigned it",
+                rollout.id,
+                rollout.version,
+                joined.join(", ")
+            )
+        });
     }
     Ok(log)
 }

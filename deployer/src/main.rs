@@ -619,6 +619,9 @@ fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> R
         );
     }
     let selector: BTreeMap<String, String> = selector.into_iter().collect();
+    if selector.is_empty() {
+        withdraw(store, app)?;
+    }
     let chosen: Vec<String> = store
         .agents()?
         .iter()
@@ -641,5 +644,26 @@ fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> R
         removed.len(),
         removed.join(", ")
     );
+    Ok(())
+}
+
+/// Ends the standing deployment of `app` (its newest settled rollout), so that agents that
+/// join later do not get it either.
+fn withdraw(store: &dyn Store, app: &Name) -> Result<()> {
+    let standing = store
+        .rollouts()?
+        .into_iter()
+        .filter(|r| r.app == app.as_str() && r.is_standing())
+        .max_by_key(|r| r.id);
+    if let Some(mut rollout) = standing {
+        rollout.withdrawn_ms = Some(now_ms());
+        rollout.message = format!("{} (withdrawn by undeploy)", rollout.message);
+        store.commit_step(&store::Step {
+            rollout: &rollout,
+            save_rollout: true,
+            actions: &[],
+            handled: None,
+        })?;
+    }
     Ok(())
 }

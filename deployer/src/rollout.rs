@@ -76,6 +76,19 @@ pub struct Member {
     pub error: Option<String>,
 }
 
+impl Member {
+    fn pending(agent: &AgentRecord) -> Member {
+        Member {
+            agent_id: agent.id.clone(),
+            arch: agent.arch.clone(),
+            state: MemberState::Pending,
+            previous: None,
+            assigned_ms: None,
+            error: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Wave {
     pub name: String,
@@ -101,6 +114,10 @@ pub struct Rollout {
     pub created_ms: u64,
     pub last_progress_ms: u64,
     pub message: String,
+    /// When `muscle-deploy undeploy` took the app off every agent: the rollout no longer
+    /// stands for its selector's desired state (late joiners do not get it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn_ms: Option<u64>,
 }
 
 /// A change to one agent's desired state.
@@ -149,14 +166,7 @@ impl Rollout {
             ));
         }
         selected.sort_by(|a, b| a.id.cmp(&b.id));
-        let member = |a: &AgentRecord| Member {
-            agent_id: a.id.clone(),
-            arch: a.arch.clone(),
-            state: MemberState::Pending,
-            previous: None,
-            assigned_ms: None,
-            error: None,
-        };
+        let member = |a: &AgentRecord| Member::pending(a);
         let mut by_arch: BTreeMap<&str, Vec<&AgentRecord>> = BTreeMap::new();
         for a in &selected {
             by_arch.entry(a.arch.as_str()).or_default().push(a);
@@ -195,7 +205,70 @@ impl Rollout {
             created_ms: now_ms,
             last_progress_ms: now_ms,
             message: "started".into(),
+            withdrawn_ms: None,
         })
+    }
+
+    /// Whether this rollout is the standing desired state of its selector: in progress, or
+    /// settled on its version, and not withdrawn. (Of an app's standing rollouts the newest
+    /// counts.)
+    pub fn is_standing(&self) -> bool {
+        self.withdrawn_ms.is_none()
+            && matches!(
+                self.status,
+                Status::Running
+                    | Status::Paused
+                    | Status::Succeeded
+                    | Status::SucceededWithFailures
+            )
+    }
+
+    /// Takes in late joiners: live agents that match the selector, are not members, and were
+    /// never given the app (`never_had`: no assignment and no removal), as Mender's dynamic
+    /// groups and Nomad's system jobs do. A rollout in progress adds them to its last wave,
+    /// health-gated like the others; a settled one assigns them its version at once.
+    pub fn admit_late_joiners(
+        &mut self,
+        agents: &BTreeMap<String, AgentRecord>,
+        now_ms: u64,
+        never_had: &dyn Fn(&str) -> bool,
+    ) -> Vec<Action> {
+        if !self.is_standing() {
+            return vec![];
+        }
+        let members: std::collections::BTreeSet<&str> =
+            self.members().map(|m| m.agent_id.as_str()).collect();
+        let joiners: Vec<&AgentRecord> = agents
+            .values()
+            .filter(|a| !a.is_stale(now_ms) && selects(&self.params.selector, a))
+            .filter(|a| !members.contains(a.id.as_str()))
+            .filter(|a| never_had(&a.id))
+            .collect();
+        if joiners.is_empty() {
+            return vec![];
+        }
+        let names: Vec<&str> = joiners.iter().map(|a| a.id.as_str()).collect();
+        if self.status.is_active() {
+            let last = self.waves.last_mut().expect("a rollout has a wave");
+            last.members
+                .extend(joiners.iter().map(|a| Member::pending(a)));
+            self.message = format!("late joiner(s) {} added to {}", names.join(", "), last.name);
+            return vec![];
+        }
+        joiners
+            .iter()
+            .map(|a| Action::Assign {
+                agent_id: a.id.clone(),
+                app: self.app.clone(),
+                assignment: Some(Assignment {
+                    agent_id: a.id.clone(),
+                    app: self.app.clone(),
+                    version: self.version.clone(),
+                    service: self.service.clone(),
+                    rollout_id: Some(self.id),
+                }),
+            })
+            .collect()
     }
 
     pub fn failures(&self) -> u32 {
@@ -619,6 +692,55 @@ mod tests {
         };
         let err = Rollout::plan("app", "2", ServiceSpec::default(), p, &agents, NOW).unwrap_err();
         assert!(err.contains("site=mars"), "{err}");
+    }
+
+    #[test]
+    fn late_joiners_get_a_settled_version_at_once_and_join_the_last_wave_of_a_running_one() {
+        let mut r =
+            Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let mut agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        let everyone = |_: &str| true;
+        assert!(
+            r.admit_late_joiners(&agents, NOW, &everyone).is_empty(),
+            "members are not late"
+        );
+        agents.insert("x9".into(), agent("x9", "x86_64"));
+        let mut stale = agent("x8", "x86_64");
+        stale.last_seen_ms = 0;
+        agents.insert("x8".into(), stale);
+
+        // Running: x9 waits in the last wave for its turn.
+        assert!(r.admit_late_joiners(&agents, NOW, &everyone).is_empty());
+        let last = r.waves.last().unwrap();
+        assert_eq!(last.members.last().unwrap().agent_id, "x9");
+        assert_eq!(last.members.last().unwrap().state, MemberState::Pending);
+        assert!(
+            r.admit_late_joiners(&agents, NOW, &everyone).is_empty(),
+            "added once"
+        );
+
+        // Settled: x7 is assigned the version at once, unless it had the app or a removal.
+        r.status = Status::Succeeded;
+        agents.insert("x7".into(), agent("x7", "x86_64"));
+        assert!(r.admit_late_joiners(&agents, NOW, &|_| false).is_empty());
+        let actions = r.admit_late_joiners(&agents, NOW, &everyone);
+        assert!(
+            matches!(&actions[..], [Action::Assign { agent_id, assignment: Some(a), .. }]
+                if agent_id == "x7" && a.version == "2" && a.rollout_id == Some(r.id)),
+            "{actions:?}"
+        );
+        // Outside the selector, withdrawn, or no longer standing: nothing.
+        let mut other = r.clone();
+        other.params.selector = BTreeMap::from([("site".into(), "mars".into())]);
+        assert!(other.admit_late_joiners(&agents, NOW, &everyone).is_empty());
+        let mut withdrawn = r.clone();
+        withdrawn.withdrawn_ms = Some(NOW);
+        assert!(withdrawn
+            .admit_late_joiners(&agents, NOW, &everyone)
+            .is_empty());
+        r.status = Status::RolledBack;
+        assert!(r.admit_late_joiners(&agents, NOW, &everyone).is_empty());
     }
 
     #[test]

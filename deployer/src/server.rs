@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use muscle_protocol::{
-    Artifact, CheckinRequest, CheckinResponse, DesiredApp, Name, ReleaseManifest, MAX_CHECKIN_BYTES,
+    sha256_hex, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Name, ReleaseManifest,
+    MAX_CHECKIN_BYTES,
 };
 
 use crate::auth;
@@ -222,6 +223,18 @@ async fn checkin(
             req.agent_id
         );
     }
+    if let Some(nonce) = &req.probe_nonce {
+        return probed(&s, &req, nonce);
+    }
+    // Whether the new agent this agent probed checked in (asked before it hands over to it).
+    let probe_seen = match &req.confirm_probe {
+        Some(nonce) => Some(
+            s.store
+                .take_probe(&req.agent_id, &sha256_hex(nonce.as_str().as_bytes()))
+                .map_err(internal)?,
+        ),
+        None => None,
+    };
     // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
     // blocking pool (measured by `cargo xtask bench`).
     let generation = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
@@ -231,6 +244,7 @@ async fn checkin(
             unchanged: true,
             apps: vec![],
             removed: vec![],
+            probe_seen,
         }));
     }
     let store = s.store.clone();
@@ -254,6 +268,35 @@ async fn checkin(
         apps,
         // Names the store took from validated assignments.
         removed: removed.iter().filter_map(|a| Name::parse(a).ok()).collect(),
+        probe_seen,
+    }))
+}
+
+/// A probe's check-in: a new agent binary proving, before a self-update hands over to it, that
+/// it can reach and authenticate to this deployer. Recorded apart: the agent's record still
+/// describes the agent that runs.
+fn probed(
+    s: &Server,
+    req: &CheckinRequest,
+    nonce: &muscle_protocol::ProbeNonce,
+) -> Result<Json<CheckinResponse>, ApiError> {
+    s.store
+        .record_probe(
+            &req.agent_id,
+            &sha256_hex(nonce.as_str().as_bytes()),
+            now_ms(),
+        )
+        .map_err(internal)?;
+    eprintln!(
+        "muscle-deploy: agent {} probed its update to agent {}",
+        req.agent_id, req.agent_version
+    );
+    Ok(Json(CheckinResponse {
+        generation: 0,
+        unchanged: true,
+        apps: vec![],
+        removed: vec![],
+        probe_seen: Some(true),
     }))
 }
 

@@ -31,6 +31,46 @@ pub struct CheckinRequest {
     /// something that is not a valid name); absent when it took it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Sent by a new agent binary in probe mode (a self-update proving it can check in): the
+    /// deployer records this nonce, not the check-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_nonce: Option<ProbeNonce>,
+    /// Sent by the agent that ran the probe: it asks whether the deployer saw this nonce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_probe: Option<ProbeNonce>,
+}
+
+/// 32 lowercase hex digits (128 random bits), parsed and checked wherever it enters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProbeNonce(String);
+
+impl ProbeNonce {
+    pub fn new(random: [u8; 16]) -> ProbeNonce {
+        ProbeNonce(random.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ProbeNonce {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<ProbeNonce, String> {
+        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(ProbeNonce(s))
+        } else {
+            Err("a probe nonce is 32 lowercase hex digits".into())
+        }
+    }
+}
+
+impl From<ProbeNonce> for String {
+    fn from(n: ProbeNonce) -> String {
+        n.0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -95,6 +135,9 @@ pub struct CheckinResponse {
     /// until the app is assigned again, so an agent that missed one still converges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<Name>,
+    /// The answer to `confirm_probe`: whether the probe with that nonce checked in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_seen: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,7 +49,9 @@ mod name;
 mod service;
 mod signing;
 
-pub use checkin::{AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health};
+pub use checkin::{
+    AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health, ProbeNonce,
+};
 pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
 };

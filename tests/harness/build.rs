@@ -296,14 +296,32 @@ pub fn release_agent_version(version: &str, out: &Path) -> Result<Artifacts> {
 
 /// A "muscle-agent" release whose binary exits at once: a broken agent update.
 pub fn release_broken_agent(version: &str, out: &Path) -> Result<Artifacts> {
-    let scratch = out.join("src").join(format!("broken-agent-{version}"));
+    release_fake_agent(
+        version,
+        "eprintln!(\"broken agent: exiting at once\");\n    std::process::exit(3);",
+        out,
+    )
+}
+
+/// A "muscle-agent" release whose binary exits 0 whatever it is asked, without contacting
+/// anyone: a probe that claims success.
+pub fn release_lying_agent(version: &str, out: &Path) -> Result<Artifacts> {
+    release_fake_agent(version, "std::process::exit(0);", out)
+}
+
+/// A "muscle-agent" release of a program whose `main` is `body`.
+fn release_fake_agent(version: &str, body: &str, out: &Path) -> Result<Artifacts> {
+    let scratch = out.join("src").join(format!("fake-agent-{version}"));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(scratch.join("src"))?;
     std::fs::write(
         scratch.join("Cargo.toml"),
         format!("[package]\nname = \"muscle-agent\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[workspace]\n\n[profile.release]\nstrip = true\n"),
     )?;
-    std::fs::write(scratch.join("src/main.rs"), "fn main() {\n    eprintln!(\"broken agent: exiting at once\");\n    std::process::exit(3);\n}\n")?;
+    std::fs::write(
+        scratch.join("src/main.rs"),
+        format!("fn main() {{\n    {body}\n}}\n"),
+    )?;
     run(cargo()
         .args(["generate-lockfile", "--offline", "--manifest-path"])
         .arg(scratch.join("Cargo.toml")))?;

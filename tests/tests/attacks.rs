@@ -156,9 +156,9 @@ fn parts(release: &muscle_e2e::Artifacts) -> Result<(Value, Vec<u8>)> {
     Ok((manifest, bytes))
 }
 
-fn start() -> Result<Target> {
+fn start(name: &str) -> Result<Target> {
     let b = common::builds();
-    let dir = common::scratch("attacks");
+    let dir = common::scratch(name);
     // A folder beside the state dir, holding the kind of file the agent's repair step deletes.
     std::fs::create_dir_all(dir.join("outside"))?;
     std::fs::write(dir.join("outside/keep.tmp"), "not the agent's")?;
@@ -184,7 +184,7 @@ fn start() -> Result<Target> {
 #[test]
 fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_unsigned(
 ) -> Result<()> {
-    let t = start()?;
+    let t = start("attacks")?;
     let state_dir = t.agent.opts.state_dir.clone();
     let pwned = t.dir.join("outside/pwned");
     // The deployer's own spec: a command health check that writes outside the state dir.
@@ -365,7 +365,7 @@ fn a_trickling_answer_is_abandoned_at_its_deadline_and_the_agent_checks_in_again
 #[test]
 fn a_service_killed_while_a_check_in_answer_trickles_is_restarted_within_two_seconds() -> Result<()>
 {
-    let t = start()?;
+    let t = start("killed-while-trickling")?;
     t.offer(Offer::of(&t.v1, "0.1.0", 100), json!({}));
     wait_until("0.1.0 healthy", Duration::from_secs(60), || {
         let r = t.server.last_app_report(APP).context("no report")?;

@@ -435,6 +435,86 @@ fn rollback_of_a_first_install_and_undeploy_stop_and_uninstall_the_app() -> Resu
 }
 
 #[test]
+fn agents_that_join_after_a_rollout_get_the_version_it_settled_on_until_it_is_undeployed(
+) -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("late-joiner");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &spec,
+        "--selector",
+        "site=lab",
+    ])?;
+    let r = fleet.deployer.wait_rollout_end(id, ROLLOUT_TIMEOUT)?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+
+    let late = |id: &str, site: &str| -> Result<muscle_e2e::Agent> {
+        let opts = muscle_e2e::AgentOptions {
+            labels: vec![("site".into(), site.into())],
+            ..muscle_e2e::AgentOptions::new(id, b.agent("x86_64"), "x86_64", dir.join(id))
+        };
+        muscle_e2e::Agent::start(opts, &fleet.deployer.url())
+    };
+    fleet.agents.push(late("late-lab", "lab")?);
+    fleet.agents.push(late("late-elsewhere", "elsewhere")?);
+    wait_until(
+        "the late joiner runs 0.1.0",
+        Duration::from_secs(60),
+        || {
+            Ok(
+                (fleet.agent("late-lab").service_version().ok().as_deref() == Some("0.1.0"))
+                    .then_some(()),
+            )
+        },
+    )?;
+    assert!(
+        fleet.agent("late-elsewhere").service_pids().is_empty(),
+        "an agent outside the selector got the app"
+    );
+    assert!(
+        fleet
+            .deployer
+            .log()
+            .contains("late joiner(s) late-lab assigned it"),
+        "{}",
+        fleet.deployer.log()
+    );
+
+    // Undeployed everywhere: the deployment no longer stands, and newcomers do not get it.
+    let out = fleet.deployer.ok(&["undeploy", "hello-service"])?;
+    assert!(out.contains("taken off 2 agent(s)"), "{out}");
+    fleet.agents.push(late("later-lab", "lab")?);
+    fleet.wait_checked_in(Duration::from_secs(60))?;
+    for id in ["x86_64-1", "late-lab"] {
+        wait_until(
+            &format!("{id} stops the app"),
+            Duration::from_secs(60),
+            || Ok(fleet.agent(id).service_pids().is_empty().then_some(())),
+        )?;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        fleet.agent("later-lab").service_pids().is_empty(),
+        "an agent that joined after the undeploy got the app"
+    );
+    let status = fleet.deployer.rollout(Some(id))?;
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("withdrawn"),
+        "{status:#}"
+    );
+    Ok(())
+}
+
+#[test]
 fn one_rollout_spans_four_architectures_with_a_canary_for_each() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("four-arches");

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use muscle_e2e::{
-    release_agent_version, release_broken_agent, target_dir, wait_until, Deployer, Fleet,
+    release_agent_version, release_broken_agent, release_lying_agent, target_dir, wait_until,
+    Deployer, Fleet,
 };
 
 const SELF: &str = "muscle-agent";
@@ -145,6 +146,39 @@ fn agents_of_both_arches_update_themselves_and_a_broken_agent_release_is_refused
         assert_eq!(app_row(&row, "hello-service")["health"], "healthy");
         assert_eq!(agent.service_version()?, "0.1.0");
     }
+    Ok(())
+}
+
+#[test]
+fn a_new_agent_whose_probe_exits_0_without_checking_in_is_refused() -> Result<()> {
+    let b = common::builds();
+    let dist = target_dir().join("e2e-dist");
+    let lying = release_lying_agent("0.1.3", &dist)?;
+    let dir = common::scratch("self-lying");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&lying.dir)?;
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    let before = fleet.deployer.fleet_row("x86_64-1")?["agent_version"].clone();
+    let id = fleet.start_rollout(&[SELF, "0.1.3", "--healthy-deadline", "60s"])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(120))?;
+    assert_eq!(r["status"], "halted", "{r:#}");
+    let error = r["waves"][0]["members"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("exited 0 but never checked in"),
+        "the refusal names the missing check-in: {error}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let row = fleet.deployer.fleet_row("x86_64-1")?;
+    assert_eq!(row["agent_version"], before, "the old agent still runs");
+    assert!(
+        !fleet.agent("x86_64-1").log().contains("handing over"),
+        "{}",
+        fleet.agent("x86_64-1").log()
+    );
     Ok(())
 }
 

@@ -126,5 +126,35 @@ fn the_agent_drives_hardened_systemd_units() -> Result<()> {
         let pids = agent.service_pids();
         Ok((pids.len() == 1 && pids[0] != pid && agent.service_version().is_ok()).then_some(()))
     })?;
+
+    // The unit that supervises the agent itself passes the same check.
+    let out = Command::new(&agent.opts.bin)
+        .args(["systemd-unit", "--self", "--state-dir", "relative/state"])
+        .args(["--", "--server", &fleet.deployer.url()])
+        .current_dir(&dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let self_unit = units.join("muscle-agent.service");
+    std::fs::write(&self_unit, &out.stdout)?;
+    let text = String::from_utf8(out.stdout)?;
+    let state_dir = dir.join("relative/state").display().to_string();
+    assert!(
+        text.contains(&format!("run --state-dir \"{state_dir}\" \"--server\"")),
+        "the state dir is made absolute: {text}"
+    );
+    assert!(text.lines().any(|l| l == "KillMode=process"), "{text}");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&self_unit)
+        .output()?;
+    let complaints = String::from_utf8_lossy(&verify.stderr);
+    ensure!(
+        verify.status.success() && !complaints.contains("muscle-agent.service:"),
+        "systemd-analyze: {complaints}"
+    );
     Ok(())
 }

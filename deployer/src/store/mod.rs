@@ -5,7 +5,7 @@
 mod blobs;
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,12 @@ pub trait Store: Send + Sync {
 
     fn assignments(&self, agent_id: &str) -> Result<Vec<Assignment>>;
     fn assignment(&self, agent_id: &str, app: &str) -> Result<Option<Assignment>>;
+    /// Records that a probe (a new agent binary) of `agent_id` checked in with this nonce.
+    fn record_probe(&self, agent_id: &str, nonce_sha256: &str, now_ms: u64) -> Result<()>;
+    /// Whether the probe with this nonce checked in; each answer is given once.
+    fn take_probe(&self, agent_id: &str, nonce_sha256: &str) -> Result<bool>;
+    /// The agents that have `app` assigned or taken off (a tombstone): all but those are new to it.
+    fn holders(&self, app: &str) -> Result<BTreeSet<String>>;
     /// The apps taken off an agent (tombstones), until one is assigned to it again.
     fn removals(&self, agent_id: &str) -> Result<Vec<String>>;
     /// Takes `app` off each of `agent_ids` that has it assigned, in one transaction; returns

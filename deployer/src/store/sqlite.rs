@@ -1,5 +1,6 @@
 //! The embedded store: one SQLite database (WAL), shared by the server and the CLI.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -40,6 +41,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE agents ADD COLUMN clock_skew_s INTEGER NOT NULL DEFAULT 0;",
     // 3: tombstones: apps taken off an agent, told to it at every check-in until re-assigned.
     "CREATE TABLE removals (agent_id TEXT NOT NULL, app TEXT NOT NULL, PRIMARY KEY (agent_id, app));",
+    // 4: the last probe of each agent's self-update, confirmed before it hands over.
+    "CREATE TABLE probes (agent_id TEXT PRIMARY KEY, nonce_sha256 TEXT NOT NULL, seen_ms INTEGER NOT NULL);",
 ];
 
 pub struct SqliteStore {
@@ -296,6 +299,34 @@ impl Store for SqliteStore {
             )
             .optional()?;
         body.map(|b| parse("assignment", &b)).transpose()
+    }
+
+    fn record_probe(&self, agent_id: &str, nonce_sha256: &str, now_ms: u64) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO probes (agent_id, nonce_sha256, seen_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(agent_id) DO UPDATE SET nonce_sha256 = ?2, seen_ms = ?3",
+            params![agent_id, nonce_sha256, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn take_probe(&self, agent_id: &str, nonce_sha256: &str) -> Result<bool> {
+        let taken = self.conn().execute(
+            "DELETE FROM probes WHERE agent_id = ?1 AND nonce_sha256 = ?2",
+            params![agent_id, nonce_sha256],
+        )?;
+        Ok(taken == 1)
+    }
+
+    fn holders(&self, app: &str) -> Result<BTreeSet<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT agent_id FROM assignments WHERE app = ?1 UNION SELECT agent_id FROM removals WHERE app = ?1",
+        )?;
+        let agents = stmt
+            .query_map([app], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<BTreeSet<_>>>()?;
+        Ok(agents)
     }
 
     fn removals(&self, agent_id: &str) -> Result<Vec<String>> {
