@@ -86,11 +86,21 @@ impl Agent {
             .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
         let store = StateStore::new(&cfg.state_dir);
         let mut state = store.load()?;
+        // Also kept apart from state.json: an agent that lost its state keeps its id, and with
+        // it the credential it enrolled with.
+        let id_file = cfg.state_dir.join("agent-id");
+        let remembered = std::fs::read_to_string(&id_file)
+            .ok()
+            .and_then(|s| Name::parse(s.trim()).ok());
         let id = cfg
             .id
             .clone()
             .or_else(|| state.agent_id.clone())
+            .or(remembered.clone())
             .unwrap_or_else(new_id);
+        if remembered.as_ref() != Some(&id) {
+            crate::fsutil::write_atomic(&id_file, id.as_bytes())?;
+        }
         state.agent_id = Some(id.clone());
         store.save(&state)?;
         let http = crate::http::client(cfg.ca_file.as_deref())?;
@@ -162,7 +172,7 @@ impl Agent {
 
     /// Records the pids of services the supervisor restarted, so that a restarted agent
     /// finds them.
-    fn record_pids(&mut self) {
+    pub(crate) fn record_pids(&mut self) {
         let mut changed = false;
         for (app, pid) in self.supervisor.pids() {
             if let Some(st) = self.state.apps.get_mut(&app) {
@@ -210,8 +220,9 @@ impl Agent {
                     }
                     Err(e) => {
                         if !was_down {
-                            let error = format!("{e:#}");
+                            let error = muscle_protocol::causes(&*e);
                             let hint = crate::clock::hint_for(&error)
+                                .or_else(|| crate::http::hint_for(&error))
                                 .map_or(String::new(), |h| format!(" ({h})"));
                             eprintln!("muscle-agent: check-in failed: {error}{hint}; backing off");
                             was_down = true;
@@ -275,7 +286,8 @@ impl Agent {
                 let body = resp.into_string().unwrap_or_default();
                 anyhow::bail!("POST {url} answered {code}: {}", body.trim());
             }
-            Err(e) => Err(e).with_context(|| format!("POST {url}")),
+            // ureq's message names the URL already.
+            Err(e) => Err(anyhow::Error::new(e).context(format!("POST {path}"))),
         }
     }
 

@@ -6,6 +6,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+/// A hint for TLS errors an operator can fix: a self-signed certificate given both as the
+/// server's certificate and as `--ca-file`.
+pub fn hint_for(error: &str) -> Option<String> {
+    error.contains("CaUsedAsEndEntity").then(|| {
+        "the deployer's certificate is a CA certificate; serve with a server certificate signed \
+         by a CA and give agents the CA (`muscle-deploy tls init` makes both)"
+            .to_owned()
+    })
+}
+
 /// A client with the agent's timeouts, trusting the CA bundle at `ca_file` when given.
 pub fn client(ca_file: Option<&Path>) -> Result<ureq::Agent> {
     let builder = ureq::AgentBuilder::new()

@@ -179,7 +179,7 @@ fn main() {
         },
     };
     if let Err(e) = result {
-        eprintln!("muscle-agent: error: {e:#}");
+        eprintln!("muscle-agent: error: {}", muscle_protocol::causes(&*e));
         std::process::exit(1);
     }
 }

@@ -196,8 +196,29 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// The live processes whose environment carries `MARKER=marker`, with the version they run.
+/// The live processes whose environment carries `MARKER=marker`, with the version they run:
+/// only the roots, not the workers a service forked (they inherit its environment).
 pub fn find_marked(marker: &str) -> Vec<Marked> {
+    let all = find_marked_all(marker);
+    let pids: std::collections::BTreeSet<u32> = all.iter().map(|m| m.pid).collect();
+    all.into_iter()
+        .filter(|m| parent(m.pid).is_none_or(|ppid| !pids.contains(&ppid)))
+        .collect()
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command name: state, then ppid.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn find_marked_all(marker: &str) -> Vec<Marked> {
     let needle = format!("{MARKER}={marker}");
     let version_prefix = format!("{MARKER_VERSION}=");
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -222,4 +243,44 @@ pub fn find_marked(marker: &str) -> Vec<Marked> {
         })
         .filter(|m| is_alive(m.pid))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_root_of_a_marked_process_tree_is_found() {
+        let marker = format!("/tmp/muscle-marked-{}", std::process::id());
+        // A service that forks a worker: both carry the marker.
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "sleep 60 & wait"])
+            .env(MARKER, &marker)
+            .env(MARKER_VERSION, "1.2.3")
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while find_marked_all(&marker).len() < 2 {
+            assert!(Instant::now() < deadline, "the worker never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let found = find_marked(&marker);
+        assert_eq!(
+            found,
+            [Marked {
+                pid: child.id(),
+                version: Some("1.2.3".into())
+            }]
+        );
+        let workers: Vec<u32> = find_marked_all(&marker)
+            .into_iter()
+            .map(|m| m.pid)
+            .filter(|p| *p != child.id())
+            .collect();
+        for pid in workers {
+            signal_pid(pid, libc::SIGKILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

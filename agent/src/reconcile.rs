@@ -131,13 +131,19 @@ impl Agent {
             spec,
         };
         let paths = self.paths(&d.app);
-        Receipt {
+        let mut receipt = Receipt {
             installed: new.clone(),
             counter: manifest.counter,
-        }
-        .write(&paths)
-        .map_err(|e| InstallError::Transient(format!("{e:#}")))?;
+            committed: false,
+        };
+        let write = |r: &Receipt| {
+            r.write(&paths)
+                .map_err(|e| InstallError::Transient(format!("{e:#}")))
+        };
+        write(&receipt)?;
         self.switch(&d.app, new)?;
+        receipt.committed = true;
+        write(&receipt)?;
         let st = self.state.apps.get_mut(&d.app).expect("switch created it");
         st.highest_counter = st.highest_counter.max(manifest.counter);
         st.ran.insert(d.version.clone(), d.artifact.sha256.clone());
@@ -176,12 +182,13 @@ impl Agent {
         let started = fsutil::switch_symlink(&paths.current, &paths.versions.join(&new.version))
             .and_then(|_| self.start_service(app, &new, true));
         let verdict = match started {
-            Ok(()) => self.probation(app),
+            Ok(()) => self
+                .probation(app)
+                .and_then(|()| self.supervisor.commit(app)),
             Err(e) => Err(format!("{e:#}")),
         };
         match verdict {
             Ok(()) => {
-                self.supervisor.commit(app);
                 let st = self.state.apps.get_mut(app).expect("exists");
                 st.previous = old;
                 st.current = Some(new);
@@ -244,6 +251,9 @@ impl Agent {
                     "the new process exited during its health probation ({how})"
                 ));
             }
+            if !status.running {
+                return Err("the new process exited during its health probation".into());
+            }
             if status.healthy_for.is_some_and(|t| t >= min) {
                 return Ok(());
             }
@@ -281,6 +291,11 @@ impl Agent {
             let _ = std::fs::remove_dir_all(dir);
         }
         let _ = std::fs::remove_file(&paths.current);
+        if let crate::process::Launcher::Systemd { unit_dir, .. } = &self.cfg.launcher {
+            if let Err(e) = crate::systemd::remove(unit_dir, app) {
+                eprintln!("muscle-agent: {app}: {e:#}");
+            }
+        }
         if let Err(e) = self.save() {
             eprintln!("muscle-agent: {e:#}");
         }

@@ -42,8 +42,8 @@ impl Agent {
                 m.pid,
                 m.version.as_deref().unwrap_or("version unknown")
             );
-            let mut orphan = self.cfg.launcher.adopt(app, m.pid);
-            orphan.stop(libc::SIGTERM, std::time::Duration::from_secs(5));
+            // By pid, even under systemd: stopping the unit would stop the adopted one too.
+            process::Proc::Adopted(m.pid).stop(libc::SIGTERM, std::time::Duration::from_secs(5));
         }
         if let Some(pending) = &interrupted {
             eprintln!(

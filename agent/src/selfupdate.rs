@@ -17,8 +17,7 @@ use crate::agent::Agent;
 use crate::install::{offer_id, InstallError};
 use crate::state::{Failure, SelfUpdate};
 
-/// The app name under which the agent's own releases are rolled out.
-pub const SELF_APP: &str = "muscle-agent";
+pub use muscle_protocol::SELF_APP;
 
 /// [`SELF_APP`] as a [`Name`](muscle_protocol::Name).
 pub fn self_app() -> muscle_protocol::Name {
@@ -57,6 +56,8 @@ impl Agent {
         );
         // No restart may fork while the process is replaced; the new agent adopts the services.
         self.supervisor.halt();
+        // An older agent (a revert) knows services by the pids in the state file only.
+        self.record_pids();
         let err = exec_self(&new);
         self.supervisor.resume();
         self.state.self_update = None;

@@ -77,6 +77,10 @@ pub struct Installed {
 pub struct Receipt {
     pub installed: Installed,
     pub counter: u64,
+    /// Set once the version passed its probation. `current` points at a version before that:
+    /// an uncommitted receipt is never recovered as what the app runs.
+    #[serde(default)]
+    pub committed: bool,
 }
 
 impl Receipt {
@@ -119,7 +123,7 @@ pub fn recover_lost_apps(state_dir: &Path, state: &mut AgentState) -> Vec<String
         let paths = AppPaths::new(state_dir, &app);
         let mut st = AppState::default();
         for version in version_dirs(&paths) {
-            if let Ok(r) = Receipt::read(&paths, &version) {
+            if let Some(r) = Receipt::read(&paths, &version).ok().filter(|r| r.committed) {
                 st.highest_counter = st.highest_counter.max(r.counter);
                 st.ran
                     .insert(r.installed.version.clone(), r.installed.sha256.clone());
@@ -130,10 +134,14 @@ pub fn recover_lost_apps(state_dir: &Path, state: &mut AgentState) -> Vec<String
             Receipt::read(&paths, &version).ok()
         });
         recovered.push(match &current {
-            Some(r) => format!("{app} {} (from its receipt)", r.installed.version),
+            Some(r) if r.committed => format!("{app} {} (from its receipt)", r.installed.version),
+            Some(r) => format!(
+                "{app} (its install of {} was interrupted before commit)",
+                r.installed.version
+            ),
             None => format!("{app} (no current version)"),
         });
-        st.current = current.map(|r| r.installed);
+        st.current = current.filter(|r| r.committed).map(|r| r.installed);
         state.apps.insert(app, st);
     }
     recovered
@@ -228,8 +236,21 @@ mod tests {
                 sha256: format!("{counter:064}"),
                 spec: serde_json::from_str("{}").unwrap(),
             };
-            Receipt { installed, counter }.write(&paths).unwrap();
+            let receipt = Receipt {
+                installed,
+                counter,
+                committed: true,
+            };
+            receipt.write(&paths).unwrap();
         }
+        // A version that never passed its probation counts for nothing.
+        std::fs::create_dir_all(paths.versions.join("0.3.0")).unwrap();
+        let mut failed: Receipt =
+            serde_json::from_slice(&std::fs::read(paths.receipt("0.2.0")).unwrap()).unwrap();
+        failed.installed.version = Name::parse("0.3.0").unwrap();
+        failed.counter = 9;
+        failed.committed = false;
+        failed.write(&paths).unwrap();
         // A receipt that lies about its version is not believed.
         std::fs::create_dir_all(paths.versions.join("9.9.9")).unwrap();
         std::fs::copy(paths.receipt("0.2.0"), paths.receipt("9.9.9")).unwrap();

@@ -144,10 +144,21 @@ impl Supervisor {
     }
 
     /// Ends the probation of `app`'s service: from now on it is restarted when it exits.
-    pub fn commit(&self, app: &str) {
-        if let Some(svc) = self.shared.lock().get_mut(app) {
-            svc.probation = false;
+    /// Refused if its process is gone (exited after its last health check): checked and
+    /// committed under one lock, so no exit falls between.
+    pub fn commit(&self, app: &str) -> Result<(), String> {
+        let mut services = self.shared.lock();
+        let svc = services
+            .get_mut(app)
+            .ok_or("the new process is no longer supervised")?;
+        if let Some(how) = svc.exited_on_probation.clone() {
+            return Err(format!("the new process exited ({how})"));
         }
+        if let Some(how) = svc.proc.as_mut().and_then(Proc::exited) {
+            return Err(format!("the new process exited ({how})"));
+        }
+        svc.probation = false;
+        Ok(())
     }
 
     /// Stops `app`'s service (its stop signal, then SIGKILL after its grace) and forgets it.
@@ -228,40 +239,27 @@ impl Shared {
         }
     }
 
-    /// One look at every service: reap, restart when due, health-check, rotate logs. Launches
-    /// and health checks run without the lock, so the agent is never kept waiting on them.
+    /// One look at every service: reap, restart when due, health-check, rotate logs. Health
+    /// checks run without the lock, and exits are reaped again after each one, so that a slow
+    /// check neither keeps the agent waiting nor delays a restart by more than its own timeout.
     fn pass(&self) {
-        let (restarts, checks) = self.reap();
-        for (app, id, launch) in restarts {
-            let launched = self.launcher.launch(&launch);
-            let mut services = self.lock();
-            match services.get_mut(&app).filter(|s| s.id == id) {
-                Some(svc) => match launched {
-                    Ok(proc) => svc.proc = Some(proc),
-                    Err(e) => svc.on_exit(&format!("{e:#}")),
-                },
-                // Stopped or replaced meanwhile: this process is nobody's.
-                None => {
-                    if let Ok(mut proc) = launched {
-                        proc.stop(libc::SIGTERM, launch.spec.stop_grace);
-                    }
-                }
-            }
-        }
-        for due in checks {
+        for due in self.reap_and_restart() {
             let result = health::check(&due.check, &self.http);
             if let Some(svc) = self.lock().get_mut(&due.app).filter(|s| s.id == due.id) {
                 svc.record_check(result);
             }
             let _ = logs::rotate_if_needed(&due.log, self.log_max_bytes);
+            // The checks found now wait for the next pass.
+            let _ = self.reap_and_restart();
         }
     }
 
-    /// Under the lock: reaps exits and says which services to restart and which to check.
-    #[allow(clippy::type_complexity)]
-    fn reap(&self) -> (Vec<(Name, u64, Launch)>, Vec<Due>) {
+    /// Under the lock: reaps exits, restarts what is due, and says which services to check.
+    /// Restarts happen under the lock (a fork and exec, or a `systemctl restart`): a stop or an
+    /// install that comes meanwhile waits for it, and never races a launch of the same app.
+    fn reap_and_restart(&self) -> Vec<Due> {
         let now = Instant::now();
-        let (mut restarts, mut checks) = (vec![], vec![]);
+        let mut checks = vec![];
         for (app, svc) in self.lock().iter_mut() {
             if let Some(how) = svc.proc.as_mut().and_then(Proc::exited) {
                 svc.proc = None;
@@ -270,7 +268,10 @@ impl Shared {
             if svc.proc.is_none() && svc.restart_at.is_some_and(|t| now >= t) {
                 svc.restart_at = None;
                 svc.restarts += 1;
-                restarts.push((app.clone(), svc.id, svc.launch.clone()));
+                match self.launcher.launch(&svc.launch) {
+                    Ok(proc) => svc.proc = Some(proc),
+                    Err(e) => svc.on_exit(&format!("{e:#}")),
+                }
                 continue;
             }
             svc.earn_backoff_back();
@@ -289,7 +290,7 @@ impl Shared {
                 });
             }
         }
-        (restarts, checks)
+        checks
     }
 }
 
@@ -480,14 +481,16 @@ mod tests {
                 .contains("exit status: 3"),
             "pid {pid}"
         );
+        let refused = sup.commit("svc").unwrap_err();
+        assert!(refused.contains("exited"), "{refused}");
     }
 
     #[test]
     fn a_committed_service_that_keeps_crashing_backs_off_and_reports_a_crash_loop() {
         let dir = scratch("loop");
         let sup = supervisor();
-        sup.start(launch(&dir, "exit 1"), true).unwrap();
-        sup.commit("svc");
+        sup.start(launch(&dir, "sleep 0.3; exit 1"), true).unwrap();
+        sup.commit("svc").unwrap();
         wait_for("a crash loop", || {
             sup.status("svc")
                 .is_some_and(|s| s.health == Health::CrashLoop)

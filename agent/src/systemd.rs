@@ -134,6 +134,16 @@ pub fn stop(unit: &str) -> Result<()> {
     systemctl(&["stop", unit]).map(|_| ())
 }
 
+/// Deletes the unit of an app taken off this host (it is stopped already).
+pub fn remove(unit_dir: &Path, app: &str) -> Result<()> {
+    let path = unit_dir.join(unit_name(app));
+    match std::fs::remove_file(&path) {
+        Ok(()) => systemctl(&["daemon-reload"]).map(|_| ()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot delete {}", path.display())),
+    }
+}
+
 /// The unit's main process, if it runs.
 pub fn main_pid(unit: &str) -> Option<u32> {
     let out = systemctl(&["show", "--property", "MainPID", "--value", unit]).ok()?;

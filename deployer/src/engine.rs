@@ -19,7 +19,11 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         let Some(mut rollout) = store.rollout(id)? else {
             continue;
         };
-        let (actions, line, applied) = match rollout.apply_request(request, now_ms) {
+        let newer = newer_rollout(store, &rollout)?;
+        let applied = rollout
+            .check_rollback_is_newest(request, newer)
+            .and_then(|()| rollout.apply_request(request, now_ms));
+        let (actions, line, applied) = match applied {
             Ok(actions) => (actions, format!("rollout {id}: {}", rollout.message), true),
             Err(why) => (vec![], format!("rollout {id}: {why}"), false),
         };
@@ -73,6 +77,16 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
     }
     log.extend(admit_late_joiners(store, rollouts, &agents, now_ms)?);
     Ok(log)
+}
+
+/// The newest rollout of the same app started after `rollout`, if any.
+pub fn newer_rollout(store: &dyn Store, rollout: &Rollout) -> Result<Option<i64>> {
+    Ok(store
+        .rollouts()?
+        .iter()
+        .filter(|r| r.app == rollout.app && r.id > rollout.id)
+        .map(|r| r.id)
+        .max())
 }
 
 /// Each app's standing rollout (the newest) takes in the agents that newly match its selector.

@@ -2,6 +2,7 @@
 //! across the fleet in health-gated waves.
 
 mod auth;
+mod certs;
 mod engine;
 mod failpoint;
 mod fsck;
@@ -12,7 +13,7 @@ mod server;
 mod store;
 mod views;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -61,6 +62,9 @@ enum Command {
         /// serving DATA_DIR/blobs as /v1/blobs/sha256/<hex>).
         #[arg(long)]
         blob_base_url: Option<String>,
+        /// Accepted for old command lines and ignored: each agent checks in at its own interval.
+        #[arg(long, hide = true)]
+        interval: Option<String>,
         /// How often the rollout engine advances rollouts.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         tick: Duration,
@@ -103,10 +107,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// TLS for `serve`: `tls init` makes a private CA and a server certificate it signs.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Make an ed25519 signing key: the private key goes to --out (mode 0600), the public key is printed.
     Keygen {
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write ca.pem, ca.key, server.pem and server.key to --out (never overwriting): serve with
+    /// the server pair, give agents `--ca-file ca.pem`.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// A host name or IP address agents use to reach the deployer (repeatable; default:
+        /// localhost, 127.0.0.1 and this host's name).
+        #[arg(long = "name", value_parser = parse_host_name)]
+        names: Vec<String>,
     },
 }
 
@@ -179,7 +200,7 @@ pub fn now_ms() -> u64 {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("muscle-deploy: error: {e:#}");
+        eprintln!("muscle-deploy: error: {}", muscle_protocol::causes(&*e));
         std::process::exit(1);
     }
 }
@@ -200,6 +221,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out);
     }
+    if let Command::Tls(TlsCommand::Init { out, names }) = &cli.command {
+        return tls_init(out, names);
+    }
     // Only publish and serve make a store; anything else in a folder without one is a mistyped
     // --data-dir, not an empty fleet.
     let creates = matches!(cli.command, Command::Publish { .. } | Command::Serve { .. });
@@ -210,10 +234,20 @@ fn run(cli: Cli) -> Result<()> {
             dir.display()
         );
     }
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir)
-            .with_context(|| format!("opening the store in {}", dir.display()))?,
+    let reads_only = matches!(
+        cli.command,
+        Command::Releases { .. }
+            | Command::Fleet { .. }
+            | Command::Fsck { .. }
+            | Command::Rollout(RolloutCommand::Status { .. })
     );
+    let opened = if reads_only {
+        SqliteStore::open_read_only(&dir)
+    } else {
+        SqliteStore::open(&dir)
+    };
+    let store: Arc<dyn Store> =
+        Arc::new(opened.with_context(|| format!("opening the store in {}", dir.display()))?);
     match cli.command {
         Command::Publish {
             dir: release,
@@ -254,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve {
             listen,
             blob_base_url,
+            interval,
             tick,
             enroll_token,
             admin_token,
@@ -261,6 +296,12 @@ fn run(cli: Cli) -> Result<()> {
             tls_key,
             max_connections,
         } => {
+            if interval.is_some() {
+                eprintln!(
+                    "muscle-deploy: serve --interval is ignored: each agent checks in at its own \
+                     `muscle-agent run --interval`"
+                );
+            }
             // Everything that can fail fails before "serving on" is printed.
             let tls = tls_cert
                 .zip(tls_key)
@@ -326,7 +367,7 @@ fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Keygen { .. } => unreachable!("handled above"),
+        Command::Keygen { .. } | Command::Tls(_) => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -345,6 +386,47 @@ fn load_keys(flags: &[String], data_dir: &Path) -> Result<Vec<ed25519_dalek::Ver
         .chain(from_file)
         .map(|(k, source)| muscle_protocol::parse_public_key(k).with_context(|| source))
         .collect()
+}
+
+fn parse_host_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?}: expected a host name or an IP address (letters, digits, '-', '.', ':')"
+        ))
+    }
+}
+
+fn tls_init(out: &Path, names: &[String]) -> Result<()> {
+    let names = if names.is_empty() {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        if let Ok(host) = parse_host_name(host.trim()) {
+            names.push(host);
+        }
+        names
+    } else {
+        names.to_vec()
+    };
+    let year = certs::this_year(now_ms() / 1000);
+    let w = certs::init(out, &names, year)?;
+    println!(
+        "certificates for {} written to {} (valid from {year} for 10 years; keep ca.key offline)\n\
+         serve:  muscle-deploy serve --tls-cert {} --tls-key {}\n\
+         agents: muscle-agent run --server https://{}:7700 --ca-file {}",
+        names.join(", "),
+        out.display(),
+        w.cert.display(),
+        w.key.display(),
+        names[0],
+        w.ca.display()
+    );
+    Ok(())
 }
 
 fn keygen(out: &Path) -> Result<()> {
@@ -498,6 +580,9 @@ fn request(store: &dyn Store, id: i64, what: Request) -> Result<()> {
         bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest")
     };
     rollout.check_request(what).map_err(anyhow::Error::msg)?;
+    rollout
+        .check_rollback_is_newest(what, engine::newer_rollout(store, &rollout)?)
+        .map_err(anyhow::Error::msg)?;
     store.request_rollout(id, what)?;
     println!(
         "rollout {id}: {} requested; the deployer applies it at its next tick",
@@ -603,35 +688,40 @@ fn watch_rollout(store: &dyn Store, find: &dyn Fn(&dyn Store) -> Result<Rollout>
     }
 }
 
-/// `muscle-deploy undeploy`: tombstones for the matching agents, refused while a rollout of the
-/// app is in progress (it would assign the app again).
+/// `muscle-deploy undeploy`: tombstones for the matching agents that have the app assigned or
+/// report running it; from every agent, it also withdraws the app's standing rollout. Refused
+/// while a rollout of the app is in progress (it would assign it again).
 fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> Result<()> {
-    if let Some(active) = store
-        .rollouts()?
-        .into_iter()
-        .find(|r| r.app == app.as_str() && r.status.is_active())
-    {
-        bail!(
-            "rollout {} of {app} is {:?}: abort it first (`muscle-deploy rollout abort {}`)",
-            active.id,
-            active.status,
-            active.id
-        );
+    if app.as_str() == muscle_protocol::SELF_APP {
+        bail!("{app} is the agent itself: it cannot be undeployed (roll out the version to run)");
     }
     let selector: BTreeMap<String, String> = selector.into_iter().collect();
-    if selector.is_empty() {
-        withdraw(store, app)?;
-    }
-    let chosen: Vec<String> = store
+    let agents: Vec<_> = store
         .agents()?
-        .iter()
+        .into_iter()
         .filter(|a| rollout::selects(&selector, a))
+        .collect();
+    let chosen: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+    let reporting: BTreeSet<String> = agents
+        .iter()
+        .filter(|a| a.report(app).is_some_and(|r| r.installed_version.is_some()))
         .map(|a| a.id.clone())
         .collect();
-    let removed = store.undeploy(app, &chosen)?;
+    let outcome = store.undeploy(&store::Undeploy {
+        app,
+        agent_ids: &chosen,
+        reporting: &reporting,
+        withdraw_at_ms: selector.is_empty().then(now_ms),
+    })?;
+    let removed = match outcome {
+        store::Undeployed::From(removed) => removed,
+        store::Undeployed::RolloutInProgress { id, status } => bail!(
+            "rollout {id} of {app} is {status:?}: abort it first (`muscle-deploy rollout abort {id}`)"
+        ),
+    };
     if removed.is_empty() {
         bail!(
-            "no agent{} has {app} assigned: nothing to undeploy",
+            "no agent{} has {app} assigned or running: nothing to undeploy",
             if selector.is_empty() {
                 ""
             } else {
@@ -644,26 +734,5 @@ fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> R
         removed.len(),
         removed.join(", ")
     );
-    Ok(())
-}
-
-/// Ends the standing deployment of `app` (its newest settled rollout), so that agents that
-/// join later do not get it either.
-fn withdraw(store: &dyn Store, app: &Name) -> Result<()> {
-    let standing = store
-        .rollouts()?
-        .into_iter()
-        .filter(|r| r.app == app.as_str() && r.is_standing())
-        .max_by_key(|r| r.id);
-    if let Some(mut rollout) = standing {
-        rollout.withdrawn_ms = Some(now_ms());
-        rollout.message = format!("{} (withdrawn by undeploy)", rollout.message);
-        store.commit_step(&store::Step {
-            rollout: &rollout,
-            save_rollout: true,
-            actions: &[],
-            handled: None,
-        })?;
-    }
     Ok(())
 }

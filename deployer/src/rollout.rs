@@ -460,6 +460,22 @@ impl Rollout {
         }
     }
 
+    /// A rollback is only for an app's newest rollout: an older one's `previous` versions are
+    /// history (and, for a first install, would take the app off every agent).
+    pub fn check_rollback_is_newest(
+        &self,
+        request: Request,
+        newer: Option<i64>,
+    ) -> Result<(), String> {
+        match (request, newer) {
+            (Request::Rollback, Some(newer)) => Err(format!(
+                "cannot rollback rollout {}: rollout {newer} of {} is newer (roll that one back)",
+                self.id, self.app
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies a request that [`check_request`](Self::check_request) allows.
     pub fn apply_request(&mut self, request: Request, now_ms: u64) -> Result<Vec<Action>, String> {
         self.check_request(request)?;

@@ -42,6 +42,7 @@
 //! `crash_loop_restarts` within `crash_loop_window`), `stop_signal` (`SIGTERM`, `SIGINT`, ...) and
 //! `stop_grace`. Any string may use `${name}`, replaced by the agent's `--var name=value`.
 
+mod causes;
 mod checkin;
 pub mod duration;
 mod manifest;
@@ -49,6 +50,7 @@ mod name;
 mod service;
 mod signing;
 
+pub use causes::causes;
 pub use checkin::{
     AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health, ProbeNonce,
 };
@@ -62,6 +64,9 @@ pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};
 pub use signing::{
     parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, SignatureError,
 };
+
+/// The app under which agents' own releases are rolled out (a self-update).
+pub const SELF_APP: &str = "muscle-agent";
 
 /// The lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -279,3 +279,86 @@ fn command_lines_are_checked_at_start() -> Result<()> {
     assert!(still_running, "the agent refused --log-max-bytes 1M");
     Ok(())
 }
+
+#[test]
+fn read_commands_work_with_read_access_alone_and_say_each_cause_once() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("read-only");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    drop(deployer);
+    // A copy nobody may write: the deployer's folder as an operator without its rights sees it.
+    let store = std::env::temp_dir().join(format!("muscle-ro-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("data"))
+        .arg(&store)
+        .status()?;
+    anyhow::ensure!(copied.success());
+    let chmod = std::process::Command::new("chmod")
+        .args(["-R", "a-w,a+rX"])
+        .arg(&store)
+        .status()?;
+    anyhow::ensure!(chmod.success());
+    // Root ignores file modes: run as nobody then.
+    let as_reader = |args: &[&str]| -> Result<std::process::Output> {
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&b.deployer);
+            c
+        } else {
+            std::process::Command::new(&b.deployer)
+        };
+        Ok(cmd.arg("--data-dir").arg(&store).args(args).output()?)
+    };
+    for args in [
+        &["fleet"][..],
+        &["releases"],
+        &["fsck"],
+        &["rollout", "status"],
+    ] {
+        let out = as_reader(args)?;
+        let text = common::text(&out);
+        assert!(!text.contains("READONLY"), "{args:?}: {text}");
+        if args[0] == "rollout" {
+            // No rollout yet: said plainly, with the command that starts one.
+            assert!(text.contains("there are no rollouts yet"), "{text}");
+        } else {
+            assert!(out.status.success(), "{args:?}: {text}");
+        }
+    }
+    let out = as_reader(&["releases"])?;
+    assert!(
+        common::text(&out).contains("0.1.0"),
+        "{}",
+        common::text(&out)
+    );
+    // A write command says what is wrong, each cause once.
+    let out = as_reader(&["publish", b.v2.dir.to_str().unwrap()])?;
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let first_line = text.lines().next().unwrap_or_default().to_owned();
+    let parts: Vec<&str> = first_line.split(": ").collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].contains(part),
+            "{part:?} said twice: {first_line}"
+        );
+    }
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(&store)
+        .status();
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+    })
+}

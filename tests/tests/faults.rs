@@ -153,6 +153,12 @@ fn an_agent_that_lost_its_state_adopts_the_running_service_instead_of_orphaning_
         "the running process was adopted"
     );
     assert!(agent.log().contains("recovered"), "{}", agent.log());
+    let id_file = agent.opts.state_dir.join("agent-id");
+    assert_eq!(
+        std::fs::read_to_string(id_file)?,
+        "x86_64-1",
+        "the id outlives state.json (without --id it is what the agent comes back as)"
+    );
     // Supervised: killed, it comes back.
     Command::new("kill")
         .args(["-9", &pids[0].to_string()])

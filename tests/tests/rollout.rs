@@ -339,8 +339,18 @@ fn rollback_returns_each_agent_to_its_last_known_good_version_not_a_failed_one()
     let r = fleet.deployer.wait_rollout_end(bad, ROLLOUT_TIMEOUT)?;
     assert_eq!(r["status"], "halted", "{r:#}");
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
+    let first = fleet.deployer.rollout(Some(1))?;
+    assert_eq!(first["status"], "succeeded", "{first:#}");
     common::roll_out(&fleet, "0.2.0")?;
     let good = fleet.deployer.rollout(None)?["id"].as_i64().unwrap();
+    // Rolling back an older rollout would replay history: refused, naming the newer one.
+    let stale = fleet.deployer.cli(&["rollout", "rollback", "1"])?;
+    let said = String::from_utf8_lossy(&stale.stderr);
+    assert_eq!(stale.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("rollout {good} of hello-service is newer")),
+        "{said}"
+    );
     fleet
         .deployer
         .ok(&["rollout", "rollback", &good.to_string()])?;

@@ -203,87 +203,24 @@ fn signed_releases_flow_from_xtask_to_a_key_pinning_agent_and_unsigned_ones_are_
     Ok(())
 }
 
-/// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 #[test]
 fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("tls");
-    // A private CA, and a certificate for 127.0.0.1 signed by it.
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &dir,
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &[
-                "-days",
-                "2",
-                "-subj",
-                "/CN=muscle test CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        ]
-        .concat(),
-    )?;
-    openssl(
-        &dir,
-        &[
-            &["req"],
-            &ec[..],
-            &[
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
-        ]
-        .concat(),
-    )?;
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ],
-    )?;
+    // A private CA, and a certificate for 127.0.0.1 signed by it: what `tls init` makes.
+    let init = Command::new(&b.deployer)
+        .args(["tls", "init", "--name", "127.0.0.1", "--out"])
+        .arg(&dir)
+        .output()?;
+    ensure!(
+        init.status.success(),
+        "tls init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&init.stdout).contains("--ca-file"),
+        "it says how to use them"
+    );
     let path = |name: &str| dir.join(name).display().to_string();
 
     let deployer = Deployer::start_with(

@@ -58,7 +58,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", muscle_protocol::causes(&*err));
             std::process::exit(util::EXIT_UNUSABLE);
         }
     }

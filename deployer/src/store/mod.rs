@@ -24,6 +24,8 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path} is read-only for this user: this command changes the store (fleet, releases, rollout status and fsck need only read access)")]
+    ReadOnly { path: String },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("blob sha256:{sha256} is damaged in the store (its content no longer hashes to its name); `muscle-deploy fsck` lists the releases that hold it, and re-publishing one repairs it")]
@@ -101,6 +103,28 @@ pub struct Assignment {
     pub rollout_id: Option<i64>,
 }
 
+/// `muscle-deploy undeploy`: tombstones for each of `agent_ids` that has `app` assigned or
+/// reports running it (`reporting`), unless a rollout of the app is in progress.
+pub struct Undeploy<'a> {
+    pub app: &'a str,
+    pub agent_ids: &'a [String],
+    pub reporting: &'a BTreeSet<String>,
+    /// Also withdraw the app's standing rollout (an undeploy from every agent), at this time.
+    pub withdraw_at_ms: Option<u64>,
+}
+
+/// What [`Store::undeploy`] did.
+#[derive(Debug)]
+pub enum Undeployed {
+    /// The agents it was taken off.
+    From(Vec<String>),
+    /// Nothing: this rollout of the app is in progress and would assign it again.
+    RolloutInProgress {
+        id: i64,
+        status: crate::rollout::Status,
+    },
+}
+
 /// What one engine step changes; see [`Store::commit_step`].
 pub struct Step<'a> {
     pub rollout: &'a Rollout,
@@ -134,9 +158,8 @@ pub trait Store: Send + Sync {
     fn holders(&self, app: &str) -> Result<BTreeSet<String>>;
     /// The apps taken off an agent (tombstones), until one is assigned to it again.
     fn removals(&self, agent_id: &str) -> Result<Vec<String>>;
-    /// Takes `app` off each of `agent_ids` that has it assigned, in one transaction; returns
-    /// those it was taken off.
-    fn undeploy(&self, app: &str, agent_ids: &[String]) -> Result<Vec<String>>;
+    /// Takes an app off agents, in one transaction; see [`Undeploy`].
+    fn undeploy(&self, u: &Undeploy) -> Result<Undeployed>;
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64>;
     /// One engine step, in one transaction: the assignments it makes, the rollout's new state,

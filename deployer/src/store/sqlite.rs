@@ -6,9 +6,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use muscle_protocol::CheckinRequest;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Step, Store, StoreError};
+use super::{
+    AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Step, Store, StoreError, Undeploy,
+    Undeployed,
+};
 use crate::rollout::{Action, Request, Rollout};
 
 const SCHEMA: &str = "
@@ -58,10 +61,46 @@ impl SqliteStore {
         let conn = Connection::open(data_dir.join("muscle.db"))?;
         // The server and CLI commands share the file: WAL lets them, busy_timeout makes them wait.
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
+                    path: data_dir.display().to_string(),
+                },
+                _ => e.into(),
+            })?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens an existing store for reading only: what `fleet`, `rollout status`, `releases`
+    /// and `fsck` need, so that a user with read access alone can run them. Nothing is
+    /// created or migrated.
+    pub fn open_read_only(data_dir: &Path) -> Result<SqliteStore> {
+        let path = data_dir.join("muscle.db");
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(&path, flags)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // With a serving deployer the WAL files exist and can be read; without one, a reader
+        // that may not create them reads the file as it is (nobody writes it meanwhile).
+        let conn = match schema_version(&conn) {
+            Ok(_) => conn,
+            Err(_) => {
+                let uri = format!("file:{}?immutable=1", path.display());
+                Connection::open_with_flags(uri, flags)?
+            }
+        };
+        let version = schema_version(&conn)?;
+        if version != MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "the database is at schema version {version}, this deployer reads version {}: \
+                 run this muscle-deploy's `serve` or `publish` once (with write access) to migrate it",
+                MIGRATIONS.len()
+            )));
+        }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -74,10 +113,13 @@ impl SqliteStore {
     }
 }
 
+fn schema_version(conn: &Connection) -> Result<usize> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize)
+}
+
 /// Brings the schema to the latest version, one transaction per step.
 fn migrate(conn: &Connection) -> Result<()> {
-    let current: usize =
-        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let current = schema_version(conn)?;
     if current > MIGRATIONS.len() {
         return Err(StoreError::Corrupt(format!(
             "the database is at schema version {current}, newer than this deployer knows ({}): use a newer muscle-deploy",
@@ -339,23 +381,50 @@ impl Store for SqliteStore {
         Ok(apps)
     }
 
-    fn undeploy(&self, app: &str, agent_ids: &[String]) -> Result<Vec<String>> {
+    fn undeploy(&self, u: &Undeploy) -> Result<Undeployed> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // Immediate: no rollout may start or step between the check and the tombstones.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut rollouts: Vec<Rollout> = {
+            let mut stmt = tx.prepare("SELECT body FROM rollouts WHERE app = ?1 ORDER BY id")?;
+            let bodies = stmt
+                .query_map([u.app], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            bodies
+                .iter()
+                .map(|b| parse("rollout", b))
+                .collect::<Result<_>>()?
+        };
+        if let Some(active) = rollouts.iter().find(|r| r.status.is_active()) {
+            return Ok(Undeployed::RolloutInProgress {
+                id: active.id,
+                status: active.status,
+            });
+        }
         let mut removed = vec![];
-        for agent_id in agent_ids {
+        for agent_id in u.agent_ids {
             let assigned: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM assignments WHERE agent_id = ?1 AND app = ?2)",
-                params![agent_id, app],
+                params![agent_id, u.app],
                 |r| r.get(0),
             )?;
-            if assigned {
-                assign_in(&tx, agent_id, app, None)?;
+            if assigned || u.reporting.contains(agent_id) {
+                assign_in(&tx, agent_id, u.app, None)?;
                 removed.push(agent_id.clone());
             }
         }
+        if let Some(at_ms) = u.withdraw_at_ms {
+            if let Some(standing) = rollouts.iter_mut().rev().find(|r| r.is_standing()) {
+                standing.withdrawn_ms = Some(at_ms);
+                standing.message = format!("{} (withdrawn by undeploy)", standing.message);
+                tx.execute(
+                    "UPDATE rollouts SET body = ?2 WHERE id = ?1",
+                    params![standing.id, json(standing)],
+                )?;
+            }
+        }
         tx.commit()?;
-        Ok(removed)
+        Ok(Undeployed::From(removed))
     }
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
@@ -504,16 +573,26 @@ mod tests {
         };
         assign(Some(&assignment));
         assert!(store.removals("a1").unwrap().is_empty());
-        assert_eq!(
-            store
-                .undeploy("hello", &["a1".into(), "a2".into()])
-                .unwrap(),
-            ["a1"]
-        );
+        let none = BTreeSet::new();
+        let undeploy = |ids: &[String], reporting: &BTreeSet<String>| match store
+            .undeploy(&Undeploy {
+                app: "hello",
+                agent_ids: ids,
+                reporting,
+                withdraw_at_ms: None,
+            })
+            .unwrap()
+        {
+            Undeployed::From(removed) => removed,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(undeploy(&["a1".into(), "a2".into()], &none), ["a1"]);
         assert_eq!(store.removals("a1").unwrap(), ["hello"]);
         assert!(store.assignment("a1", "hello").unwrap().is_none());
-        // Nothing left to take off.
-        assert!(store.undeploy("hello", &["a1".into()]).unwrap().is_empty());
+        // Nothing left to take off, unless the agent still reports running it.
+        assert!(undeploy(&["a1".into()], &none).is_empty());
+        let reporting = BTreeSet::from(["a2".to_owned()]);
+        assert_eq!(undeploy(&["a1".into(), "a2".into()], &reporting), ["a2"]);
         assign(Some(&assignment));
         assert!(store.removals("a1").unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);

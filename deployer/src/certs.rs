@@ -1,0 +1,143 @@
+//! `muscle-deploy tls init`: a private CA and a server certificate it signs, so that agents can
+//! trust exactly this deployer with `--ca-file ca.pem` (a self-signed server certificate cannot
+//! serve as its own CA for rustls: `CaUsedAsEndEntity`).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("making the certificates: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("cannot create {path} (it must not exist yet; remove it to make new certificates): {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The files `tls init` wrote.
+pub struct Written {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How long the certificates are valid, from the start of this year.
+const VALID_YEARS: i32 = 10;
+
+/// Writes `ca.pem`, `ca.key`, `server.pem` and `server.key` to `dir`, the server certificate
+/// naming `names` (host names or IP addresses) and valid from the start of `year`.
+pub fn init(dir: &Path, names: &[String], year: i32) -> Result<Written, CertError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Create {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "muscle-deploy private CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca, year);
+    let ca_cert = ca.self_signed(&ca_key)?;
+
+    let key = KeyPair::generate()?;
+    // Names that parse as IP addresses become IP SANs, the others DNS names.
+    let mut server = CertificateParams::new(names.to_vec())?;
+    server.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map_or("muscle-deploy", String::as_str),
+    );
+    server.is_ca = IsCa::ExplicitNoCa;
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.use_authority_key_identifier_extension = true;
+    validity(&mut server, year);
+    let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
+
+    let written = Written {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    write_new(&written.ca, ca_cert.pem(), 0o644)?;
+    write_new(&dir.join("ca.key"), ca_key.serialize_pem(), 0o600)?;
+    write_new(&written.cert, cert.pem(), 0o644)?;
+    write_new(&written.key, key.serialize_pem(), 0o600)?;
+    Ok(written)
+}
+
+fn validity(params: &mut CertificateParams, year: i32) {
+    params.not_before = rcgen::date_time_ymd(year, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
+}
+
+/// Creates `path` (never overwriting) with `mode`.
+fn write_new(path: &Path, text: String, mode: u32) -> Result<(), CertError> {
+    let fail = |source| CertError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)
+}
+
+/// The current year by this host's clock (for the certificates' validity).
+pub fn this_year(now_unix: u64) -> i32 {
+    // Days since 1970 to a civil year (proleptic Gregorian), good for any date after 1970.
+    let days = (now_unix / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let month = (5 * doy + 2) / 153;
+    (yoe + era * 400 + i64::from(month >= 10)) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn years_from_unix_time() {
+        assert_eq!(this_year(0), 1970);
+        assert_eq!(this_year(951_782_400), 2000); // 2000-02-29
+        assert_eq!(this_year(1_795_800_600), 2026); // 2026-11-27
+        assert_eq!(this_year(1_798_761_599), 2026); // 2026-12-31 23:59:59
+        assert_eq!(this_year(1_798_761_600), 2027);
+    }
+
+    #[test]
+    fn the_server_certificate_chains_to_the_ca_and_nothing_is_overwritten() {
+        let dir = std::env::temp_dir().join(format!("muscle-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let written = init(&dir, &names, 2026).unwrap();
+        let ca = std::fs::read_to_string(&written.ca).unwrap();
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+        let key_mode = std::fs::metadata(&written.key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+            0o600
+        );
+        // The listener loads them as it would at `serve`.
+        crate::listen::tls_acceptor(&written.cert, &written.key).unwrap();
+        let err = init(&dir, &names, 2026).err().unwrap().to_string();
+        assert!(err.contains("must not exist yet"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
