@@ -184,15 +184,15 @@ impl Agent {
         }
         if changed {
             if let Err(e) = self.save() {
-                eprintln!("muscle-agent: {e:#}");
+                say!("{e:#}");
             }
         }
     }
 
     /// Runs until SIGTERM/SIGINT. Services keep running whatever the network does.
     pub fn run(&mut self) -> Result<()> {
-        eprintln!(
-            "muscle-agent {} ({}): id {}, server {}",
+        say!(
+            "version {} ({}): id {}, server {}",
             env!("CARGO_PKG_VERSION"),
             muscle_inspect::host_arch(),
             self.id,
@@ -207,7 +207,7 @@ impl Agent {
                 let delay = match self.checkin() {
                     Ok(changed) => {
                         if was_down {
-                            eprintln!("muscle-agent: server reachable again");
+                            say!("server reachable again");
                             was_down = false;
                         }
                         backoff = self.cfg.interval;
@@ -224,7 +224,7 @@ impl Agent {
                             let hint = crate::clock::hint_for(&error)
                                 .or_else(|| crate::http::hint_for(&error))
                                 .map_or(String::new(), |h| format!(" ({h})"));
-                            eprintln!("muscle-agent: check-in failed: {error}{hint}; backing off");
+                            say!("check-in failed: {error}{hint}; backing off");
                             was_down = true;
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -241,10 +241,10 @@ impl Agent {
     fn shutdown(&mut self) -> Result<()> {
         if self.cfg.leave_services_running {
             self.supervisor.halt();
-            eprintln!("muscle-agent: exiting, services left running");
+            say!("exiting, services left running");
             return Ok(());
         }
-        eprintln!("muscle-agent: stopping services");
+        say!("stopping services");
         self.supervisor.stop_all();
         for st in self.state.apps.values_mut() {
             st.pid = None;
@@ -310,7 +310,7 @@ impl Agent {
         let enrolled: Enrolled = serde_json::from_slice(&answer)
             .context("enrolling: the answer is not the JSON expected")?;
         crate::fsutil::write_atomic_private(&path, enrolled.credential.as_bytes())?;
-        eprintln!("muscle-agent: enrolled as {}", self.id);
+        say!("enrolled as {}", self.id);
         Ok(Some(enrolled.credential))
     }
 
@@ -335,7 +335,7 @@ impl Agent {
                     // A parser's message quotes the input: clipped, so that a hostile answer
                     // cannot make the next report too large to send.
                     let reason: String = reason.chars().take(MAX_PROBLEM_CHARS).collect();
-                    eprintln!("muscle-agent: {reason}");
+                    say!("{reason}");
                     self.answer_problem = Some(reason);
                     return Ok(false);
                 }

@@ -1,5 +1,8 @@
 //! `muscle-agent`: the tiny pull-based agent on every machine of the fleet.
 
+#[macro_use]
+extern crate muscle_logline;
+
 mod agent;
 mod clock;
 mod download;
@@ -68,6 +71,22 @@ enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
+    /// Between a service and its log file: stamps each line read from stdin with the time and
+    /// `--version`, and rotates the file before it passes `--max-bytes`.
+    #[command(hide = true)]
+    LogRelay {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        max_bytes: u64,
+        #[arg(long)]
+        keep: u32,
+        #[arg(long)]
+        version: String,
+        /// Start the relay in the background and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Print the hardened systemd unit for an installed app's committed version, or with
     /// `--self` the unit that supervises the agent itself (`-- RUN ARGS` for its `run`).
     SystemdUnit {
@@ -86,6 +105,12 @@ enum Command {
         #[arg(last = true)]
         run_args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -135,9 +160,15 @@ struct RunArgs {
     /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
     #[arg(long)]
     leave_services_running: bool,
-    /// Rotate a service's log beyond this size (bytes, or with K, M, G).
+    /// The most a service's log file holds before it is rotated (bytes, or with K, M, G).
     #[arg(long, default_value = "1M", value_parser = muscle_protocol::parse_size)]
     log_max_bytes: u64,
+    /// The agent's own log on stderr: stamped lines, or JSON lines for a log shipper.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Rotated log files kept per service (service.log.1 ... service.log.N).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    log_keep: u32,
     /// Versions kept on disk per app, the current and previous included.
     #[arg(long, default_value_t = 3)]
     keep_versions: usize,
@@ -166,6 +197,13 @@ fn main() {
             state_dir,
             ca_file,
         } => selfupdate::probe(&server, &state_dir, ca_file.as_deref()),
+        Command::LogRelay {
+            file,
+            max_bytes,
+            keep,
+            version,
+            detach,
+        } => log_relay(&file, logs::LogPolicy { max_bytes, keep }, &version, detach),
         Command::SystemdUnit {
             app,
             agent,
@@ -185,6 +223,7 @@ fn main() {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    muscle_logline::init("muscle-agent", args.log_format == LogFormat::Json);
     install_signal_handlers();
     let state_dir = absolute(&args.state_dir)?;
     let trusted_keys = trusted_keys(&args.trusted_keys, &state_dir)?;
@@ -199,7 +238,13 @@ fn run(args: RunArgs) -> Result<()> {
         enroll_token: args.enroll_token,
         ca_file: args.ca_file,
         launcher: match args.supervisor {
-            Supervisor::Builtin => process::Launcher::Builtin,
+            Supervisor::Builtin => process::Launcher::Builtin(process::LogSink {
+                relay: Some(std::env::current_exe().context("cannot find this agent's binary")?),
+                policy: logs::LogPolicy {
+                    max_bytes: args.log_max_bytes,
+                    keep: args.log_keep,
+                },
+            }),
             Supervisor::Systemd => process::Launcher::Systemd {
                 unit_dir: args.unit_dir,
                 user: args.unit_user,
@@ -307,6 +352,35 @@ fn fetch(
     std::fs::rename(&part, out)
         .with_context(|| format!("cannot move the download to {}", out.display()))?;
     fsutil::sync_parent(out)
+}
+
+/// `log-relay`: with `--detach`, starts itself again without it (sharing stdin) and returns,
+/// so that the relay is re-parented and never waits to be reaped by an agent that may be gone.
+fn log_relay(
+    file: &std::path::Path,
+    policy: logs::LogPolicy,
+    version: &str,
+    detach: bool,
+) -> Result<()> {
+    if detach {
+        let args = std::env::args_os().skip(1).filter(|a| a != "--detach");
+        std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start the log relay")?;
+        return Ok(());
+    }
+    let input = std::io::stdin().lock();
+    match logs::Rotating::open(file, policy) {
+        Ok(mut out) => logs::relay(input, &mut out, version),
+        // Keep reading: a service whose output nobody reads would die of SIGPIPE.
+        Err(_) => {
+            std::io::copy(&mut { input }, &mut std::io::sink())?;
+            Ok(())
+        }
+    }
 }
 
 /// `systemd-unit --self`: the unit that runs this agent binary.

@@ -1,5 +1,7 @@
 //! Starting, watching and stopping service processes, and finding the ones a previous agent left.
 
+use std::io::PipeWriter;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +42,15 @@ impl Launch {
     }
 }
 
+/// Where a built-in service's output goes.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    /// The agent binary, run as `log-relay` between the service and its log file (stamps and
+    /// rotates lines); `None`: the service appends to the file itself.
+    pub relay: Option<PathBuf>,
+    pub policy: crate::logs::LogPolicy,
+}
+
 /// A live process carrying an app's marker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marked {
@@ -60,8 +71,8 @@ pub enum Proc {
 /// Who starts and stops service processes.
 #[derive(Debug, Clone)]
 pub enum Launcher {
-    /// The agent itself (devices without systemd).
-    Builtin,
+    /// The agent itself (devices without systemd), output to the app's log file.
+    Builtin(LogSink),
     /// systemd, through a hardened `muscle-<app>.service` unit written to `unit_dir`.
     Systemd {
         unit_dir: PathBuf,
@@ -73,7 +84,7 @@ impl Launcher {
     /// Starts one process of `launch`.
     pub fn launch(&self, launch: &Launch) -> Result<Proc> {
         match self {
-            Launcher::Builtin => Ok(Proc::Child(spawn(launch)?)),
+            Launcher::Builtin(sink) => Ok(Proc::Child(spawn(launch, sink)?)),
             Launcher::Systemd { unit_dir, user } => {
                 crate::systemd::start(unit_dir, launch, user.as_deref())
             }
@@ -83,7 +94,7 @@ impl Launcher {
     /// A running service process found at start-up, taken over without restarting it.
     pub fn adopt(&self, app: &str, pid: u32) -> Proc {
         match self {
-            Launcher::Builtin => Proc::Adopted(pid),
+            Launcher::Builtin(_) => Proc::Adopted(pid),
             Launcher::Systemd { .. } => Proc::Unit {
                 unit: crate::systemd::unit_name(app),
                 pid,
@@ -137,7 +148,7 @@ impl Proc {
     pub fn stop(&mut self, signal: i32, grace: Duration) {
         if let Proc::Unit { unit, .. } = self {
             if let Err(e) = crate::systemd::stop(unit) {
-                eprintln!("muscle-agent: {e:#}");
+                say!("{e:#}");
             }
         }
         let pid = self.pid();
@@ -156,10 +167,13 @@ impl Proc {
     }
 }
 
-/// Starts `launch.binary` under its spec, output appended to its log, marked.
-pub fn spawn(launch: &Launch) -> Result<Child> {
+/// Starts `launch.binary` under its spec, its output to its log through `sink`, marked.
+pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
     let (binary, spec) = (&launch.binary, &launch.spec);
-    let out = logs::open_append(&launch.log)?;
+    let out: OwnedFd = match &sink.relay {
+        Some(relay) => start_relay(relay, launch, &sink.policy)?.into(),
+        None => logs::open_append(&launch.log)?.into(),
+    };
     let err = out.try_clone()?;
     let mut cmd = Command::new(binary);
     cmd.args(&spec.args)
@@ -176,6 +190,36 @@ pub fn spawn(launch: &Launch) -> Result<Child> {
     };
     cmd.spawn()
         .with_context(|| format!("cannot start {}", binary.display()))
+}
+
+/// Starts the log relay of `launch` and returns the end of the pipe the service writes to. The
+/// relay detaches (its starter exits at once, so it is nobody's child to reap) and lives until
+/// the service and all its children have closed their output, however often the agent restarts.
+fn start_relay(relay: &Path, launch: &Launch, policy: &logs::LogPolicy) -> Result<PipeWriter> {
+    let (reader, writer) = std::io::pipe()?;
+    let status = Command::new(relay)
+        .arg("log-relay")
+        .arg("--file")
+        .arg(&launch.log)
+        .arg("--max-bytes")
+        .arg(policy.max_bytes.to_string())
+        .arg("--keep")
+        .arg(policy.keep.to_string())
+        .arg("--version")
+        .arg(launch.version.as_str())
+        .arg("--detach")
+        .stdin(reader)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .status()
+        .with_context(|| format!("cannot start the log relay {}", relay.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "the log relay {} failed: {status}",
+        relay.display()
+    );
+    Ok(writer)
 }
 
 pub fn signal_pid(pid: u32, signal: i32) {

@@ -37,7 +37,7 @@ impl Agent {
         if at_desired || refused_for_good || self.backing_off(&d.app, &offer) {
             return false;
         }
-        eprintln!("muscle-agent: {}: installing {}", d.app, d.version);
+        say!("{}: installing {}", d.app, d.version);
         // A successful self-update does not return: the new agent takes over this process.
         let result = if is_self {
             self.update_self(d)
@@ -47,10 +47,7 @@ impl Agent {
         self.retry_at.remove(&d.app);
         let st = self.app_state_mut(&d.app);
         match result {
-            Ok(()) => eprintln!(
-                "muscle-agent: {}: {} is healthy and committed",
-                d.app, d.version
-            ),
+            Ok(()) => say!("{}: {} is healthy and committed", d.app, d.version),
             Err(e) => {
                 let attempts = st
                     .failure
@@ -71,10 +68,7 @@ impl Agent {
                     InstallError::ByClock(r) => (r, None, false),
                     InstallError::Unhealthy { reason, log_tail } => (reason, log_tail, true),
                 };
-                eprintln!(
-                    "muscle-agent: {}: {} not installed: {reason}",
-                    d.app, d.version
-                );
+                say!("{}: {} not installed: {reason}", d.app, d.version);
                 st.failure = Some(Failure {
                     version: d.version.clone(),
                     sha256: d.artifact.sha256.clone(),
@@ -87,7 +81,7 @@ impl Agent {
             }
         }
         if let Err(e) = self.save() {
-            eprintln!("muscle-agent: {e:#}");
+            say!("{e:#}");
         }
         true
     }
@@ -216,8 +210,8 @@ impl Agent {
                 fsutil::switch_symlink(&paths.current, &paths.versions.join(&old.version))
                     .and_then(|_| self.start_service(app, old, false));
             if let Err(e) = restored {
-                eprintln!(
-                    "muscle-agent: {app}: cannot restart {} after rollback: {e:#}",
+                say!(
+                    "{app}: cannot restart {} after rollback: {e:#}",
                     old.version
                 );
             }
@@ -227,7 +221,7 @@ impl Agent {
         let st = self.state.apps.get_mut(app).expect("exists");
         st.pending = None;
         if let Err(e) = self.save() {
-            eprintln!("muscle-agent: {e:#}");
+            say!("{e:#}");
         }
     }
 
@@ -278,7 +272,7 @@ impl Agent {
         if st.current.is_none() && st.pending.is_none() && st.failure.is_none() {
             return false;
         }
-        eprintln!("muscle-agent: {app}: removed from this host's desired state; uninstalling");
+        say!("{app}: removed from this host's desired state; uninstalling");
         self.stop_service(app);
         let st = self.state.apps.get_mut(app).expect("looked up above");
         st.current = None;
@@ -293,11 +287,11 @@ impl Agent {
         let _ = std::fs::remove_file(&paths.current);
         if let crate::process::Launcher::Systemd { unit_dir, .. } = &self.cfg.launcher {
             if let Err(e) = crate::systemd::remove(unit_dir, app) {
-                eprintln!("muscle-agent: {app}: {e:#}");
+                say!("{app}: {e:#}");
             }
         }
         if let Err(e) = self.save() {
-            eprintln!("muscle-agent: {e:#}");
+            say!("{e:#}");
         }
         true
     }

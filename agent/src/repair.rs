@@ -13,7 +13,7 @@ use crate::state::{self, Installed};
 impl Agent {
     pub fn repair_all(&mut self) -> Result<()> {
         for app in state::recover_lost_apps(&self.cfg.state_dir, &mut self.state) {
-            eprintln!("muscle-agent: the state file did not know {app}: recovered");
+            say!("the state file did not know {app}: recovered");
         }
         let apps: Vec<Name> = self.state.apps.keys().cloned().collect();
         for app in apps {
@@ -37,8 +37,8 @@ impl Agent {
             _ => None,
         };
         for m in marked.iter().filter(|m| Some(m.pid) != adopt) {
-            eprintln!(
-                "muscle-agent: {app}: stopping leftover process {} ({})",
+            say!(
+                "{app}: stopping leftover process {} ({})",
                 m.pid,
                 m.version.as_deref().unwrap_or("version unknown")
             );
@@ -46,8 +46,8 @@ impl Agent {
             process::Proc::Adopted(m.pid).stop(libc::SIGTERM, std::time::Duration::from_secs(5));
         }
         if let Some(pending) = &interrupted {
-            eprintln!(
-                "muscle-agent: {app}: install of {} was interrupted; back to the committed version",
+            say!(
+                "{app}: install of {} was interrupted; back to the committed version",
                 pending.version
             );
         }
@@ -59,10 +59,7 @@ impl Agent {
         fsutil::switch_symlink(&paths.current, &paths.versions.join(&current.version))?;
         match adopt {
             Some(pid) => {
-                eprintln!(
-                    "muscle-agent: {app}: adopted running {} (pid {pid})",
-                    current.version
-                );
+                say!("{app}: adopted running {} (pid {pid})", current.version);
                 self.supervisor.adopt(self.launch(app, &current), pid);
                 let st = self.state.apps.get_mut(app).expect("listed by the caller");
                 st.pid = Some(pid);

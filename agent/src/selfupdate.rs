@@ -50,10 +50,7 @@ impl Agent {
         st.highest_counter = st.highest_counter.max(manifest.counter);
         self.save()
             .map_err(|e| InstallError::Transient(format!("{e:#}")))?;
-        eprintln!(
-            "muscle-agent: probe of agent {} passed; handing over",
-            d.version
-        );
+        say!("probe of agent {} passed; handing over", d.version);
         // No restart may fork while the process is replaced; the new agent adopts the services.
         self.supervisor.halt();
         // An older agent (a revert) knows services by the pids in the state file only.
@@ -204,7 +201,7 @@ impl Agent {
             .ran
             .insert(update.version.clone(), update.sha256.clone());
         self.state.agent.failure = None;
-        eprintln!("muscle-agent: agent updated to {}", update.version);
+        say!("agent updated to {}", update.version);
         self.save()
     }
 
@@ -214,7 +211,7 @@ impl Agent {
         reason: String,
         exec_previous: bool,
     ) -> Result<()> {
-        eprintln!("muscle-agent: reverting the self-update: {reason}");
+        say!("reverting the self-update: {reason}");
         self.state.self_update = None;
         self.state.agent.failure = Some(Failure {
             version: update.version.clone(),

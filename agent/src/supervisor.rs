@@ -248,7 +248,9 @@ impl Shared {
             if let Some(svc) = self.lock().get_mut(&due.app).filter(|s| s.id == due.id) {
                 svc.record_check(result);
             }
-            let _ = logs::rotate_if_needed(&due.log, self.log_max_bytes);
+            // The relay rotates on write; this catches a service that writes its file itself
+            // (started by an agent without the relay).
+            let _ = logs::rotate_if_needed(&due.log, self.log_max_bytes.saturating_mul(2));
             // The checks found now wait for the next pass.
             let _ = self.reap_and_restart();
         }
@@ -392,7 +394,7 @@ impl Service {
             self.restarts + 1,
             self.backoff
         );
-        eprintln!("muscle-agent: {problem}");
+        say!("{problem}");
         self.last_problem = Some(problem);
         self.restart_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(policy.max_backoff);
@@ -440,7 +442,14 @@ mod tests {
     }
 
     fn supervisor() -> Supervisor {
-        Supervisor::spawn(Launcher::Builtin, ureq::agent(), 1 << 20)
+        let sink = crate::process::LogSink {
+            relay: None,
+            policy: crate::logs::LogPolicy {
+                max_bytes: 1 << 20,
+                keep: 1,
+            },
+        };
+        Supervisor::spawn(Launcher::Builtin(sink), ureq::agent(), 1 << 20)
     }
 
     #[test]

@@ -97,29 +97,12 @@ fn write_new(path: &Path, text: String, mode: u32) -> Result<(), CertError> {
 
 /// The current year by this host's clock (for the certificates' validity).
 pub fn this_year(now_unix: u64) -> i32 {
-    // Days since 1970 to a civil year (proleptic Gregorian), good for any date after 1970.
-    let days = (now_unix / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let month = (5 * doy + 2) / 153;
-    (yoe + era * 400 + i64::from(month >= 10)) as i32
+    muscle_logline::Civil::from_unix(now_unix).year as i32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn years_from_unix_time() {
-        assert_eq!(this_year(0), 1970);
-        assert_eq!(this_year(951_782_400), 2000); // 2000-02-29
-        assert_eq!(this_year(1_795_800_600), 2026); // 2026-11-27
-        assert_eq!(this_year(1_798_761_599), 2026); // 2026-12-31 23:59:59
-        assert_eq!(this_year(1_798_761_600), 2027);
-    }
 
     #[test]
     fn the_server_certificate_chains_to_the_ca_and_nothing_is_overwritten() {

@@ -8,7 +8,7 @@ const ARMED: &str = "MUSCLE_FAILPOINTS";
 pub fn hit(name: &str) {
     let armed = std::env::var(ARMED).unwrap_or_default();
     if armed.split(',').any(|n| n.trim() == name) {
-        eprintln!("muscle-deploy: failpoint {name}: aborting as a crash would");
+        say!("failpoint {name}: aborting as a crash would");
         std::process::abort();
     }
 }

@@ -112,7 +112,7 @@ pub async fn serve(
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // EMFILE and friends: wait for a descriptor to free up rather than spin.
-                    eprintln!("muscle-deploy: accept: {e}");
+                    say!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -1,6 +1,9 @@
 //! `muscle-deploy`: publishes releases into its store, serves agents, and rolls releases out
 //! across the fleet in health-gated waves.
 
+#[macro_use]
+extern crate muscle_logline;
+
 mod auth;
 mod certs;
 mod engine;
@@ -62,6 +65,9 @@ enum Command {
         /// serving DATA_DIR/blobs as /v1/blobs/sha256/<hex>).
         #[arg(long)]
         blob_base_url: Option<String>,
+        /// The server's log on stderr: stamped lines, or JSON lines for a log shipper.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
         /// Accepted for old command lines and ignored: each agent checks in at its own interval.
         #[arg(long, hide = true)]
         interval: Option<String>,
@@ -115,6 +121,12 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +301,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             blob_base_url,
             interval,
+            log_format,
             tick,
             enroll_token,
             admin_token,
@@ -296,9 +309,10 @@ fn run(cli: Cli) -> Result<()> {
             tls_key,
             max_connections,
         } => {
+            muscle_logline::init("muscle-deploy", log_format == LogFormat::Json);
             if interval.is_some() {
-                eprintln!(
-                    "muscle-deploy: serve --interval is ignored: each agent checks in at its own \
+                say!(
+                    "serve --interval is ignored: each agent checks in at its own \
                      `muscle-agent run --interval`"
                 );
             }
@@ -322,8 +336,8 @@ fn run(cli: Cli) -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(&listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
-                eprintln!(
-                    "muscle-deploy: serving on {scheme}://{} (store {})",
+                say!(
+                    "serving on {scheme}://{} (store {})",
                     listener.local_addr()?,
                     dir.display()
                 );

@@ -61,17 +61,15 @@ pub async fn serve(
             let store = store.clone();
             match tokio::task::spawn_blocking(move || engine::tick(store.as_ref(), now_ms())).await
             {
-                Ok(Ok(log)) => log
-                    .iter()
-                    .for_each(|line| eprintln!("muscle-deploy: {line}")),
-                Ok(Err(e)) => eprintln!("muscle-deploy: rollout engine: {e}"),
-                Err(e) => eprintln!("muscle-deploy: rollout engine panicked: {e}"),
+                Ok(Ok(log)) => log.iter().for_each(|line| say!("{line}")),
+                Ok(Err(e)) => say!("rollout engine: {e}"),
+                Err(e) => say!("rollout engine panicked: {e}"),
             }
         }
     });
     listen::serve(listener, router(server), tls, limits, shutdown_signal()).await;
     engine.abort();
-    eprintln!("muscle-deploy: stopped");
+    say!("stopped");
     Ok(())
 }
 
@@ -218,10 +216,7 @@ async fn checkin(
     check_agent_credential(&s, &headers, &req.agent_id)?;
     if let Some(problem) = &req.problem {
         let clipped: String = problem.chars().take(1024).collect();
-        eprintln!(
-            "muscle-deploy: agent {} refused its last answer: {clipped}",
-            req.agent_id
-        );
+        say!("agent {} refused its last answer: {clipped}", req.agent_id);
     }
     if let Some(nonce) = &req.probe_nonce {
         return probed(&s, &req, nonce);
@@ -287,9 +282,10 @@ fn probed(
             now_ms(),
         )
         .map_err(internal)?;
-    eprintln!(
-        "muscle-deploy: agent {} probed its update to agent {}",
-        req.agent_id, req.agent_version
+    say!(
+        "agent {} probed its update to agent {}",
+        req.agent_id,
+        req.agent_version
     );
     Ok(Json(CheckinResponse {
         generation: 0,
@@ -330,9 +326,12 @@ fn desired_apps(
         let spec = manifest.service.as_ref().unwrap_or(&a.service);
         let binary = spec.binary_name(&a.app).to_owned();
         let Some(artifact) = manifest.artifact(&binary, arch) else {
-            eprintln!(
-                "muscle-deploy: {} {} has no {binary} for {} (agent {})",
-                a.app, a.version, arch, agent_id
+            say!(
+                "{} {} has no {binary} for {} (agent {})",
+                a.app,
+                a.version,
+                arch,
+                agent_id
             );
             continue;
         };
@@ -380,7 +379,7 @@ async fn blob(State(s): State<Server>, Path(hex): Path<String>, headers: HeaderM
             return ApiError(StatusCode::NOT_FOUND, format!("no blob sha256:{hex}")).into_response()
         }
         Ok(Err(e)) => {
-            eprintln!("muscle-deploy: {e}");
+            say!("{e}");
             return ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
         }
         Err(e) => return internal(e).into_response(),

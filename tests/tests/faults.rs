@@ -396,7 +396,14 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
     let dir = common::scratch("supervision");
     let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
     deployer.publish(&b.v1.dir)?;
-    let mut fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 2, &dir)?;
+    // Small logs, to see every start's line stamped and the files rotated on write.
+    let mut fleet = Fleet::start_with(
+        deployer,
+        &[(b.agent("x86_64"), "x86_64")],
+        2,
+        &dir,
+        &["--log-max-bytes", "200", "--log-keep", "2"],
+    )?;
     common::roll_out(&fleet, "0.1.0")?;
 
     // kill -9 the service, again and again: restarted each time, then reported as a crash loop
@@ -438,6 +445,26 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
         "{}",
         agent.log()
     );
+    // Six starts, six stamped lines, in at most three files of at most 200 bytes each.
+    let logs = agent.opts.state_dir.join("apps").join(APP);
+    let mut lines = vec![];
+    for name in ["service.log.2", "service.log.1", "service.log"] {
+        let text = std::fs::read_to_string(logs.join(name)).with_context(|| name.to_owned())?;
+        assert!(
+            text.len() <= 200,
+            "{name} has {} bytes:\n{text}",
+            text.len()
+        );
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    assert!(!logs.join("service.log.3").exists(), "--log-keep 2");
+    let last = lines.last().context("no log line")?;
+    // 2026-11-27T22:40:01.123Z 0.1.0 hello-service 0.1.0 (x86_64) listening on ...
+    assert!(
+        last.len() > 31 && &last[10..11] == "T" && &last[23..31] == "Z 0.1.0 ",
+        "{last}"
+    );
+    assert!(last.contains("listening on"), "{lines:#?}");
 
     // SIGTERM stops the agent and, by default, its services, gracefully.
     let agent = fleet.agent_mut("x86_64-1");
