@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -44,8 +45,16 @@ impl Rotating {
     }
 
     pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
-        // Someone else (an operator, an older agent's rotation) may have truncated it.
-        self.len = self.len.min(self.file.metadata()?.len());
+        // Another relay of the same app (a restart while old workers still hold the old one's
+        // pipe) may have rotated the file away or written to it: follow the path, and its size.
+        let current = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let open = self.file.metadata()?;
+        if current != Some((open.dev(), open.ino())) {
+            self.file = open_append(&self.path)?;
+        }
+        self.len = self.file.metadata()?.len();
         if self.len > 0 && self.len + line.len() as u64 > self.policy.max_bytes {
             self.rotate()?;
         }

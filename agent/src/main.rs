@@ -372,6 +372,12 @@ fn log_relay(
             .context("cannot start the log relay")?;
         return Ok(());
     }
+    // It ends when its input does: a signal meant for others (a Ctrl-C, a pkill of the agent)
+    // would leave the service writing into a pipe nobody reads, and kill it with SIGPIPE.
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: setting a signal's disposition to SIG_IGN runs no code in the handler context.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
     let input = std::io::stdin().lock();
     match logs::Rotating::open(file, policy) {
         Ok(mut out) => logs::relay(input, &mut out, version),

@@ -170,9 +170,15 @@ impl Proc {
 /// Starts `launch.binary` under its spec, its output to its log through `sink`, marked.
 pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
     let (binary, spec) = (&launch.binary, &launch.spec);
-    let out: OwnedFd = match &sink.relay {
-        Some(relay) => start_relay(relay, launch, &sink.policy)?.into(),
-        None => logs::open_append(&launch.log)?.into(),
+    let relayed = sink.relay.as_ref().map(|relay| {
+        start_relay(relay, launch, &sink.policy).inspect_err(|e| {
+            say!("{}: {e:#}; the service writes its log itself", launch.app);
+        })
+    });
+    let out: OwnedFd = match relayed {
+        Some(Ok(pipe)) => pipe.into(),
+        // No relay (its binary was replaced or removed): the service still starts.
+        _ => logs::open_append(&launch.log)?.into(),
     };
     let err = out.try_clone()?;
     let mut cmd = Command::new(binary);

@@ -14,6 +14,8 @@ use crate::state::{AppState, Failure, Installed, Receipt};
 use crate::{fsutil, logs};
 
 const LOG_TAIL_BYTES: u64 = 2048;
+/// How long a failed install waits for the log relay before reading the log's tail.
+const RELAY_CATCH_UP: Duration = Duration::from_millis(300);
 /// How often probation looks at the supervisor's verdict.
 const PROBATION_POLL: Duration = Duration::from_millis(100);
 
@@ -192,6 +194,9 @@ impl Agent {
                     .map_err(|e| InstallError::Transient(format!("{e:#}")))
             }
             Err(reason) => {
+                // The log relay is a process of its own: give it a moment to write the last
+                // words of a process that just died.
+                std::thread::sleep(RELAY_CATCH_UP);
                 let log_tail = logs::tail(&paths.log, LOG_TAIL_BYTES);
                 self.roll_back(app, old);
                 Err(InstallError::Unhealthy {

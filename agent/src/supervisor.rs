@@ -243,7 +243,7 @@ impl Shared {
     /// checks run without the lock, and exits are reaped again after each one, so that a slow
     /// check neither keeps the agent waiting nor delays a restart by more than its own timeout.
     fn pass(&self) {
-        for due in self.reap_and_restart() {
+        for due in self.reap_and_restart(true) {
             let result = health::check(&due.check, &self.http);
             if let Some(svc) = self.lock().get_mut(&due.app).filter(|s| s.id == due.id) {
                 svc.record_check(result);
@@ -251,15 +251,15 @@ impl Shared {
             // The relay rotates on write; this catches a service that writes its file itself
             // (started by an agent without the relay).
             let _ = logs::rotate_if_needed(&due.log, self.log_max_bytes.saturating_mul(2));
-            // The checks found now wait for the next pass.
-            let _ = self.reap_and_restart();
+            self.reap_and_restart(false);
         }
     }
 
-    /// Under the lock: reaps exits, restarts what is due, and says which services to check.
-    /// Restarts happen under the lock (a fork and exec, or a `systemctl restart`): a stop or an
-    /// install that comes meanwhile waits for it, and never races a launch of the same app.
-    fn reap_and_restart(&self) -> Vec<Due> {
+    /// Under the lock: reaps exits, restarts what is due, and (with `checks`) says which services
+    /// to check. Restarts happen under the lock (a fork and exec, or a `systemctl restart`): a
+    /// stop or an install that comes meanwhile waits for it, and never races a launch of the
+    /// same app.
+    fn reap_and_restart(&self, checks_due: bool) -> Vec<Due> {
         let now = Instant::now();
         let mut checks = vec![];
         for (app, svc) in self.lock().iter_mut() {
@@ -277,6 +277,9 @@ impl Shared {
                 continue;
             }
             svc.earn_backoff_back();
+            if !checks_due {
+                continue;
+            }
             let every = if svc.probation {
                 PROBATION_HEALTH_EVERY
             } else {

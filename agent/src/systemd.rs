@@ -75,13 +75,14 @@ pub fn unit(
     u
 }
 
-/// The unit that supervises the agent itself. `KillMode=process`: stopping or restarting the
-/// agent leaves the services it started running (the next agent adopts them). A self-update
+/// The unit that supervises the agent itself. `KillMode=process` and `--leave-services-running`:
+/// stopping or restarting the agent leaves the services it started running (the next agent
+/// adopts them). A self-update
 /// execs the new binary in place; if that dies, systemd starts `exe` again, the old agent, which
 /// finds the update did not check in, reverts it and reports it.
 pub fn agent_unit(exe: &Path, state_dir: &Path, run_args: &[String]) -> String {
     let mut exec = quote(&exe.display().to_string());
-    exec.push_str(" run --state-dir ");
+    exec.push_str(" run --leave-services-running --state-dir ");
     exec.push_str(&quote(&state_dir.display().to_string()));
     for arg in run_args {
         exec.push(' ');
@@ -249,7 +250,7 @@ mod tests {
             &["--server".into(), "https://d:7700".into()],
         );
         assert!(unit.contains(
-            "ExecStart=\"/usr/local/bin/muscle-agent\" run --state-dir \"/var/lib/muscle agent\" \"--server\" \"https://d:7700\"\n"
+            "ExecStart=\"/usr/local/bin/muscle-agent\" run --leave-services-running --state-dir \"/var/lib/muscle agent\" \"--server\" \"https://d:7700\"\n"
         ), "{unit}");
         for line in [
             "Restart=always",

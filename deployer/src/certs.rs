@@ -6,6 +6,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use muscle_logline::Civil;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -29,12 +31,13 @@ pub struct Written {
     pub key: PathBuf,
 }
 
-/// How long the certificates are valid, from the start of this year.
+/// How long the certificates are valid.
 const VALID_YEARS: i32 = 10;
 
 /// Writes `ca.pem`, `ca.key`, `server.pem` and `server.key` to `dir`, the server certificate
-/// naming `names` (host names or IP addresses) and valid from the start of `year`.
-pub fn init(dir: &Path, names: &[String], year: i32) -> Result<Written, CertError> {
+/// naming `names` (host names or IP addresses), valid from `from` (a day before now, for
+/// clocks a little behind) for ten years.
+pub fn init(dir: &Path, names: &[String], from: Civil) -> Result<Written, CertError> {
     std::fs::create_dir_all(dir).map_err(|source| CertError::Create {
         path: dir.to_path_buf(),
         source,
@@ -45,7 +48,7 @@ pub fn init(dir: &Path, names: &[String], year: i32) -> Result<Written, CertErro
         .push(DnType::CommonName, "muscle-deploy private CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut ca, year);
+    validity(&mut ca, from);
     let ca_cert = ca.self_signed(&ca_key)?;
 
     let key = KeyPair::generate()?;
@@ -59,7 +62,7 @@ pub fn init(dir: &Path, names: &[String], year: i32) -> Result<Written, CertErro
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.use_authority_key_identifier_extension = true;
-    validity(&mut server, year);
+    validity(&mut server, from);
     let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
 
     let written = Written {
@@ -74,9 +77,12 @@ pub fn init(dir: &Path, names: &[String], year: i32) -> Result<Written, CertErro
     Ok(written)
 }
 
-fn validity(params: &mut CertificateParams, year: i32) {
-    params.not_before = rcgen::date_time_ymd(year, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
+fn validity(params: &mut CertificateParams, from: Civil) {
+    let (year, month, day) = (from.year as i32, from.month as u8, from.day as u8);
+    params.not_before = rcgen::date_time_ymd(year, month, day);
+    // 1 March rather than 29 February ten years on.
+    let day = if (month, day) == (2, 29) { 28 } else { day };
+    params.not_after = rcgen::date_time_ymd(year + VALID_YEARS, month, day);
 }
 
 /// Creates `path` (never overwriting) with `mode`.
@@ -95,11 +101,6 @@ fn write_new(path: &Path, text: String, mode: u32) -> Result<(), CertError> {
     file.sync_all().map_err(fail)
 }
 
-/// The current year by this host's clock (for the certificates' validity).
-pub fn this_year(now_unix: u64) -> i32 {
-    muscle_logline::Civil::from_unix(now_unix).year as i32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,7 +110,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("muscle-certs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let written = init(&dir, &names, 2026).unwrap();
+        let from = Civil::from_unix(1_795_800_600);
+        let written = init(&dir, &names, from).unwrap();
         let ca = std::fs::read_to_string(&written.ca).unwrap();
         assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
         let key_mode = std::fs::metadata(&written.key).unwrap().permissions();
@@ -119,7 +121,7 @@ mod tests {
         );
         // The listener loads them as it would at `serve`.
         crate::listen::tls_acceptor(&written.cert, &written.key).unwrap();
-        let err = init(&dir, &names, 2026).err().unwrap().to_string();
+        let err = init(&dir, &names, from).err().unwrap().to_string();
         assert!(err.contains("must not exist yet"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,7 +1,7 @@
 //! The rollout engine: applies queued requests and advances every running rollout, persisting
 //! each step, so a deployer restarted at any moment resumes where it was.
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use muscle_protocol::ReleaseManifest;
@@ -19,6 +19,7 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         let Some(mut rollout) = store.rollout(id)? else {
             continue;
         };
+        let original = rollout.clone();
         let newer = newer_rollout(store, &rollout)?;
         let applied = rollout
             .check_rollback_is_newest(request, newer)
@@ -30,6 +31,7 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         // A refused request only leaves the queue.
         store.commit_step(&Step {
             rollout: &rollout,
+            from: &original,
             save_rollout: applied,
             actions: &actions,
             handled: Some(request),
@@ -62,12 +64,16 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         if *rollout == before && actions.is_empty() {
             continue;
         }
-        store.commit_step(&Step {
+        if !store.commit_step(&Step {
             rollout,
+            from: &before,
             save_rollout: *rollout != before,
             actions: &actions,
             handled: None,
-        })?;
+        })? {
+            *rollout = before;
+            continue;
+        }
         if rollout.message != before.message || rollout.status != before.status {
             log.push(format!(
                 "rollout {} ({} {}): {:?}: {}",
@@ -103,16 +109,21 @@ fn admit_late_joiners(
         }
     }
     let mut log = Vec::new();
-    for (app, mut rollout) in standing {
-        // Loaded only when some agent could be a late joiner (most ticks, none is).
-        let holders: OnceCell<Result<BTreeSet<String>>> = OnceCell::new();
-        let never_had = |agent: &str| match holders.get_or_init(|| store.holders(&app)) {
-            Ok(holders) => !holders.contains(agent),
-            Err(_) => false,
+    for mut rollout in standing.into_values() {
+        let arches = release_arches(store, &rollout)?;
+        // Per candidate (a live, matching non-member; most ticks there is none): one lookup.
+        let failed = RefCell::new(None);
+        let app = rollout.app.clone();
+        let eligible = |a: &AgentRecord| {
+            arches.contains(&a.arch)
+                && !store.holds(&a.id, &app).unwrap_or_else(|e| {
+                    failed.borrow_mut().get_or_insert(e);
+                    true
+                })
         };
         let before = rollout.clone();
-        let actions = rollout.admit_late_joiners(agents, now_ms, &never_had);
-        if let Some(Err(e)) = holders.into_inner() {
+        let actions = rollout.admit_late_joiners(agents, now_ms, &eligible);
+        if let Some(e) = failed.into_inner() {
             log.push(format!(
                 "rollout {}: cannot admit late joiners: {e}",
                 rollout.id
@@ -122,28 +133,59 @@ fn admit_late_joiners(
         if actions.is_empty() && rollout == before {
             continue;
         }
-        store.commit_step(&Step {
+        let committed = store.commit_step(&Step {
             rollout: &rollout,
+            from: &before,
             save_rollout: rollout != before,
             actions: &actions,
             handled: None,
         })?;
-        let joined: Vec<&str> = actions
-            .iter()
-            .map(|Action::Assign { agent_id, .. }| agent_id.as_str())
-            .collect();
-        log.push(if joined.is_empty() {
-            format!("rollout {}: {}", rollout.id, rollout.message)
-        } else {
-            format!(
-                "rollout {} ({app} {}): late joiner(s) {} assigned it",
-                rollout.id,
-                rollout.version,
-                joined.join(", ")
-            )
-        });
+        if !committed {
+            continue;
+        }
+        let joined: Vec<&str> = match actions.is_empty() {
+            false => actions
+                .iter()
+                .map(|Action::Assign { agent_id, .. }| agent_id.as_str())
+                .collect(),
+            true => rollout.waves[before.waves.len()..]
+                .iter()
+                .flat_map(|w| w.members.iter().map(|m| m.agent_id.as_str()))
+                .collect(),
+        };
+        log.push(format!(
+            "rollout {} ({} {}): late joiner(s) {} {}",
+            rollout.id,
+            rollout.app,
+            rollout.version,
+            joined.join(", "),
+            if actions.is_empty() {
+                "added as new waves"
+            } else {
+                "assigned it"
+            }
+        ));
     }
     Ok(log)
+}
+
+/// The architectures the rollout's release has its binary for: late joiners of others would
+/// only fail.
+fn release_arches(store: &dyn Store, rollout: &Rollout) -> Result<BTreeSet<String>> {
+    let Some(release) = store.release(&rollout.app, &rollout.version)? else {
+        return Ok(BTreeSet::new());
+    };
+    let Ok(manifest) = ReleaseManifest::parse(release.manifest.as_bytes()) else {
+        return Ok(BTreeSet::new());
+    };
+    let spec = manifest.service.as_ref().unwrap_or(&rollout.service);
+    let binary = spec.binary_name(&rollout.app).to_owned();
+    Ok(manifest
+        .artifacts
+        .iter()
+        .filter(|a| a.binary == binary.as_str())
+        .map(|a| a.arch.clone())
+        .collect())
 }
 
 /// What a rollback sends `agent_id` back to for `app`: the version it last ran healthy (the one

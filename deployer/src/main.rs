@@ -427,17 +427,23 @@ fn tls_init(out: &Path, names: &[String]) -> Result<()> {
     } else {
         names.to_vec()
     };
-    let year = certs::this_year(now_ms() / 1000);
-    let w = certs::init(out, &names, year)?;
+    let from = muscle_logline::Civil::from_unix((now_ms() / 1000).saturating_sub(86_400));
+    let w = certs::init(out, &names, from)?;
+    // An IPv6 address goes in brackets in a URL.
+    let host = if names[0].contains(':') {
+        format!("[{}]", names[0])
+    } else {
+        names[0].clone()
+    };
     println!(
-        "certificates for {} written to {} (valid from {year} for 10 years; keep ca.key offline)\n\
+        "certificates for {} written to {} (valid for 10 years; keep ca.key offline)\n\
          serve:  muscle-deploy serve --tls-cert {} --tls-key {}\n\
          agents: muscle-agent run --server https://{}:7700 --ca-file {}",
         names.join(", "),
         out.display(),
         w.cert.display(),
         w.key.display(),
-        names[0],
+        host,
         w.ca.display()
     );
     Ok(())
@@ -727,13 +733,20 @@ fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> R
         reporting: &reporting,
         withdraw_at_ms: selector.is_empty().then(now_ms),
     })?;
-    let removed = match outcome {
-        store::Undeployed::From(removed) => removed,
+    let (removed, withdrawn) = match outcome {
+        store::Undeployed::From { agents, withdrawn } => (agents, withdrawn),
         store::Undeployed::RolloutInProgress { id, status } => bail!(
             "rollout {id} of {app} is {status:?}: abort it first (`muscle-deploy rollout abort {id}`)"
         ),
     };
-    if removed.is_empty() {
+    if !withdrawn.is_empty() {
+        let ids: Vec<String> = withdrawn.iter().map(i64::to_string).collect();
+        println!(
+            "rollout(s) {} of {app} withdrawn: agents that join later do not get it",
+            ids.join(", ")
+        );
+    }
+    if removed.is_empty() && withdrawn.is_empty() {
         bail!(
             "no agent{} has {app} assigned or running: nothing to undeploy",
             if selector.is_empty() {
@@ -743,10 +756,12 @@ fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) -> R
             }
         );
     }
-    println!(
-        "{app} taken off {} agent(s): {} (each stops and uninstalls it at its next check-in)",
-        removed.len(),
-        removed.join(", ")
-    );
+    if !removed.is_empty() {
+        println!(
+            "{app} taken off {} agent(s): {} (each stops and uninstalls it at its next check-in)",
+            removed.len(),
+            removed.join(", ")
+        );
+    }
     Ok(())
 }

@@ -223,17 +223,19 @@ impl Rollout {
             )
     }
 
-    /// Takes in late joiners: live agents that match the selector, are not members, and were
-    /// never given the app (`never_had`: no assignment and no removal), as Mender's dynamic
-    /// groups and Nomad's system jobs do. A rollout in progress adds them to its last wave,
-    /// health-gated like the others; a settled one assigns them its version at once.
+    /// Takes in late joiners: live agents that match the selector, are not members, and are
+    /// `eligible` (never given the app, and of an architecture the release has a binary for),
+    /// as Mender's dynamic groups and Nomad's system jobs do. A rollout in progress adds them
+    /// as new waves of `max_parallel`, health-gated like the others; a settled one assigns them
+    /// its version at once. The agent itself (`muscle-agent`) never: new agents keep the
+    /// version they were installed with until a rollout says otherwise.
     pub fn admit_late_joiners(
         &mut self,
         agents: &BTreeMap<String, AgentRecord>,
         now_ms: u64,
-        never_had: &dyn Fn(&str) -> bool,
+        eligible: &dyn Fn(&AgentRecord) -> bool,
     ) -> Vec<Action> {
-        if !self.is_standing() {
+        if !self.is_standing() || self.app == muscle_protocol::SELF_APP {
             return vec![];
         }
         let members: std::collections::BTreeSet<&str> =
@@ -242,17 +244,24 @@ impl Rollout {
             .values()
             .filter(|a| !a.is_stale(now_ms) && selects(&self.params.selector, a))
             .filter(|a| !members.contains(a.id.as_str()))
-            .filter(|a| never_had(&a.id))
+            .filter(|a| eligible(a))
             .collect();
         if joiners.is_empty() {
             return vec![];
         }
-        let names: Vec<&str> = joiners.iter().map(|a| a.id.as_str()).collect();
         if self.status.is_active() {
-            let last = self.waves.last_mut().expect("a rollout has a wave");
-            last.members
-                .extend(joiners.iter().map(|a| Member::pending(a)));
-            self.message = format!("late joiner(s) {} added to {}", names.join(", "), last.name);
+            let mut n = self
+                .waves
+                .iter()
+                .filter(|w| w.name.starts_with("late joiners"))
+                .count();
+            for chunk in joiners.chunks(self.params.max_parallel.max(1)) {
+                n += 1;
+                self.waves.push(Wave {
+                    name: format!("late joiners {n}"),
+                    members: chunk.iter().map(|a| Member::pending(a)).collect(),
+                });
+            }
             return vec![];
         }
         joiners
@@ -469,7 +478,8 @@ impl Rollout {
     ) -> Result<(), String> {
         match (request, newer) {
             (Request::Rollback, Some(newer)) => Err(format!(
-                "cannot rollback rollout {}: rollout {newer} of {} is newer (roll that one back)",
+                "cannot rollback rollout {}: rollout {newer} of {} is newer and decides what runs \
+                 now (roll it back if it can be, or roll out the version to return to)",
                 self.id, self.app
             )),
             _ => Ok(()),
@@ -716,7 +726,7 @@ mod tests {
             Rollout::plan("app", "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
         let mut agents: BTreeMap<String, AgentRecord> =
             fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
-        let everyone = |_: &str| true;
+        let everyone = |_: &AgentRecord| true;
         assert!(
             r.admit_late_joiners(&agents, NOW, &everyone).is_empty(),
             "members are not late"
@@ -740,6 +750,11 @@ mod tests {
         r.status = Status::Succeeded;
         agents.insert("x7".into(), agent("x7", "x86_64"));
         assert!(r.admit_late_joiners(&agents, NOW, &|_| false).is_empty());
+        let x86_only = |a: &AgentRecord| a.arch == "x86_64";
+        agents.insert("a9".into(), agent("a9", "aarch64"));
+        let actions = r.admit_late_joiners(&agents, NOW, &x86_only);
+        assert_eq!(actions.len(), 1, "only the x86_64 joiner: {actions:?}");
+        agents.remove("a9");
         let actions = r.admit_late_joiners(&agents, NOW, &everyone);
         assert!(
             matches!(&actions[..], [Action::Assign { agent_id, assignment: Some(a), .. }]
@@ -753,6 +768,11 @@ mod tests {
         let mut withdrawn = r.clone();
         withdrawn.withdrawn_ms = Some(NOW);
         assert!(withdrawn
+            .admit_late_joiners(&agents, NOW, &everyone)
+            .is_empty());
+        let mut agent_app = r.clone();
+        agent_app.app = muscle_protocol::SELF_APP.into();
+        assert!(agent_app
             .admit_late_joiners(&agents, NOW, &everyone)
             .is_empty());
         r.status = Status::RolledBack;

@@ -312,11 +312,24 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
         "an invalid name reached state.json: {names:?}"
     );
 
-    // 6. An oversized answer is refused, not buffered.
+    // 6. An oversized answer (64 MiB: as good as endless) is refused, not buffered: the agent
+    // reads at most 4 MiB of it, and its peak memory stays under 24 MiB.
     t.offer(Offer::of(&t.v1, "0.1.0", 100), evil_spec);
-    t.server.pad_answers(6 * 1024 * 1024);
+    t.server.pad_answers(64 * 1024 * 1024);
     t.wait_answer_refused("larger than")?;
     untouched("an oversized answer")?;
+    let pid = t.agent.pid().context("the agent runs")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    eprintln!("agent peak RSS after an oversized answer: {peak_kib} KiB");
+    assert!(
+        peak_kib < 24 * 1024,
+        "the agent's peak RSS reached {peak_kib} KiB"
+    );
 
     // The agent restarts on the state it kept (its repair step deletes *.tmp files of the apps
     // it knows): nothing outside is repaired or removed.
@@ -394,6 +407,7 @@ fn a_service_killed_while_a_check_in_answer_trickles_is_restarted_within_two_sec
         Ok((now.len() == 1 && now[0] != pids[0]).then(|| now[0]))
     })?;
     let took = killed.elapsed();
+    eprintln!("service restarted {took:?} after SIGKILL while a check-in answer trickled");
     // Still inside the trickling check-in: the restart owed nothing to the network.
     assert_eq!(
         t.server.reports().len(),

@@ -458,6 +458,10 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
         lines.extend(text.lines().map(str::to_owned));
     }
     assert!(!logs.join("service.log.3").exists(), "--log-keep 2");
+    assert!(
+        lines.len() >= 5,
+        "the last starts' lines are kept: {lines:#?}"
+    );
     let last = lines.last().context("no log line")?;
     // 2026-11-27T22:40:01.123Z 0.1.0 hello-service 0.1.0 (x86_64) listening on ...
     assert!(

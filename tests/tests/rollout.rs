@@ -473,6 +473,7 @@ fn agents_that_join_after_a_rollout_get_the_version_it_settled_on_until_it_is_un
     };
     fleet.agents.push(late("late-lab", "lab")?);
     fleet.agents.push(late("late-elsewhere", "elsewhere")?);
+    fleet.wait_checked_in(Duration::from_secs(60))?;
     wait_until(
         "the late joiner runs 0.1.0",
         Duration::from_secs(60),

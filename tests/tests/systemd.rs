@@ -143,7 +143,9 @@ fn the_agent_drives_hardened_systemd_units() -> Result<()> {
     let text = String::from_utf8(out.stdout)?;
     let state_dir = dir.join("relative/state").display().to_string();
     assert!(
-        text.contains(&format!("run --state-dir \"{state_dir}\" \"--server\"")),
+        text.contains(&format!(
+            "run --leave-services-running --state-dir \"{state_dir}\" \"--server\""
+        )),
         "the state dir is made absolute: {text}"
     );
     assert!(text.lines().any(|l| l == "KillMode=process"), "{text}");

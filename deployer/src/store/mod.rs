@@ -109,15 +109,18 @@ pub struct Undeploy<'a> {
     pub app: &'a str,
     pub agent_ids: &'a [String],
     pub reporting: &'a BTreeSet<String>,
-    /// Also withdraw the app's standing rollout (an undeploy from every agent), at this time.
+    /// Also withdraw the app's standing rollouts (an undeploy from every agent), at this time.
     pub withdraw_at_ms: Option<u64>,
 }
 
 /// What [`Store::undeploy`] did.
 #[derive(Debug)]
 pub enum Undeployed {
-    /// The agents it was taken off.
-    From(Vec<String>),
+    /// The agents it was taken off, and the rollouts that no longer stand for new agents.
+    From {
+        agents: Vec<String>,
+        withdrawn: Vec<i64>,
+    },
     /// Nothing: this rollout of the app is in progress and would assign it again.
     RolloutInProgress {
         id: i64,
@@ -128,6 +131,9 @@ pub enum Undeployed {
 /// What one engine step changes; see [`Store::commit_step`].
 pub struct Step<'a> {
     pub rollout: &'a Rollout,
+    /// The rollout as the step read it: the step commits only if the store still holds exactly
+    /// that (an `undeploy` may have withdrawn it meanwhile).
+    pub from: &'a Rollout,
     /// Whether `rollout` changed and must be saved.
     pub save_rollout: bool,
     pub actions: &'a [Action],
@@ -154,8 +160,8 @@ pub trait Store: Send + Sync {
     fn record_probe(&self, agent_id: &str, nonce_sha256: &str, now_ms: u64) -> Result<()>;
     /// Whether the probe with this nonce checked in; each answer is given once.
     fn take_probe(&self, agent_id: &str, nonce_sha256: &str) -> Result<bool>;
-    /// The agents that have `app` assigned or taken off (a tombstone): all but those are new to it.
-    fn holders(&self, app: &str) -> Result<BTreeSet<String>>;
+    /// Whether `agent_id` has `app` assigned or taken off (a tombstone): if not, it is new to it.
+    fn holds(&self, agent_id: &str, app: &str) -> Result<bool>;
     /// The apps taken off an agent (tombstones), until one is assigned to it again.
     fn removals(&self, agent_id: &str) -> Result<Vec<String>>;
     /// Takes an app off agents, in one transaction; see [`Undeploy`].
@@ -165,7 +171,8 @@ pub trait Store: Send + Sync {
     /// One engine step, in one transaction: the assignments it makes, the rollout's new state,
     /// and (when the step answered one) the removal of the request it handled. A crash can
     /// leave the store before or after a step, never in the middle.
-    fn commit_step(&self, step: &Step) -> Result<()>;
+    /// Returns false, committing nothing, when the rollout changed since the step read it.
+    fn commit_step(&self, step: &Step) -> Result<bool>;
     /// Queues a request for the engine (which owns the body).
     fn request_rollout(&self, id: i64, request: Request) -> Result<()>;
     /// Every queued request, oldest rollout first. A request stays queued until the step

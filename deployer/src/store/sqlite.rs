@@ -1,6 +1,5 @@
 //! The embedded store: one SQLite database (WAL), shared by the server and the CLI.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -84,13 +83,28 @@ impl SqliteStore {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        // With a serving deployer the WAL files exist and can be read; without one, a reader
-        // that may not create them reads the file as it is (nobody writes it meanwhile).
+        // With a serving deployer the WAL files exist and can be read. Without one and without
+        // a pending WAL, a reader that may not create them reads the file as it is: nobody
+        // writes it meanwhile. (With a pending WAL that would lose its rows: said instead.)
         let conn = match schema_version(&conn) {
             Ok(_) => conn,
-            Err(_) => {
-                let uri = format!("file:{}?immutable=1", path.display());
-                Connection::open_with_flags(uri, flags)?
+            Err(e) => {
+                let wal = data_dir.join("muscle.db-wal");
+                if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                    return Err(StoreError::Corrupt(format!(
+                        "cannot read the store ({e}): give this user read access to {} and \
+                         {}-shm too",
+                        wal.display(),
+                        path.display()
+                    )));
+                }
+                let escaped = path
+                    .display()
+                    .to_string()
+                    .replace('%', "%25")
+                    .replace('?', "%3f")
+                    .replace('#', "%23");
+                Connection::open_with_flags(format!("file:{escaped}?immutable=1"), flags)?
             }
         };
         let version = schema_version(&conn)?;
@@ -126,13 +140,22 @@ fn migrate(conn: &Connection) -> Result<()> {
             MIGRATIONS.len()
         )));
     }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
-        conn.execute_batch(&format!(
-            "BEGIN; {step} PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        ))?;
+    // One step per transaction, the version read again inside it: a `serve` and a `publish`
+    // opening an old store at once do not both apply a step.
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let version = schema_version(conn)?;
+        let Some(step) = MIGRATIONS.get(version) else {
+            conn.execute_batch("COMMIT")?;
+            return Ok(());
+        };
+        let applied = conn.execute_batch(&format!("{step} PRAGMA user_version = {};", version + 1));
+        if let Err(e) = applied {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        conn.execute_batch("COMMIT")?;
     }
-    Ok(())
 }
 
 /// Sets (or removes) one assignment inside `tx`, bumping the agent's desired generation.
@@ -360,15 +383,13 @@ impl Store for SqliteStore {
         Ok(taken == 1)
     }
 
-    fn holders(&self, app: &str) -> Result<BTreeSet<String>> {
+    fn holds(&self, agent_id: &str, app: &str) -> Result<bool> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT agent_id FROM assignments WHERE app = ?1 UNION SELECT agent_id FROM removals WHERE app = ?1",
+            "SELECT EXISTS (SELECT 1 FROM assignments WHERE agent_id = ?1 AND app = ?2)
+                 OR EXISTS (SELECT 1 FROM removals WHERE agent_id = ?1 AND app = ?2)",
         )?;
-        let agents = stmt
-            .query_map([app], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<BTreeSet<_>>>()?;
-        Ok(agents)
+        Ok(stmt.query_row(params![agent_id, app], |r| r.get(0))?)
     }
 
     fn removals(&self, agent_id: &str) -> Result<Vec<String>> {
@@ -413,18 +434,24 @@ impl Store for SqliteStore {
                 removed.push(agent_id.clone());
             }
         }
+        let mut withdrawn = vec![];
         if let Some(at_ms) = u.withdraw_at_ms {
-            if let Some(standing) = rollouts.iter_mut().rev().find(|r| r.is_standing()) {
+            // Every one: were an older one left standing, new agents would get its version.
+            for standing in rollouts.iter_mut().filter(|r| r.is_standing()) {
                 standing.withdrawn_ms = Some(at_ms);
                 standing.message = format!("{} (withdrawn by undeploy)", standing.message);
                 tx.execute(
                     "UPDATE rollouts SET body = ?2 WHERE id = ?1",
                     params![standing.id, json(standing)],
                 )?;
+                withdrawn.push(standing.id);
             }
         }
         tx.commit()?;
-        Ok(Undeployed::From(removed))
+        Ok(Undeployed::From {
+            agents: removed,
+            withdrawn,
+        })
     }
 
     fn create_rollout(&self, rollout: &Rollout) -> Result<i64> {
@@ -445,9 +472,21 @@ impl Store for SqliteStore {
         Ok(id)
     }
 
-    fn commit_step(&self, step: &Step) -> Result<()> {
+    fn commit_step(&self, step: &Step) -> Result<bool> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let stored: Option<String> = tx
+            .query_row(
+                "SELECT body FROM rollouts WHERE id = ?1",
+                [step.rollout.id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(body) = stored {
+            if parse::<Rollout>("rollout", &body)? != *step.from {
+                return Ok(false);
+            }
+        }
         for Action::Assign {
             agent_id,
             app,
@@ -472,7 +511,7 @@ impl Store for SqliteStore {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     fn request_rollout(&self, id: i64, request: Request) -> Result<()> {
@@ -522,6 +561,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn a_database_of_an_older_deployer_is_migrated_and_keeps_its_rows() {
@@ -583,7 +623,7 @@ mod tests {
             })
             .unwrap()
         {
-            Undeployed::From(removed) => removed,
+            Undeployed::From { agents, .. } => agents,
             other => panic!("{other:?}"),
         };
         assert_eq!(undeploy(&["a1".into(), "a2".into()], &none), ["a1"]);
