@@ -108,6 +108,22 @@ impl Target {
         }]));
     }
 
+    /// Waits until the agent reports `version` installed and healthy.
+    fn wait_healthy(&self, version: &str) -> Result<()> {
+        wait_until(
+            &format!("{version} healthy"),
+            Duration::from_secs(60),
+            || {
+                let r = self.server.last_app_report(APP).context("no report")?;
+                ensure!(
+                    r["installed_version"] == version && r["health"] == "healthy",
+                    "{r}"
+                );
+                Ok(Some(()))
+            },
+        )
+    }
+
     /// Waits until the agent's report for `app` says it refused `version` for `reason`.
     fn wait_refused(&self, app: &str, version: &str, reason: &str) -> Result<()> {
         wait_until(
@@ -201,14 +217,7 @@ fn a_malicious_deployer_cannot_make_a_key_pinning_agent_run_or_write_anything_un
         t.v1.0
     );
     t.offer(Offer::of(&t.v1, "0.1.0", 100), evil_spec.clone());
-    wait_until("0.1.0 healthy", Duration::from_secs(60), || {
-        let r = t.server.last_app_report(APP).context("no report")?;
-        ensure!(
-            r["installed_version"] == "0.1.0" && r["health"] == "healthy",
-            "{r}"
-        );
-        Ok(Some(()))
-    })?;
+    t.wait_healthy("0.1.0")?;
     std::thread::sleep(Duration::from_secs(2));
     assert!(!pwned.exists(), "the deployer's command health check ran");
     let installed = &t.agent.state()?["apps"][APP]["current"]["spec"];
@@ -380,14 +389,7 @@ fn a_service_killed_while_a_check_in_answer_trickles_is_restarted_within_two_sec
 {
     let t = start("killed-while-trickling")?;
     t.offer(Offer::of(&t.v1, "0.1.0", 100), json!({}));
-    wait_until("0.1.0 healthy", Duration::from_secs(60), || {
-        let r = t.server.last_app_report(APP).context("no report")?;
-        ensure!(
-            r["installed_version"] == "0.1.0" && r["health"] == "healthy",
-            "{r}"
-        );
-        Ok(Some(()))
-    })?;
+    t.wait_healthy("0.1.0")?;
     // From now on each answer takes minutes to trickle in; the agent abandons it after 30 s.
     t.server.pad_answers(200);
     t.server.trickle_answers(true);
