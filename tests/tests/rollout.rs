@@ -433,9 +433,12 @@ fn rollback_of_a_first_install_and_undeploy_stop_and_uninstall_the_app() -> Resu
             .is_some_and(|apps| apps.iter().all(|app| app["app"] != "hello-service"))),
         "no agent reports the app any more: {fleet_json:#?}"
     );
-    // Nothing left to undeploy is an error, not a silent success.
+    // Undeployed from the selected agents only, the rollout still stood for newcomers: without
+    // a selector, it is withdrawn. After that, nothing is left: an error, not a silent success.
+    let withdrawn = fleet.deployer.ok(&["undeploy", "hello-service"])?;
+    assert!(withdrawn.contains("withdrawn"), "{withdrawn}");
     let again = fleet.deployer.cli(&["undeploy", "hello-service"])?;
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(1), "{}", common::text(&again));
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("no agent has hello-service assigned"),
         "{}",
