@@ -23,7 +23,7 @@ pub struct VerifyArgs {
 }
 
 #[derive(serde::Serialize)]
-struct FileResult {
+pub(crate) struct FileResult {
     file: PathBuf,
     target: Option<String>,
     error: Option<String>,
@@ -50,7 +50,11 @@ pub fn run(args: VerifyArgs) -> Result<i32> {
     Ok(exit_code(&results))
 }
 
-fn verify_file(file: &Path, forced: Option<&TargetSpec>, all: &[TargetSpec]) -> FileResult {
+pub(crate) fn verify_file(
+    file: &Path,
+    forced: Option<&TargetSpec>,
+    all: &[TargetSpec],
+) -> FileResult {
     let facts = match muscle_inspect::inspect_file(file) {
         Ok(f) => f,
         Err(e) => {

@@ -37,7 +37,7 @@ pub fn all(s: &Settings) -> Result<Vec<Row>> {
     eprintln!("bench: release overhead");
     rows.push(release_overhead(s, &dist)?);
     eprintln!("bench: verification");
-    rows.push(verification(s, &agents, &hello)?);
+    rows.extend(verification(s, &agents, &hello)?);
     eprintln!("bench: agent size");
     rows.extend(agent_size(s, &agents)?);
     eprintln!("bench: agent idle footprint");
@@ -107,8 +107,10 @@ fn release_overhead(s: &Settings, dist: &Path) -> Result<Row> {
     ))
 }
 
-/// `cargo xtask verify` per binary vs `readelf -lhd` on the same files.
-fn verification(s: &Settings, agents: &Artifacts, hello: &Artifacts) -> Result<Row> {
+/// `cargo xtask verify` per binary vs `readelf -lhd` on the same files, both as processes; and
+/// the verification alone, in process, vs the same readelf figure: the difference is what
+/// starting a process costs.
+fn verification(s: &Settings, agents: &Artifacts, hello: &Artifacts) -> Result<Vec<Row>> {
     let files: Vec<PathBuf> = [X86, ARM]
         .iter()
         .flat_map(|t| {
@@ -142,13 +144,33 @@ fn verification(s: &Settings, agents: &Artifacts, hello: &Artifacts) -> Result<R
     } else {
         "release-built xtask"
     };
-    Ok(Row::new(
-        format!("verify, per binary ({profile}, process incl.)"),
-        "ms",
-        scale(muscle, per_binary_ms),
-        "readelf -lhd, same files",
-        scale(baseline, per_binary_ms),
-    ))
+    let targets = crate::targets::load_all(&crate::util::muscle_root().join("targets"))?;
+    let mut samples = Vec::new();
+    for _ in 0..s.reps * 3 {
+        let start = Instant::now();
+        for file in &files {
+            let result = crate::verify::verify_file(file, None, &targets);
+            std::hint::black_box(&result);
+        }
+        samples.push(start.elapsed().as_secs_f64());
+    }
+    let in_process = measure::figure(samples);
+    Ok(vec![
+        Row::new(
+            format!("verify, per binary ({profile}, process incl.)"),
+            "ms",
+            scale(muscle, per_binary_ms),
+            "readelf -lhd, same files",
+            scale(baseline.clone(), per_binary_ms),
+        ),
+        Row::new(
+            format!("verify, per binary, in process ({profile}: inspect + policy)"),
+            "ms",
+            scale(in_process, per_binary_ms),
+            "readelf -lhd, same files (process incl.)",
+            scale(baseline, per_binary_ms),
+        ),
+    ])
 }
 
 /// The agent's static size per target vs a minimal static `hello world` built the same way.
