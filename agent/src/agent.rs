@@ -46,6 +46,8 @@ pub struct Agent {
     desired: Vec<DesiredApp>,
     /// Apps the deployer took off this host.
     removed: Vec<Name>,
+    /// A change made here (install, rollback, removal) that the next check-in reports.
+    unreported_change: bool,
     generation: u64,
     pub(crate) http: ureq::Agent,
     started: Instant,
@@ -113,6 +115,7 @@ impl Agent {
             supervisor,
             desired: vec![],
             removed: vec![],
+            unreported_change: false,
             generation: 0,
             http,
             started: Instant::now(),
@@ -342,6 +345,8 @@ impl Agent {
                 Err(e) => return Err(e),
             },
         };
+        // The answer arrived: the change it reported is known to the deployer.
+        self.unreported_change = false;
         // Checking in is what a new agent binary has to prove.
         self.commit_self_update()?;
         if !response.unchanged {
@@ -349,7 +354,9 @@ impl Agent {
             self.removed = response.removed;
             self.generation = response.generation;
         }
-        Ok(self.reconcile())
+        let changed = self.reconcile();
+        self.unreported_change |= changed;
+        Ok(changed)
     }
 
     /// Reconciles every desired app (each one, even after one changed something), and removes
@@ -391,6 +398,7 @@ impl Agent {
             interval_ms: Some(self.cfg.interval.as_millis() as u64),
             clock_unix: Some(crate::clock::now_unix()),
             problem: self.answer_problem.clone(),
+            changed: self.unreported_change,
             probe_nonce: None,
             confirm_probe: None,
         }

@@ -195,6 +195,7 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
                 blobs,
                 blob_base_url: args.blob_base_url,
                 auth,
+                engine_wake: Arc::new(tokio::sync::Notify::new()),
             },
             listener,
             args.tick,

@@ -28,6 +28,8 @@ pub struct Server {
     /// Where agents download blobs from, when not from this server (a CDN, nginx, ...).
     pub blob_base_url: Option<String>,
     pub auth: Auth,
+    /// Wakes the rollout engine before its next tick: an agent reported a change.
+    pub engine_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(server: Server) -> Router {
@@ -53,11 +55,17 @@ pub async fn serve(
     limits: Limits,
 ) -> anyhow::Result<()> {
     let store = server.store.clone();
+    let wake = server.engine_wake.clone();
     let engine = tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
+            // A reported change (a member healthy, failed, rolled back) is judged at once; the
+            // tick covers deadlines and agents that stay silent.
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = wake.notified() => {}
+            }
             let store = store.clone();
             match tokio::task::spawn_blocking(move || engine::tick(store.as_ref(), now_ms())).await
             {
@@ -221,6 +229,7 @@ async fn checkin(
     if let Some(nonce) = &req.probe_nonce {
         return probed(&s, &req, nonce);
     }
+
     // Whether the new agent this agent probed checked in (asked before it hands over to it).
     let probe_seen = match &req.confirm_probe {
         Some(nonce) => Some(
@@ -233,6 +242,10 @@ async fn checkin(
     // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
     // blocking pool (measured by `cargo xtask bench`).
     let generation = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
+    if req.changed {
+        // Recorded first, so the engine reads it; a busy engine keeps the permit for later.
+        s.engine_wake.notify_one();
+    }
     if generation == req.generation {
         return Ok(Json(CheckinResponse {
             generation,

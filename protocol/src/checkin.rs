@@ -31,6 +31,11 @@ pub struct CheckinRequest {
     /// something that is not a valid name); absent when it took it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// This check-in reports a change the agent just made (an install committed or rolled
+    /// back, an app removed): the deployer's rollout engine looks at it at once instead of at
+    /// its next tick.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub changed: bool,
     /// Sent by a new agent binary in probe mode (a self-update proving it can check in): the
     /// deployer records this nonce, not the check-in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
