@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also keep the idle agent checking in for this many minutes (default 60), its RSS sampled
+    /// every minute, and report the slope: memory that grows over time shows here.
+    #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "60")]
+    pub soak: Option<u64>,
 }
 
 /// One figure: the median of its samples and their spread.
@@ -77,6 +81,8 @@ struct Report {
 
 pub struct Settings {
     pub quick: bool,
+    /// Minutes of the RSS soak, if asked for.
+    pub soak_minutes: Option<u64>,
     pub dir: PathBuf,
     /// Repetitions per timed figure.
     pub reps: usize,
@@ -91,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     let dir = muscle_e2e::target_dir().join("bench");
     let settings = Settings {
         quick: args.quick,
+        soak_minutes: args.soak,
         reps: if args.quick { 3 } else { 7 },
         dir: dir.clone(),
     };

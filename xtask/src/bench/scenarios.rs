@@ -278,7 +278,11 @@ fn agent_idle(
         )?;
     }
     let curl_cpu = (children_cpu_seconds()? - before) / curls as f64;
-    Ok(vec![
+    let mut rows = vec![];
+    if let Some(minutes) = s.soak_minutes {
+        rows.push(rss_soak(pid, minutes)?);
+    }
+    rows.extend([
         Row::new(
             format!("agent RSS after {window:.0}s of check-ins (x86_64)"),
             "KiB",
@@ -293,7 +297,43 @@ fn agent_idle(
             "one check-in by a curl process",
             one(curl_cpu * 1000.0),
         ),
-    ])
+    ]);
+    Ok(rows)
+}
+
+/// The agent's RSS sampled every minute for `minutes` while it checks in, as a least-squares
+/// slope in KiB per hour, beside its RSS at the start (the ratio is the growth per hour).
+fn rss_soak(pid: u32, minutes: u64) -> Result<Row> {
+    eprintln!("bench: RSS soak, {minutes} min");
+    let start = measure::rss_kib(pid)?;
+    let mut samples = vec![(0.0, start)];
+    for minute in 1..=minutes {
+        std::thread::sleep(Duration::from_secs(60));
+        samples.push((minute as f64 / 60.0, measure::rss_kib(pid)?));
+    }
+    Ok(Row::new(
+        format!("agent RSS slope over {minutes} min of check-ins (x86_64)"),
+        "KiB/h",
+        one(slope(&samples)),
+        "agent RSS at the soak's start (ratio: growth per hour)",
+        one(start),
+    ))
+}
+
+/// The least-squares slope of `points` (x, y).
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(x, y), (px, py)| (x + px / n, y + py / n));
+    let (cov, var) = points.iter().fold((0.0, 0.0), |(c, v), (x, y)| {
+        (c + (x - mx) * (y - my), v + (x - mx) * (x - mx))
+    });
+    if var > 0.0 {
+        cov / var
+    } else {
+        0.0
+    }
 }
 
 /// CPU seconds of this process's waited-for children (cutime + cstime).
@@ -485,4 +525,14 @@ fn rollout_convergence(
     // Per wave at least: one check-in interval to hear of it, min_healthy_time to prove it.
     let floor = waves * (0.5 + 1.0);
     Ok(Row::new(format!("rollout to {} agents ({per_arch} x86_64 + {per_arch} aarch64 under qemu), {waves:.0} waves", per_arch * 2), "s", one(wall), "floor: waves x (interval 0.5s + min_healthy_time 1s)", one(floor)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slope_of_a_line_and_of_a_flat_series() {
+        assert!((super::slope(&[(0.0, 100.0), (1.0, 110.0), (2.0, 120.0)]) - 10.0).abs() < 1e-9);
+        assert_eq!(super::slope(&[(0.0, 5.0), (1.0, 5.0)]), 0.0);
+        assert_eq!(super::slope(&[(0.0, 5.0)]), 0.0);
+    }
 }
