@@ -4,6 +4,7 @@
 extern crate muscle_logline;
 
 mod agent;
+mod cgroup;
 mod clock;
 mod download;
 mod fsutil;
