@@ -46,6 +46,9 @@ pub fn router(server: Server) -> Router {
         .with_state(server)
 }
 
+/// The least time between two engine steps, whatever wakes it.
+const MIN_ENGINE_GAP: Duration = Duration::from_millis(50);
+
 /// Serves until SIGTERM or Ctrl-C (over TLS with `tls`), advancing rollouts every `tick`.
 pub async fn serve(
     server: Server,
@@ -73,6 +76,8 @@ pub async fn serve(
                 Ok(Err(e)) => say!("rollout engine: {e}"),
                 Err(e) => say!("rollout engine panicked: {e}"),
             }
+            // However many agents report changes, the engine runs at most this often.
+            tokio::time::sleep(MIN_ENGINE_GAP).await;
         }
     });
     listen::serve(listener, router(server), tls, limits, shutdown_signal()).await;
