@@ -4,7 +4,6 @@
 extern crate muscle_logline;
 
 mod agent;
-mod cgroup;
 mod clock;
 mod download;
 mod fsutil;

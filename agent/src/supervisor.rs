@@ -71,8 +71,6 @@ struct Service {
     last_check: Option<Instant>,
     health: Health,
     last_problem: Option<String>,
-    /// The kernel's count of OOM kills in the service's group when its process started.
-    ooms_before: u64,
 }
 
 impl Supervisor {
@@ -170,7 +168,6 @@ impl Supervisor {
         let svc = self.shared.lock().remove(app);
         if let Some(mut svc) = svc {
             svc.stop();
-            svc.launch.remove_cgroup();
         }
     }
 
@@ -221,7 +218,6 @@ impl Shared {
         Service {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             backoff: launch.spec.restart.initial_backoff,
-            ooms_before: launch.oom_kills(),
             launch,
             proc: Some(proc),
             probation: false,
@@ -274,7 +270,6 @@ impl Shared {
             if svc.proc.is_none() && svc.restart_at.is_some_and(|t| now >= t) {
                 svc.restart_at = None;
                 svc.restarts += 1;
-                svc.ooms_before = svc.launch.oom_kills();
                 match self.launcher.launch(&svc.launch) {
                     Ok(proc) => svc.proc = Some(proc),
                     Err(e) => svc.on_exit(&format!("{e:#}")),
@@ -373,18 +368,6 @@ impl Service {
 
     /// Records an exit: on probation the end of it, otherwise a restart with exponential backoff.
     fn on_exit(&mut self, how: &str) {
-        // A SIGKILL from the kernel's OOM killer says nothing by itself: name the cause.
-        let oom;
-        let how = match self.launch.spec.limits.memory {
-            Some(limit) if self.launch.oom_kills() > self.ooms_before => {
-                oom = format!(
-                    "killed by the kernel: memory limit {} reached",
-                    limit.human()
-                );
-                oom.as_str()
-            }
-            _ => how,
-        };
         let (app, version) = (&self.launch.app, &self.launch.version);
         self.healthy_since = None;
         if self.probation {
@@ -528,36 +511,6 @@ mod tests {
         // 50 ms doubling: five restarts take more than 50+100+200+400 ms.
         assert!(status.restarts >= 4, "{status:?}");
         assert!(status.last_problem.unwrap().contains("exited"));
-    }
-
-    #[test]
-    fn a_service_killed_for_memory_is_reported_with_its_limit() {
-        let is_root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        });
-        if !is_root {
-            eprintln!("skipped: cgroups need root");
-            return;
-        }
-        let dir = scratch("oom");
-        let sup = supervisor();
-        let mut l = launch(&dir, "");
-        l.binary = PathBuf::from("/usr/bin/python3");
-        l.spec.args = vec![
-            "-c".into(),
-            "x = bytearray(256 << 20); import time; time.sleep(60)".into(),
-        ];
-        l.spec.limits.memory = Some(muscle_protocol::Memory(64 << 20));
-        l.spec.limits.pids = Some(16);
-        sup.start(l, true).unwrap();
-        wait_for("the OOM kill", || {
-            sup.status("svc")
-                .is_some_and(|s| s.exited_on_probation.is_some())
-        });
-        let why = sup.status("svc").unwrap().exited_on_probation.unwrap();
-        assert_eq!(why, "killed by the kernel: memory limit 64M reached");
-        sup.stop("svc");
     }
 
     #[test]

@@ -50,16 +50,6 @@ pub fn unit(
     for (k, v) in &spec.env {
         let _ = writeln!(u, "Environment={}", quote(&format!("{k}={v}")));
     }
-    if let Some(m) = spec.limits.memory {
-        let _ = writeln!(u, "MemoryMax={}\nMemorySwapMax=0", m.0);
-    }
-    if let Some(c) = spec.limits.cpu {
-        // CPUQuota is in percent of one CPU.
-        let _ = writeln!(u, "CPUQuota={}%", (u64::from(c.0) / 10).max(1));
-    }
-    if let Some(p) = spec.limits.pids {
-        let _ = writeln!(u, "TasksMax={p}");
-    }
     let restart_sec = spec.restart.initial_backoff.as_millis().max(100);
     let _ = writeln!(u, "Restart=always\nRestartSec={restart_sec}ms");
     let _ = writeln!(
@@ -188,17 +178,6 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_become_systemd_resource_settings() {
-        let spec: ServiceSpec =
-            serde_json::from_str(r#"{"limits": {"memory": "64M", "cpu": 0.5, "pids": 64}}"#)
-                .unwrap();
-        let u = unit("hello", "1.0.0", Path::new("/bin/hello"), &spec, None);
-        for line in ["MemoryMax=67108864", "CPUQuota=50%", "TasksMax=64"] {
-            assert!(u.lines().any(|l| l == line), "{line} in {u}");
-        }
-    }
 
     #[test]
     fn unit_is_hardened_and_quotes_arguments() {
