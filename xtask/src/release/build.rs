@@ -1,6 +1,5 @@
-//! Running cargo once for the targets that share rustflags (each with its linker and C
-//! compiler), and following its JSON messages to drive a progress bar per target and collect
-//! the executables.
+//! Running cargo once per target with the target's linker and C compiler, and following its JSON
+//! messages to drive a progress bar and collect the executables.
 
 use std::ffi::OsString;
 use std::io::BufReader;
@@ -45,44 +44,21 @@ pub fn build_all(
         })
         .collect();
     let mut built = Vec::new();
-    for group in together(targets, args) {
+    for (target, bar) in targets.iter().zip(&bars) {
         let started = Instant::now();
-        let names: Vec<&str> = group.iter().map(|&i| targets[i].triple.as_str()).collect();
         if !on_terminal && !quiet {
-            eprintln!("[{}] building {} binaries", names.join(", "), ws.bins.len());
+            eprintln!("[{}] building {} binaries", target.triple, ws.bins.len());
         }
-        let chosen: Vec<(&TargetSpec, &ProgressBar)> =
-            group.iter().map(|&i| (&targets[i], &bars[i])).collect();
-        let exes = build_targets(ws, &chosen, provenance, args)?;
-        for (_, bar) in &chosen {
-            bar.finish_with_message(format!("done in {:.0?}", started.elapsed()));
-        }
+        let exes = build_target(ws, target, provenance, args, bar)?;
+        bar.finish_with_message(format!("done in {:.0?}", started.elapsed()));
         if !on_terminal && !quiet {
-            eprintln!("[{}] built in {:.1?}", names.join(", "), started.elapsed());
+            eprintln!("[{}] built in {:.1?}", target.triple, started.elapsed());
         }
-        for (target, binary, path) in exes {
+        for (binary, path) in exes {
             built.push(inspect(ws, target, binary, path)?);
         }
     }
-    // In the order the targets were asked for, whatever the grouping.
-    built.sort_by_key(|b| targets.iter().position(|t| t.triple == b.target.triple));
     Ok(built)
-}
-
-/// Targets that one cargo run can build together: cargo takes several `--target`s, and builds
-/// them in parallel, but one set of rustflags. (`cross` builds one target per container.)
-fn together(targets: &[TargetSpec], args: &ReleaseArgs) -> Vec<Vec<usize>> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let joins = groups
-            .iter_mut()
-            .find(|g| args.builder != "cross" && targets[g[0]].rustflags == t.rustflags);
-        match joins {
-            Some(g) => g.push(i),
-            None => groups.push(vec![i]),
-        }
-    }
-    groups
 }
 
 /// Splits off the debug info of a freshly built `exe` and inspects what will ship.
@@ -110,49 +86,34 @@ fn inspect(ws: &Workspace, target: &TargetSpec, binary: Name, exe: PathBuf) -> R
     })
 }
 
-/// Builds every selected binary for `targets` (one cargo run per profile: a package may ask for
-/// its own, the agent's is size-optimised); returns (target, binary, executable) triples.
-fn build_targets<'t>(
+/// Builds every selected binary for one target; returns (binary name, executable path) pairs.
+fn build_target(
     ws: &Workspace,
-    targets: &[(&'t TargetSpec, &ProgressBar)],
+    target: &TargetSpec,
     provenance: &Provenance,
     args: &ReleaseArgs,
-) -> Result<Vec<(&'t TargetSpec, Name, PathBuf)>> {
+    bar: &ProgressBar,
+) -> Result<Vec<(Name, PathBuf)>> {
+    // One cargo run per profile: a package may ask for its own (the agent's is size-optimised).
     let mut profiles: Vec<&str> = ws.bins.iter().map(|b| b.profile.as_str()).collect();
     profiles.sort();
     profiles.dedup();
     let mut exes = Vec::new();
     for profile in profiles {
         let bins: Vec<&Bin> = ws.bins.iter().filter(|b| b.profile == profile).collect();
-        let specs: Vec<&TargetSpec> = targets.iter().map(|(t, _)| *t).collect();
-        let cmd = cargo_command(ws, &specs, provenance, args, profile, &bins)?;
-        exes.extend(run_cargo(cmd, ws, targets)?);
+        let cmd = cargo_command(ws, target, provenance, args, profile, &bins)?;
+        exes.extend(run_cargo(cmd, ws, target, bar)?);
     }
     Ok(exes)
 }
 
-/// The target an artifact was built for: its files live under `<target dir>/<triple>/`. Build
-/// scripts and proc macros (built for the host) count for the first.
-fn target_of(
-    files: &[cargo_metadata::camino::Utf8PathBuf],
-    targets: &[(&TargetSpec, &ProgressBar)],
-) -> usize {
-    targets
-        .iter()
-        .position(|(t, _)| {
-            files
-                .iter()
-                .any(|f| f.components().any(|c| c.as_str() == t.triple))
-        })
-        .unwrap_or(0)
-}
-
-/// Runs one cargo build, following its JSON messages; returns (target, binary, executable).
-fn run_cargo<'t>(
+/// Runs one cargo build, following its JSON messages; returns (binary, executable) pairs.
+fn run_cargo(
     mut cmd: Command,
     ws: &Workspace,
-    targets: &[(&'t TargetSpec, &ProgressBar)],
-) -> Result<Vec<(&'t TargetSpec, Name, PathBuf)>> {
+    target: &TargetSpec,
+    bar: &ProgressBar,
+) -> Result<Vec<(Name, PathBuf)>> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -164,7 +125,6 @@ fn run_cargo<'t>(
         if let Message::CompilerArtifact(artifact) =
             message.context("reading cargo's JSON messages")?
         {
-            let (target, bar) = targets[target_of(&artifact.filenames, targets)];
             bar.inc(1);
             bar.set_message(format!(
                 "{} {}",
@@ -182,18 +142,17 @@ fn run_cargo<'t>(
             }
             if let Some(exe) = artifact.executable {
                 if let Some(bin) = ws.bins.iter().find(|b| b.name == *artifact.target.name) {
-                    exes.push((target, bin.name.clone(), exe.into_std_path_buf()));
+                    exes.push((bin.name.clone(), exe.into_std_path_buf()));
                 }
             }
         }
     }
     let status = child.wait()?;
     if !status.success() {
-        let names: Vec<&str> = targets.iter().map(|(t, _)| t.triple.as_str()).collect();
         bail!(
             "building for {} failed ({status}); the compiler's messages are above.\n\
              hint: `cargo xtask setup` installs the rustup target and the C compiler it needs",
-            names.join(", "),
+            target.triple,
         );
     }
     Ok(exes)
@@ -201,7 +160,7 @@ fn run_cargo<'t>(
 
 fn cargo_command(
     ws: &Workspace,
-    targets: &[&TargetSpec],
+    target: &TargetSpec,
     provenance: &Provenance,
     args: &ReleaseArgs,
     profile: &str,
@@ -216,7 +175,7 @@ fn cargo_command(
     cmd.arg("build")
         .args(["--profile", profile])
         .arg("--locked")
-        .args(targets.iter().flat_map(|t| ["--target", t.triple.as_str()]))
+        .args(["--target", &target.triple])
         .arg("--manifest-path")
         .arg(&ws.manifest_path)
         .arg("--message-format=json-render-diagnostics")
@@ -242,10 +201,7 @@ fn cargo_command(
                 provenance.source_date_epoch.to_string(),
             );
     } else {
-        // Per-target variables, and rustflags the group shares (see `together`).
-        for target in targets {
-            apply_target_env(&mut cmd, &target_env(ws, target, provenance)?);
-        }
+        apply_target_env(&mut cmd, &target_env(ws, target, provenance)?);
     }
     Ok(cmd)
 }
