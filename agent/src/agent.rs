@@ -383,7 +383,7 @@ impl Agent {
             .state
             .apps
             .iter()
-            .filter(|(_, st)| st.current.is_some() || st.pending.is_some() || st.failure.is_some())
+            .filter(|(_, st)| st.is_present())
             .map(|(app, _)| self.app_report(app))
             .collect();
         apps.push(self.self_report());

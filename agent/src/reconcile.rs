@@ -274,7 +274,7 @@ impl Agent {
         let Some(st) = self.state.apps.get_mut(app) else {
             return false;
         };
-        if st.current.is_none() && st.pending.is_none() && st.failure.is_none() {
+        if !st.is_present() {
             return false;
         }
         say!("{app}: removed from this host's desired state; uninstalling");

@@ -60,6 +60,14 @@ pub struct AppState {
     pub ran: BTreeMap<Name, String>,
 }
 
+impl AppState {
+    /// Something of the app is on this host or to report: a version, an install in flight, or
+    /// a failure. Otherwise (removed) only its counters are kept.
+    pub fn is_present(&self) -> bool {
+        self.current.is_some() || self.pending.is_some() || self.failure.is_some()
+    }
+}
+
 /// A version on disk with what it takes to run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {

@@ -1,7 +1,7 @@
 //! The rollout engine: applies queued requests and advances every running rollout, persisting
 //! each step, so a deployer restarted at any moment resumes where it was.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 
 use muscle_protocol::ReleaseManifest;
@@ -110,18 +110,25 @@ fn admit_late_joiners(
     }
     let mut log = Vec::new();
     for mut rollout in standing.into_values() {
-        let arches = release_arches(store, &rollout)?;
-        // Per candidate (a live, matching non-member; most ticks there is none): one lookup.
+        // Only for a candidate (a live, matching non-member; most ticks there is none): the
+        // release's arches, read once, and one lookup per candidate.
         let failed = RefCell::new(None);
+        let arches: OnceCell<BTreeSet<String>> = OnceCell::new();
         let app = rollout.app.clone();
+        let before = rollout.clone();
         let eligible = |a: &AgentRecord| {
+            let arches = arches.get_or_init(|| {
+                release_arches(store, &before).unwrap_or_else(|e| {
+                    failed.borrow_mut().get_or_insert(e);
+                    BTreeSet::new()
+                })
+            });
             arches.contains(&a.arch)
                 && !store.holds(&a.id, &app).unwrap_or_else(|e| {
                     failed.borrow_mut().get_or_insert(e);
                     true
                 })
         };
-        let before = rollout.clone();
         let actions = rollout.admit_late_joiners(agents, now_ms, &eligible);
         if let Some(e) = failed.into_inner() {
             log.push(format!(
