@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ed25519_dalek::VerifyingKey;
 use muscle_protocol::{
     AppReport, CheckinRequest, CheckinResponse, DesiredApp, Health, Name, MAX_ANSWER_BYTES,
 };
@@ -24,7 +23,7 @@ pub struct Config {
     pub labels: BTreeMap<Name, Name>,
     pub vars: BTreeMap<String, String>,
     pub interval: Duration,
-    pub trusted_keys: Vec<VerifyingKey>,
+    pub trusted_keys: Vec<muscle_protocol::PublicKey>,
     pub enroll_token: Option<String>,
     /// The CA bundle an `https://` server's certificate must chain to (default: Mozilla's roots).
     pub ca_file: Option<PathBuf>,

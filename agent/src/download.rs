@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use muscle_protocol::Sha256;
 
 /// How a download failed: bytes that are not the signed ones (deleted; fetched anew next time),
 /// or a transfer that did not finish (resumed next time).
@@ -50,7 +50,7 @@ pub fn fetch(
             "download of {url} incomplete: got {have} of {size} bytes; will resume"
         )));
     }
-    let got = hex::encode(hasher.finalize());
+    let got = hasher.finish_hex();
     if got != sha256 {
         let _ = std::fs::remove_file(part);
         return Err(DownloadError::Mismatch(format!(

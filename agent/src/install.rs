@@ -5,7 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use ed25519_dalek::VerifyingKey;
 use muscle_protocol::{DesiredApp, ReleaseManifest, ServiceSpec};
 
 use crate::download::{self, DownloadError};
@@ -33,7 +32,7 @@ pub enum InstallError {
 /// server points at for this architecture.
 pub fn check_manifest(
     d: &DesiredApp,
-    trusted_keys: &[VerifyingKey],
+    trusted_keys: &[muscle_protocol::PublicKey],
     st: &AppState,
     now_unix: u64,
 ) -> Result<ReleaseManifest, InstallError> {
@@ -83,7 +82,7 @@ pub fn check_manifest(
 pub fn spec_to_run<'a>(
     d: &'a DesiredApp,
     manifest: &'a ReleaseManifest,
-    trusted_keys: &[VerifyingKey],
+    trusted_keys: &[muscle_protocol::PublicKey],
 ) -> Result<&'a ServiceSpec, InstallError> {
     if trusted_keys.is_empty() {
         return Ok(&d.service);

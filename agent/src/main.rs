@@ -260,7 +260,7 @@ fn run(args: RunArgs) -> Result<()> {
 fn trusted_keys(
     flags: &[String],
     state_dir: &std::path::Path,
-) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+) -> Result<Vec<muscle_protocol::PublicKey>> {
     let file = state_dir.join("trusted-keys");
     let from_file = std::fs::read_to_string(&file).unwrap_or_default();
     let lines = from_file

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use crate::cli::parse_host_name;
 use crate::{certs, now_ms};
 
-pub fn load_keys(flags: &[String], data_dir: &Path) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+pub fn load_keys(flags: &[String], data_dir: &Path) -> Result<Vec<muscle_protocol::PublicKey>> {
     let file = data_dir.join("trusted-keys");
     let text = std::fs::read_to_string(&file).unwrap_or_default();
     let from_file = text
@@ -63,7 +63,7 @@ pub fn keygen(out: &Path) -> Result<()> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
         .context("reading /dev/urandom")?;
-    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let key = muscle_protocol::SigningKey::from_seed(&seed);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

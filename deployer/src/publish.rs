@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ed25519_dalek::VerifyingKey;
 use muscle_inspect::Expectation;
 use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest};
 
@@ -21,7 +20,7 @@ pub fn publish(
     dir: &Path,
     store: &dyn Store,
     blobs: &dyn BlobStore,
-    trusted: &[VerifyingKey],
+    trusted: &[muscle_protocol::PublicKey],
     now_ms: u64,
 ) -> Result<Published> {
     let manifest_path = inside(dir, "manifest.json")?;

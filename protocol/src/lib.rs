@@ -45,6 +45,7 @@
 mod causes;
 mod checkin;
 pub mod duration;
+mod hash;
 mod manifest;
 mod name;
 mod service;
@@ -54,6 +55,7 @@ pub use causes::causes;
 pub use checkin::{
     AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health, ProbeNonce,
 };
+pub use hash::{sha256_hex, Sha256};
 pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
 };
@@ -62,17 +64,12 @@ pub use name::{Name, NameError, MAX_NAME_LEN};
 pub use service::SpecFileError;
 pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};
 pub use signing::{
-    parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, SignatureError,
+    parse_public_key, parse_signing_key, public_key_hex, sign, verify_signature, PublicKey,
+    SignatureError, SigningKey,
 };
 
 /// The app under which agents' own releases are rolled out (a self-update).
 pub const SELF_APP: &str = "muscle-agent";
-
-/// The lowercase hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
 
 /// Parses a label, selector or variable written `key=value` (the value may be empty).
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {

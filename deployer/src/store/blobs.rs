@@ -11,8 +11,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use sha2::{Digest, Sha256};
-
 use super::{BlobCheck, BlobFile, BlobPut, BlobStore, Result, StoreError};
 
 pub struct FsBlobStore {
@@ -54,9 +52,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 
 /// The sha256 of everything `reader` yields (streamed, as the agent re-hashes a partial file).
 fn hash_reader(mut reader: impl Read) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
+    let mut hasher = muscle_protocol::Sha256::new();
     std::io::copy(&mut reader, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hasher.finish_hex())
 }
 
 impl FsBlobStore {

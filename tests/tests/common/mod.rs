@@ -164,8 +164,8 @@ pub fn roll_out(fleet: &muscle_e2e::Fleet, version: &str) -> anyhow::Result<()> 
 }
 
 /// A fixed ed25519 key for tests: the same seed gives the same key.
-pub fn signing_key(seed: u8) -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+pub fn signing_key(seed: u8) -> muscle_protocol::SigningKey {
+    muscle_protocol::SigningKey::from_seed(&[seed; 32])
 }
 
 /// The release's manifest with a new counter and expiry, serialized, and its signature by `key`.
@@ -173,7 +173,7 @@ pub fn signed(
     manifest: &serde_json::Value,
     counter: u64,
     expires: Option<u64>,
-    key: &ed25519_dalek::SigningKey,
+    key: &muscle_protocol::SigningKey,
 ) -> (String, String) {
     let mut m = manifest.clone();
     m["counter"] = counter.into();
