@@ -19,6 +19,8 @@ mod selfupdate;
 mod state;
 mod supervisor;
 mod systemd;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

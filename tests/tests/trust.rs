@@ -252,7 +252,7 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
         );
     }
 
-    // An agent that trusts only the public roots refuses this server's certificate.
+    // An agent that trusts only the host's CA bundle refuses this server's certificate.
     let opts = muscle_e2e::AgentOptions::new(
         "untrusting",
         b.agent("x86_64"),
@@ -277,6 +277,52 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
         .fleet()?
         .iter()
         .all(|r| r["id"] != "untrusting"));
+
+    // Without --ca-file, the bundle SSL_CERT_FILE names is the host's trust, as for OpenSSL:
+    // an aarch64 agent trusting the CA that way checks in; one pointed at no file says so.
+    let mut opts = muscle_e2e::AgentOptions::new(
+        "host-trust",
+        b.agent("aarch64"),
+        "aarch64",
+        dir.join("host-trust"),
+    );
+    opts.env = vec![("SSL_CERT_FILE".into(), path("ca.pem"))];
+    let _host_trust = muscle_e2e::Agent::start(opts, &fleet.deployer.url())?;
+    let mut opts = muscle_e2e::AgentOptions::new(
+        "no-bundle",
+        b.agent("x86_64"),
+        "x86_64",
+        dir.join("no-bundle"),
+    );
+    opts.env = vec![("SSL_CERT_FILE".into(), path("missing.pem"))];
+    let no_bundle = muscle_e2e::Agent::start(opts, &fleet.deployer.url())?;
+    muscle_e2e::wait_until(
+        "the agent trusting SSL_CERT_FILE to check in",
+        Duration::from_secs(60),
+        || {
+            Ok(fleet
+                .deployer
+                .fleet()?
+                .iter()
+                .any(|r| r["id"] == "host-trust")
+                .then_some(()))
+        },
+    )?;
+    let log = muscle_e2e::wait_until(
+        "the missing bundle to be named",
+        Duration::from_secs(30),
+        || {
+            let log = no_bundle.log();
+            Ok(log.contains("check-in failed").then_some(log))
+        },
+    )?;
+    assert!(
+        log.contains(&format!(
+            "SSL_CERT_FILE {}: cannot read it",
+            path("missing.pem")
+        )),
+        "{log}"
+    );
 
     // Plain HTTP to the TLS port is told what to do, not sent a TLS alert.
     let plain = fleet.deployer.url().replace("https://", "http://");
