@@ -4,6 +4,7 @@
 extern crate muscle_logline;
 
 mod agent;
+mod cli;
 mod clock;
 mod download;
 mod fsutil;
@@ -24,167 +25,24 @@ mod tls;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(name = "muscle-agent", version = version(), about = "Pulls desired state, installs, supervises, health-checks and rolls back services")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Check in with the server and keep this host's services at their desired versions.
-    Run(RunArgs),
-    /// Show what is installed and running, from the state directory.
-    Status {
-        #[arg(long, default_value = "/var/lib/muscle-agent")]
-        state_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Check in once with the report read from stdin: how a new agent binary proves itself
-    /// before a self-update hands over to it.
-    #[command(hide = true)]
-    Probe {
-        #[arg(long)]
-        server: String,
-        #[arg(long)]
-        state_dir: PathBuf,
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-    },
-    /// Download and verify one artifact exactly as an install does (resume, sha256, size bound,
-    /// static ELF for this host), without installing it: for pre-seeding and benchmarks.
-    Fetch {
-        url: String,
-        #[arg(long)]
-        sha256: String,
-        #[arg(long)]
-        size: u64,
-        /// Where the verified file goes (mode 0755).
-        #[arg(long)]
-        out: PathBuf,
-        /// Trust this CA bundle (PEM) for an `https://` URL.
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-    },
-    /// Between a service and its log file: stamps each line read from stdin with the time and
-    /// `--version`, and rotates the file before it passes `--max-bytes`.
-    #[command(hide = true)]
-    LogRelay {
-        #[arg(long)]
-        file: PathBuf,
-        #[arg(long)]
-        max_bytes: u64,
-        #[arg(long)]
-        keep: u32,
-        #[arg(long)]
-        version: String,
-        /// Start the relay in the background and return at once.
-        #[arg(long)]
-        detach: bool,
-    },
-    /// Print the hardened systemd unit for an installed app's committed version, or with
-    /// `--self` the unit that supervises the agent itself (`-- RUN ARGS` for its `run`).
-    SystemdUnit {
-        #[arg(required_unless_present = "agent")]
-        app: Option<String>,
-        /// The unit for this agent: restarted when it dies (after a failed self-update, as the
-        /// old binary, which reverts it), its services left running across restarts.
-        #[arg(long = "self", conflicts_with = "app")]
-        agent: bool,
-        #[arg(long, default_value = "/var/lib/muscle-agent")]
-        state_dir: PathBuf,
-        /// Run as this user instead of a DynamicUser.
-        #[arg(long, conflicts_with = "agent")]
-        user: Option<String>,
-        /// With --self: the arguments of `muscle-agent run` (e.g. `-- --server https://...`).
-        #[arg(last = true)]
-        run_args: Vec<String>,
-    },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Supervisor {
-    Builtin,
-    Systemd,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// The deployer's URL, e.g. http://127.0.0.1:7700
-    #[arg(long, value_parser = muscle_protocol::parse_url)]
-    server: String,
-    #[arg(long, default_value = "/var/lib/muscle-agent")]
-    state_dir: PathBuf,
-    /// This agent's id (default: remembered in the state dir, first made from the hostname).
-    #[arg(long)]
-    id: Option<muscle_protocol::Name>,
-    /// A label for rollout selectors (repeatable).
-    #[arg(long = "label", value_parser = muscle_protocol::parse_label)]
-    labels: Vec<(muscle_protocol::Name, muscle_protocol::Name)>,
-    /// A variable for `${name}` in service specs (repeatable).
-    #[arg(long = "var", value_parser = muscle_protocol::parse_key_value)]
-    vars: Vec<(String, String)>,
-    /// Check-in interval (jittered by ±10%).
-    #[arg(long, default_value = "5s", value_parser = muscle_protocol::duration::parse)]
-    interval: Duration,
-    /// A trusted ed25519 public key (hex, repeatable). Also read from STATE_DIR/trusted-keys.
-    #[arg(long = "trusted-key")]
-    trusted_keys: Vec<String>,
-    /// Enrol with this token on first contact; the credential the server returns is kept in
-    /// STATE_DIR/credential and sent with every check-in.
-    #[arg(long, env = "MUSCLE_ENROLL_TOKEN")]
-    enroll_token: Option<String>,
-    /// Trust this CA bundle (PEM) for an `https://` server instead of Mozilla's roots.
-    #[arg(long)]
-    ca_file: Option<PathBuf>,
-    /// Who runs services: the agent's own supervisor, or systemd through hardened units.
-    #[arg(long, value_enum, default_value_t = Supervisor::Builtin)]
-    supervisor: Supervisor,
-    /// Where `--supervisor systemd` writes `muscle-<app>.service` units.
-    #[arg(long, default_value = "/etc/systemd/system")]
-    unit_dir: PathBuf,
-    /// Run systemd units as this user instead of a DynamicUser.
-    #[arg(long)]
-    unit_user: Option<String>,
-    /// On SIGTERM/SIGINT exit without stopping the services (default: stop them gracefully).
-    #[arg(long)]
-    leave_services_running: bool,
-    /// The most a service's log file holds before it is rotated (bytes, or with K, M, G).
-    #[arg(long, default_value = "1M", value_parser = muscle_protocol::parse_size)]
-    log_max_bytes: u64,
-    /// The agent's own log on stderr: stamped lines, or JSON lines for a log shipper.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Rotated log files kept per service (service.log.1 ... service.log.N).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    log_keep: u32,
-    /// Versions kept on disk per app, the current and previous included.
-    #[arg(long, default_value_t = 3)]
-    keep_versions: usize,
-}
-
-/// `0.1.0 (aarch64)`: the version, and the architecture this binary was built for.
-fn version() -> &'static str {
-    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    VERSION.get_or_init(|| format!("{} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH))
-}
+use cli::{Command, LogFormat, RunArgs, Supervisor, UnitOf};
 
 fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let command = match cli::parse(std::env::args_os().skip(1).collect()) {
+        Ok(command) => command,
+        Err(e) => {
+            let more = e.command.map_or(String::new(), |c| format!("{c} "));
+            eprintln!("muscle-agent: error: {e}\n\nFor more information, try 'muscle-agent {more}--help'.");
+            std::process::exit(2);
+        }
+    };
+    let result = match command {
+        Command::Print(text) => {
+            print!("{text}");
+            Ok(())
+        }
         Command::Run(args) => run(args),
         Command::Status { state_dir, json } => status(&state_dir, json),
         Command::Fetch {
@@ -207,15 +65,12 @@ fn main() {
             detach,
         } => log_relay(&file, logs::LogPolicy { max_bytes, keep }, &version, detach),
         Command::SystemdUnit {
-            app,
-            agent,
+            unit,
             state_dir,
-            user,
             run_args,
-        } => match (app, agent) {
-            (_, true) => agent_unit(&state_dir, &run_args),
-            (Some(app), false) => systemd_unit(&app, &state_dir, user.as_deref()),
-            (None, false) => unreachable!("clap requires an app unless --self"),
+        } => match unit {
+            UnitOf::Agent => agent_unit(&state_dir, &run_args),
+            UnitOf::App { app, user } => systemd_unit(&app, &state_dir, user.as_deref()),
         },
     };
     if let Err(e) = result {
