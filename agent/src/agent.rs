@@ -235,7 +235,8 @@ impl Agent {
                 };
                 next_checkin = Instant::now() + delay;
             }
-            std::thread::sleep(TICK);
+            // Not past the next check-in: a change is reported at once, not a tick later.
+            std::thread::sleep(TICK.min(next_checkin.saturating_duration_since(Instant::now())));
         }
         self.shutdown()
     }

@@ -16,8 +16,9 @@ use crate::{fsutil, logs};
 const LOG_TAIL_BYTES: u64 = 2048;
 /// How long a failed install waits for the log relay before reading the log's tail.
 const RELAY_CATCH_UP: Duration = Duration::from_millis(300);
-/// How often probation looks at the supervisor's verdict.
-const PROBATION_POLL: Duration = Duration::from_millis(100);
+/// How often probation looks at the supervisor's verdict (a lock and a copy): its end is reported
+/// at once, and a rollout's next wave waits for it.
+const PROBATION_POLL: Duration = Duration::from_millis(20);
 
 impl Agent {
     /// Moves `d.app` toward `d.version`. Returns whether anything changed on this host.

@@ -21,8 +21,9 @@ use crate::{health, logs};
 const TICK: Duration = Duration::from_millis(100);
 /// How often a running service's health is checked.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
-/// How often a service on probation is checked: its verdict decides an install.
-const PROBATION_HEALTH_EVERY: Duration = Duration::from_millis(200);
+/// How often a service on probation is checked: at every pass, since its verdict decides an
+/// install and holds up a rollout's wave.
+const PROBATION_HEALTH_EVERY: Duration = TICK;
 
 /// What the agent may know of one service.
 #[derive(Debug, Clone)]

@@ -35,7 +35,7 @@ pub fn all(s: &Settings) -> Result<Vec<Row>> {
     )?;
     let mut rows = Vec::new();
     eprintln!("bench: release overhead");
-    rows.push(release_overhead(s, &dist)?);
+    rows.extend(release_overhead(s, &dist)?);
     eprintln!("bench: verification");
     rows.extend(verification(s, &agents, &hello)?);
     eprintln!("bench: agent size");
@@ -63,8 +63,9 @@ fn service_spec() -> String {
 }
 
 /// `cargo xtask release` of hello-service for two targets vs plain `cargo build` of the same
-/// targets, both after touching the source so that the crate really compiles, on one warm cache.
-fn release_overhead(s: &Settings, dist: &Path) -> Result<Row> {
+/// targets, both after touching the source so that the crate really compiles, on one warm cache;
+/// and where the release's time goes (its `--timings`): the cargo runs, and our own work.
+fn release_overhead(s: &Settings, dist: &Path) -> Result<Vec<Row>> {
     let scratch = dist.join("src/hello-service-0.1.0");
     let manifest = scratch.join("Cargo.toml");
     let main = scratch.join("src/main.rs");
@@ -72,14 +73,23 @@ fn release_overhead(s: &Settings, dist: &Path) -> Result<Row> {
     // Rewriting the same bytes bumps the mtime: cargo recompiles the crate, and only it.
     let touch = || std::fs::write(&main, &source).context("touching main.rs");
     let out = s.dir.join("overhead-dist");
-    let muscle = time_runs(s.reps, touch, || {
+    let release = || {
         let mut c = xtask().expect("current exe");
-        c.args(["release", "--json", "--manifest-path"])
+        c.args(["release", "--json", "--timings", "--manifest-path"])
             .arg(&manifest)
             .arg("--out")
-            .arg(&out);
+            .arg(&out)
+            .args(["--target", X86, "--target", ARM]);
         c
-    })?;
+    };
+    let muscle = time_runs(s.reps, touch, release)?;
+    let mut split = (Vec::new(), Vec::new());
+    for _ in 0..s.reps {
+        touch()?;
+        let t = release_timings(release())?;
+        split.0.push(t.cargo);
+        split.1.push(t.total - t.cargo);
+    }
     let ws = Workspace::load(Some(&manifest), &[], &[])?;
     let provenance = Provenance::read(&ws)?;
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
@@ -98,13 +108,46 @@ fn release_overhead(s: &Settings, dist: &Path) -> Result<Row> {
         }
         c
     })?;
-    Ok(Row::new(
-        "release hello-service, 2 targets (rebuild after touch)",
-        "s",
-        muscle,
-        "cargo build --release, same targets and cache",
-        baseline,
-    ))
+    let plain = "cargo build --release, same targets and cache";
+    Ok(vec![
+        Row::new(
+            "release hello-service, 2 targets (rebuild after touch)",
+            "s",
+            muscle,
+            plain,
+            baseline.clone(),
+        ),
+        Row::new(
+            "  of which its cargo runs (one per target, one after the other)",
+            "s",
+            figure(split.0),
+            plain,
+            baseline.clone(),
+        ),
+        Row::new(
+            "  of which its own work (metadata, provenance, debug split, inspection, dist)",
+            "s",
+            figure(split.1),
+            plain,
+            baseline,
+        ),
+    ])
+}
+
+/// The `timings: {...}` line of `release --timings`.
+fn release_timings(mut cmd: Command) -> Result<crate::release::Timings> {
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("timings: "))
+        .context("release --timings printed no timings line")?;
+    Ok(serde_json::from_str(line)?)
 }
 
 /// `cargo xtask verify` per binary vs `readelf -lhd` on the same files, both as processes; and
@@ -155,7 +198,27 @@ fn verification(s: &Settings, agents: &Artifacts, hello: &Artifacts) -> Result<V
         samples.push(start.elapsed().as_secs_f64());
     }
     let in_process = measure::figure(samples);
+    let start_only = |program: PathBuf, arg: &'static str| {
+        time_runs(
+            s.reps * 3,
+            || Ok(()),
+            move || {
+                let mut c = Command::new(&program);
+                c.arg(arg);
+                c
+            },
+        )
+    };
+    let xtask_start = start_only(std::env::current_exe()?, "--help")?;
+    let readelf_start = start_only("readelf".into(), "--version")?;
     Ok(vec![
+        Row::new(
+            format!("process start alone ({profile} --help)"),
+            "ms",
+            scale(xtask_start, 1000.0),
+            "readelf --version",
+            scale(readelf_start, 1000.0),
+        ),
         Row::new(
             format!("verify, per binary ({profile}, process incl.)"),
             "ms",
@@ -315,7 +378,8 @@ fn rss_soak(pid: u32, minutes: u64) -> Result<Row> {
         format!("agent RSS slope over {minutes} min of check-ins (x86_64)"),
         "KiB/h",
         one(slope(&samples)),
-        "agent RSS at the soak's start (ratio: growth per hour)",
+        // One unit per row: the start is KiB, not KiB/h, and the label says so.
+        format!("RSS at the soak's start: {start:.0} KiB (ratio: growth/h)"),
         one(start),
     ))
 }

@@ -24,6 +24,7 @@ pub fn build_all(
     provenance: &Provenance,
     args: &ReleaseArgs,
     quiet: bool,
+    timings: &mut super::Timings,
 ) -> Result<Vec<Built>> {
     let multi = MultiProgress::new();
     let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !quiet;
@@ -50,13 +51,16 @@ pub fn build_all(
             eprintln!("[{}] building {} binaries", target.triple, ws.bins.len());
         }
         let exes = build_target(ws, target, provenance, args, bar)?;
+        timings.cargo += started.elapsed().as_secs_f64();
         bar.finish_with_message(format!("done in {:.0?}", started.elapsed()));
         if !on_terminal && !quiet {
             eprintln!("[{}] built in {:.1?}", target.triple, started.elapsed());
         }
+        let inspecting = Instant::now();
         for (binary, path) in exes {
             built.push(inspect(ws, target, binary, path)?);
         }
+        timings.inspect += inspecting.elapsed().as_secs_f64();
     }
     Ok(built)
 }

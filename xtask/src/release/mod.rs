@@ -9,6 +9,7 @@ pub use debuginfo::rust_objcopy;
 pub mod workspace;
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -56,6 +57,25 @@ pub struct ReleaseArgs {
     /// Print the manifest as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Print where the time went on stderr, as one JSON line `timings: {...}` (seconds).
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// Where a release's time went, in seconds: `cargo xtask bench` reports it beside a plain cargo
+/// build. `cargo` is the cargo runs (one per target and profile); the rest is our own work.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Timings {
+    /// `cargo metadata` and choosing the binaries.
+    pub workspace: f64,
+    /// git and `rustc -vV`.
+    pub provenance: f64,
+    pub cargo: f64,
+    /// Splitting debug info off and inspecting each binary twice (as built, as shipped).
+    pub inspect: f64,
+    /// Copying, hashing, manifest, checksums and signature.
+    pub dist: f64,
+    pub total: f64,
 }
 
 /// One binary built for one target, verified and ready to be copied into the release.
@@ -71,11 +91,24 @@ pub struct Built {
 }
 
 pub fn run(args: ReleaseArgs) -> Result<i32> {
+    let started = Instant::now();
+    let mut timings = Timings::default();
+    let mut lap = {
+        let mut last = Instant::now();
+        move || {
+            let now = Instant::now();
+            let took = now.duration_since(last).as_secs_f64();
+            last = now;
+            took
+        }
+    };
     check_builder(&args.builder)?;
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
     let targets = targets::select(&all, &args.targets)?;
     let ws = workspace::Workspace::load(args.manifest_path.as_deref(), &args.packages, &args.bins)?;
+    timings.workspace = lap();
     let provenance = workspace::Provenance::read(&ws)?;
+    timings.provenance = lap();
     let quiet = args.json;
     if !quiet {
         eprintln!(
@@ -94,7 +127,8 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
         Some(path) => Some(read_service(path, &ws)?),
         None => None,
     };
-    let built = build::build_all(&ws, &targets, &provenance, &args, quiet)?;
+    let built = build::build_all(&ws, &targets, &provenance, &args, quiet, &mut timings)?;
+    lap();
     let failed: Vec<_> = built.iter().filter(|b| !b.verdict.passed()).collect();
     if !quiet {
         eprint!("{}", dist::summary_table(&built));
@@ -115,6 +149,11 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
     }
     let out = args.out.clone().unwrap_or_else(|| ws.root.join("dist"));
     let release = dist::write(&out, &ws, &provenance, &built, service, &args)?;
+    timings.dist = lap();
+    timings.total = started.elapsed().as_secs_f64();
+    if args.timings {
+        eprintln!("timings: {}", serde_json::to_string(&timings)?);
+    }
     if args.json {
         let manifest = std::fs::read_to_string(release.dir.join("manifest.json"))?;
         println!("{}", manifest.trim_end());
