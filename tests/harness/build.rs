@@ -63,6 +63,29 @@ impl Artifacts {
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
+    without_cargo_run_env(&mut cmd);
+    cmd
+}
+
+/// Removes what cargo sets for the program it runs (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`,
+/// `OUT_DIR`, ...) from a cargo command started by such a program (`cargo xtask`, a test).
+/// Build scripts may ask to rerun when those change (ring's do): a cargo started from a test
+/// and one started from a shell would each rebuild ring and everything above it, replacing
+/// the other's binaries (among them the running xtask's own).
+pub fn without_cargo_run_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+            );
+        if set_by_cargo_run {
+            cmd.env_remove(key);
+        }
+    }
     cmd
 }
 

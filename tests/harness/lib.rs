@@ -13,8 +13,8 @@ mod wait;
 
 pub use build::{
     fetch_crate, host_deployer, release_agent_version, release_agents, release_broken_agent,
-    release_hello, release_hello_with, release_lying_agent, target_dir, workspace_root, xtask,
-    xtask_binary, xtask_release, Artifacts, HelloVersion,
+    release_hello, release_hello_with, release_lying_agent, target_dir, without_cargo_run_env,
+    workspace_root, xtask, xtask_binary, xtask_release, Artifacts, HelloVersion,
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};

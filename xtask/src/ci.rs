@@ -23,7 +23,7 @@ pub fn run(args: CiArgs) -> Result<i32> {
     }
     let root = util::muscle_root();
     let cargo = || {
-        let mut c = Command::new("cargo");
+        let mut c = util::cargo();
         c.current_dir(&root);
         c
     };

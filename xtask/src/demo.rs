@@ -63,7 +63,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         )?,
     ];
     util::run(
-        Command::new("cargo").args(["xtask", "verify"]).args(
+        util::cargo().args(["xtask", "verify"]).args(
             releases
                 .iter()
                 .flat_map(|r| muscle_e2e::ALL_TARGETS.map(|(t, _)| r.binary(t, "hello-service"))),

@@ -7,7 +7,6 @@
 //! the run; it is then kept in `fuzz/artifacts/` to become a regression test.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -56,7 +55,7 @@ pub fn run(args: FuzzArgs) -> Result<i32> {
             args.seconds,
             log.display()
         );
-        let mut cmd = Command::new("cargo");
+        let mut cmd = crate::util::cargo();
         cmd.args(["+nightly", "fuzz", "run", "--fuzz-dir"])
             .arg(root.join("fuzz"))
             .arg("--target-dir")

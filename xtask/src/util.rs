@@ -102,3 +102,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// `cargo`, without what cargo set for this program when `cargo xtask` started it (see
+/// [`muscle_e2e::without_cargo_run_env`]): otherwise ring's build script reruns whenever cargo
+/// is started from here after a shell, or the other way round.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    muscle_e2e::without_cargo_run_env(&mut cmd);
+    cmd
+}

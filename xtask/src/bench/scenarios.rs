@@ -99,7 +99,7 @@ fn release_overhead(s: &Settings, dist: &Path) -> Result<Vec<Row>> {
         .map(|t| target_env(&ws, t, &provenance))
         .collect::<Result<Vec<_>>>()?;
     let baseline = time_runs(s.reps, touch, || {
-        let mut c = Command::new("cargo");
+        let mut c = util::cargo();
         c.args(["build", "--release", "--locked", "--manifest-path"])
             .arg(&manifest);
         for (t, env) in chosen.iter().zip(&envs) {
@@ -249,7 +249,7 @@ fn agent_size(s: &Settings, agents: &Artifacts) -> Result<Vec<Row>> {
         "fn main() {\n    println!(\"hello world\");\n}\n",
     )?;
     util::run(
-        Command::new("cargo")
+        util::cargo()
             .args(["generate-lockfile", "--offline", "--manifest-path"])
             .arg(ws.join("Cargo.toml")),
     )?;

@@ -176,6 +176,7 @@ fn cargo_command(
         "cargo"
     };
     let mut cmd = Command::new(program);
+    muscle_e2e::without_cargo_run_env(&mut cmd);
     cmd.arg("build")
         .args(["--profile", profile])
         .arg("--locked")
