@@ -43,6 +43,8 @@ pub struct Agent {
     /// Runs the services, on its own thread.
     pub(crate) supervisor: Supervisor,
     desired: Vec<DesiredApp>,
+    /// Entries of the last answer this agent could not read: each refused for its version.
+    pub(crate) unreadable: Vec<muscle_protocol::Unreadable>,
     /// Apps the deployer took off this host.
     removed: Vec<Name>,
     /// A change made here (install, rollback, removal) that the next check-in reports.
@@ -113,6 +115,7 @@ impl Agent {
             state,
             supervisor,
             desired: vec![],
+            unreadable: vec![],
             removed: vec![],
             unreported_change: false,
             generation: 0,
@@ -350,11 +353,11 @@ impl Agent {
         // Checking in is what a new agent binary has to prove.
         self.commit_self_update()?;
         if !response.unchanged {
-            self.desired = response.apps;
+            (self.desired, self.unreadable) = muscle_protocol::DesiredEntry::split(response.apps);
             self.removed = response.removed;
             self.generation = response.generation;
         }
-        let changed = self.reconcile();
+        let changed = self.refuse_unreadable() | self.reconcile();
         self.unreported_change |= changed;
         Ok(changed)
     }

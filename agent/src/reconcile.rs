@@ -89,6 +89,43 @@ impl Agent {
         true
     }
 
+    /// Refuses, for good, each entry of the answer this agent could not read (a field of a newer
+    /// deployer's): reported like any refusal, so a rollout halts with the reason, while the
+    /// rest of the answer is taken. Returns whether a refusal is new.
+    pub(crate) fn refuse_unreadable(&mut self) -> bool {
+        let mut changed = false;
+        for u in self.unreadable.clone() {
+            let offer = format!("unreadable {} {}", u.version, u.sha256);
+            let st = self.app_state_mut(&u.app);
+            if st.failure.as_ref().is_some_and(|f| f.offer == offer) {
+                continue;
+            }
+            let error: String = u.error.chars().take(400).collect();
+            let reason = format!(
+                "this agent (muscle-agent {}) cannot read the desired state the deployer sent \
+                 for it: {error}; update the agent to a version that knows it",
+                env!("CARGO_PKG_VERSION")
+            );
+            say!("{}: {} not installed: {reason}", u.app, u.version);
+            st.failure = Some(Failure {
+                version: u.version.clone(),
+                sha256: u.sha256.clone(),
+                offer,
+                reason,
+                log_tail: None,
+                permanent: true,
+                attempts: 1,
+            });
+            changed = true;
+        }
+        if changed {
+            if let Err(e) = self.save() {
+                say!("{e:#}");
+            }
+        }
+        changed
+    }
+
     /// Whether `offer` of `app` failed recently for a passing reason and waits for its retry.
     fn backing_off(&self, app: &Name, offer: &str) -> bool {
         self.retry_at

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use muscle_protocol::{
-    sha256_hex, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Name, ReleaseManifest,
-    MAX_CHECKIN_BYTES,
+    sha256_hex, Artifact, CheckinRequest, CheckinResponse, DesiredApp, DesiredEntry, Name,
+    ReleaseManifest, MAX_CHECKIN_BYTES,
 };
 
 use crate::auth;
@@ -278,7 +278,10 @@ async fn checkin(
     Ok(Json(CheckinResponse {
         generation,
         unchanged: false,
-        apps,
+        apps: apps
+            .into_iter()
+            .map(|a| DesiredEntry::App(Box::new(a)))
+            .collect(),
         // Names the store took from validated assignments.
         removed: removed.iter().filter_map(|a| Name::parse(a).ok()).collect(),
         probe_seen,

@@ -135,7 +135,7 @@ pub struct CheckinResponse {
     /// The desired state has not changed since the agent's generation: `apps` is empty.
     pub unchanged: bool,
     #[serde(default)]
-    pub apps: Vec<DesiredApp>,
+    pub apps: Vec<DesiredEntry>,
     /// Apps taken off this agent: it stops and uninstalls them. Told at every changed answer
     /// until the app is assigned again, so an agent that missed one still converges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -143,6 +143,84 @@ pub struct CheckinResponse {
     /// The answer to `confirm_probe`: whether the probe with that nonce checked in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_seen: Option<bool>,
+}
+
+/// One entry of an answer's `apps`, read on its own. An entry this agent cannot read (a field a
+/// newer deployer sends, say) is refused alone, for its app and version: the rest of the answer
+/// is still taken, where one unknown field used to refuse it whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DesiredEntry {
+    App(Box<DesiredApp>),
+    Unreadable(Unreadable),
+}
+
+/// An entry that names its app and version but is not a [`DesiredApp`] this agent knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub app: Name,
+    pub version: Name,
+    /// The artifact's sha256 as the entry gives it; empty when it gives none that is one.
+    pub sha256: String,
+    /// What the parser said.
+    pub error: String,
+    /// The entry as it came, so that it serializes back unchanged.
+    raw: serde_json::Value,
+}
+
+impl DesiredEntry {
+    /// The entries read, and those that were not.
+    pub fn split(entries: Vec<DesiredEntry>) -> (Vec<DesiredApp>, Vec<Unreadable>) {
+        let mut read = Vec::new();
+        let mut unreadable = Vec::new();
+        for e in entries {
+            match e {
+                DesiredEntry::App(a) => read.push(*a),
+                DesiredEntry::Unreadable(u) => unreadable.push(u),
+            }
+        }
+        (read, unreadable)
+    }
+}
+
+impl Serialize for DesiredEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DesiredEntry::App(app) => app.serialize(s),
+            DesiredEntry::Unreadable(u) => u.raw.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DesiredEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = serde_json::Value::deserialize(d)?;
+        let error = match DesiredApp::deserialize(&raw) {
+            Ok(app) => return Ok(DesiredEntry::App(Box::new(app))),
+            Err(e) => e,
+        };
+        let name = |key: &str| {
+            raw.get(key)
+                .and_then(serde_json::Value::as_str)
+                .and_then(|s| Name::parse(s).ok())
+        };
+        // An entry that does not even say which app it is about cannot be refused alone.
+        let (Some(app), Some(version)) = (name("app"), name("version")) else {
+            return Err(serde::de::Error::custom(error));
+        };
+        let sha256 = raw
+            .pointer("/artifact/sha256")
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .unwrap_or_default()
+            .to_owned();
+        Ok(DesiredEntry::Unreadable(Unreadable {
+            app,
+            version,
+            sha256,
+            error: error.to_string(),
+            raw,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,4 +241,52 @@ pub struct Artifact {
     pub sha256: String,
     pub size: u64,
     pub binary: Name,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(app: &str, service: serde_json::Value) -> serde_json::Value {
+        json!({
+            "app": app, "version": "1.0.0",
+            "artifact": {"url": "/b", "sha256": "ab".repeat(32), "size": 1, "binary": app},
+            "manifest": "{}", "signature": null, "service": service,
+        })
+    }
+
+    #[test]
+    fn an_entry_with_a_field_this_agent_does_not_know_is_refused_alone() {
+        let newer = entry("b", json!({"limits": {"memory": "64M"}}));
+        let answer =
+            json!({"generation": 2, "unchanged": false, "apps": [entry("a", json!({})), newer]});
+        let response: CheckinResponse = serde_json::from_value(answer).unwrap();
+        let (read, unreadable) = DesiredEntry::split(response.apps.clone());
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].app.as_str(), "a");
+        assert_eq!(unreadable.len(), 1);
+        assert_eq!(unreadable[0].app.as_str(), "b");
+        assert_eq!(unreadable[0].version.as_str(), "1.0.0");
+        assert_eq!(unreadable[0].sha256, "ab".repeat(32));
+        assert!(
+            unreadable[0].error.contains("limits"),
+            "{}",
+            unreadable[0].error
+        );
+        // What a deployer sends is what it serializes: the entry is kept as it came.
+        let again = serde_json::to_value(&response).unwrap();
+        assert_eq!(again["apps"][1]["service"]["limits"]["memory"], "64M");
+    }
+
+    #[test]
+    fn an_entry_that_does_not_name_its_app_and_version_refuses_the_answer() {
+        for bad in [
+            json!({"version": "1.0.0"}),
+            json!({"app": "../x", "version": "1"}),
+        ] {
+            let answer = json!({"generation": 2, "unchanged": false, "apps": [bad]});
+            assert!(serde_json::from_value::<CheckinResponse>(answer).is_err());
+        }
+    }
 }

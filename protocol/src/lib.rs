@@ -53,7 +53,8 @@ mod signing;
 
 pub use causes::causes;
 pub use checkin::{
-    AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, Health, ProbeNonce,
+    AppReport, Artifact, CheckinRequest, CheckinResponse, DesiredApp, DesiredEntry, Health,
+    ProbeNonce, Unreadable,
 };
 pub use hash::{sha256_hex, Sha256};
 pub use manifest::{

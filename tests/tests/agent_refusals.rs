@@ -80,15 +80,37 @@ fn offer_blob(
     let sha = entry["sha256"].as_str().unwrap().to_owned();
     let path = format!("/blobs/{sha}-{}", blob.bytes.len());
     server.put_blob(&path, blob);
-    server.set_desired(json!([{
-        "app": APP,
+    server.set_desired(json!([desired_entry(
+        APP,
+        version,
+        manifest_text,
+        signature,
+        &path,
+        &entry,
+        spec()
+    )]));
+    Ok(sha)
+}
+
+/// One entry of the answer's `apps`: `app` at `version`, its artifact the manifest's `entry`
+/// served at `path`.
+fn desired_entry(
+    app: &str,
+    version: &str,
+    manifest_text: &str,
+    signature: Option<String>,
+    path: &str,
+    entry: &Value,
+    service: Value,
+) -> Value {
+    json!({
+        "app": app,
         "version": version,
-        "artifact": {"url": path, "sha256": sha, "size": entry["size"], "binary": APP},
+        "artifact": {"url": path, "sha256": entry["sha256"], "size": entry["size"], "binary": APP},
         "manifest": manifest_text,
         "signature": signature,
-        "service": spec(),
-    }]));
-    Ok(sha)
+        "service": service,
+    })
 }
 
 fn start_agent(server: &ScriptedServer, name: &str, extra_args: Vec<String>) -> Result<Agent> {
@@ -451,5 +473,58 @@ fn failing_downloads_back_off_and_a_repaired_blob_is_fetched_again() -> Result<(
     wait_refused(&server, "0.2.0", &sha, &agent, &["sha256 mismatch"])?;
     offer(&server, "0.2.0", &m2.to_string(), None, v2, None)?;
     wait_installed(&server, &agent, "0.2.0")?;
+    Ok(())
+}
+
+/// An answer entry with a spec field this agent does not know (what a newer deployer's feature
+/// looks like to it) is refused for that app and version alone, with the reason reported; the
+/// rest of the same answer is installed. One unknown field used to refuse the whole answer.
+#[test]
+fn an_entry_this_agent_cannot_read_is_refused_alone_and_the_rest_is_installed() -> Result<()> {
+    let b = common::builds();
+    let server = ScriptedServer::start();
+    let agent = start_agent(&server, "unreadable", vec![])?;
+    let (m1, v1) = release_parts(&b.v1)?;
+    let entry = m1["artifacts"]
+        .as_array()
+        .context("artifacts")?
+        .iter()
+        .find(|a| a["arch"] == "x86_64")
+        .context("x86_64 entry")?
+        .clone();
+    let path = "/blobs/v1";
+    server.put_blob(
+        path,
+        Blob {
+            bytes: v1,
+            truncate_at: None,
+            trickle: false,
+        },
+    );
+    let mut newer = spec();
+    newer["limits"] = json!({"memory": "64M"});
+    let text = m1.to_string();
+    server.set_desired(json!([
+        desired_entry("from-the-future", "2.0.0", &text, None, path, &entry, newer),
+        desired_entry(APP, "0.1.0", &text, None, path, &entry, spec()),
+    ]));
+    wait_installed(&server, &agent, "0.1.0")?;
+    let report = wait_until(
+        "the unreadable entry refused and reported",
+        Duration::from_secs(30),
+        || {
+            let r = server.last_app_report("from-the-future");
+            Ok(r.filter(|r| r["failed_version"] == "2.0.0"))
+        },
+    )?;
+    let reason = report["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("unknown field `limits`") && reason.contains("update the agent"),
+        "{report}"
+    );
+    assert!(
+        server.reports().iter().all(|r| r["problem"].is_null()),
+        "the answer itself was taken"
+    );
     Ok(())
 }
