@@ -25,7 +25,8 @@ pub struct Config {
     pub interval: Duration,
     pub trusted_keys: Vec<muscle_protocol::PublicKey>,
     pub enroll_token: Option<String>,
-    /// The CA bundle an `https://` server's certificate must chain to (default: Mozilla's roots).
+    /// The CA bundle an `https://` server's certificate must chain to (default: the host's; see
+    /// `tls.rs`).
     pub ca_file: Option<PathBuf>,
     /// The built-in supervisor, or systemd units.
     pub launcher: crate::process::Launcher,
@@ -81,6 +82,8 @@ const MAX_PROBLEM_CHARS: usize = 1024;
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 const TICK: Duration = Duration::from_millis(100);
+/// The least time between two check-ins.
+const MIN_CHECKIN_GAP: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Agent {
@@ -216,9 +219,11 @@ impl Agent {
                             was_down = false;
                         }
                         backoff = self.cfg.interval;
-                        // Report the outcome of a change at once rather than an interval later.
+                        // Report the outcome of a change at once rather than an interval later
+                        // (but never back to back: an answer that changes something at every
+                        // check-in must not make the agent spin).
                         if changed {
-                            Duration::ZERO
+                            MIN_CHECKIN_GAP
                         } else {
                             jitter(self.cfg.interval)
                         }
@@ -326,8 +331,15 @@ impl Agent {
         let credential = self.credential(&request)?;
         let answer = self.post("/v1/checkin", credential.as_deref(), &request);
         let parsed = answer.and_then(|bytes| {
-            serde_json::from_slice::<CheckinResponse>(&bytes)
-                .map_err(|e| BadAnswer(format!("the check-in answer was refused: {e}")).into())
+            let response = serde_json::from_slice::<CheckinResponse>(&bytes)
+                .map_err(|e| BadAnswer(format!("the check-in answer was refused: {e}")))?;
+            match response.duplicate_app() {
+                Some(app) => Err(BadAnswer(format!(
+                    "the check-in answer was refused: it names {app} twice"
+                ))
+                .into()),
+                None => Ok(response),
+            }
         });
         // A server that answers, but not with a desired state this agent can take, is reported
         // to, not backed off from: the refusal is in the next check-in.

@@ -12,7 +12,8 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rustls::client::{ClientConfig, ClientConnection};
@@ -73,17 +74,30 @@ impl TlsConnector for Connector {
     }
 }
 
-/// The host's roots, read once per process. An error is kept too: it names every place looked
-/// in, and every `https://` connection reports it.
+/// How long a failure to read the host's roots is reported before they are looked for again (a
+/// CA bundle being reinstalled, an `SSL_CERT_FILE` fixed after the agent started).
+const HOST_ROOTS_RETRY: Duration = Duration::from_secs(30);
+
+/// The host's roots, read once per process once they are read. A failure is kept for
+/// [`HOST_ROOTS_RETRY`]: it names every place looked in, and every `https://` connection
+/// reports it meanwhile.
 fn host_config() -> Result<Arc<ClientConfig>, String> {
-    static HOST: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-    HOST.get_or_init(|| {
-        host_roots()
+    type Cached = Option<(Instant, Result<Arc<ClientConfig>, String>)>;
+    static HOST: Mutex<Cached> = Mutex::new(None);
+    let mut cached = HOST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let stale = match &*cached {
+        Some((_, Ok(_))) => false,
+        Some((at, Err(_))) => at.elapsed() >= HOST_ROOTS_RETRY,
+        None => true,
+    };
+    if stale {
+        let read = host_roots()
             .and_then(config)
             .map(Arc::new)
-            .map_err(|e| format!("{e:#}"))
-    })
-    .clone()
+            .map_err(|e| format!("{e:#}"));
+        *cached = Some((Instant::now(), read));
+    }
+    cached.as_ref().expect("filled above").1.clone()
 }
 
 fn host_roots() -> Result<RootCertStore> {
@@ -144,8 +158,15 @@ fn config(roots: RootCertStore) -> Result<ClientConfig> {
         secure_random: &SystemRandom,
         ..rustls::crypto::ring::default_provider()
     };
+    // Named, not "whatever rustls was built with": a workspace build that includes the
+    // deployer turns rustls' tls12 on for the agent too.
+    let versions: &[&rustls::SupportedProtocolVersion] = &[
+        &rustls::version::TLS13,
+        #[cfg(feature = "tls12")]
+        &rustls::version::TLS12,
+    ];
     Ok(ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }

@@ -167,7 +167,25 @@ pub struct Unreadable {
     raw: serde_json::Value,
 }
 
+impl CheckinResponse {
+    /// An app the answer names twice: which entry would win is no answer to act on.
+    pub fn duplicate_app(&self) -> Option<&Name> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.apps
+            .iter()
+            .map(DesiredEntry::app)
+            .find(|a| !seen.insert(*a))
+    }
+}
+
 impl DesiredEntry {
+    pub fn app(&self) -> &Name {
+        match self {
+            DesiredEntry::App(a) => &a.app,
+            DesiredEntry::Unreadable(u) => &u.app,
+        }
+    }
+
     /// The entries read, and those that were not.
     pub fn split(entries: Vec<DesiredEntry>) -> (Vec<DesiredApp>, Vec<Unreadable>) {
         let mut read = Vec::new();
@@ -277,6 +295,11 @@ mod tests {
         // What a deployer sends is what it serializes: the entry is kept as it came.
         let again = serde_json::to_value(&response).unwrap();
         assert_eq!(again["apps"][1]["service"]["limits"]["memory"], "64M");
+        assert_eq!(response.duplicate_app(), None);
+        let twice = json!({"generation": 2, "unchanged": false,
+            "apps": [entry("a", json!({})), entry("a", json!({"limits": {}}))]});
+        let response: CheckinResponse = serde_json::from_value(twice).unwrap();
+        assert_eq!(response.duplicate_app().map(Name::as_str), Some("a"));
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn parse_url(s: &str) -> Result<String, String> {
         return Err(format!("{s:?}: expected a host after the scheme"));
     }
     // The agent's URL parser knows no Unicode tables (they cost it 120 KiB): IDNA's ASCII form.
-    let host = rest.split('/').next().unwrap_or(rest);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or(rest);
     if !host.is_ascii() {
         return Err(format!(
             "{s:?}: the host name is not ASCII; write it in its IDNA form (xn--...)"
@@ -153,6 +153,7 @@ mod cli_value_tests {
         let err = parse_url("http://bücher.example:7700").unwrap_err();
         assert!(err.contains("IDNA form"), "{err}");
         assert!(parse_url("http://xn--bcher-kva.example:7700/ü").is_ok());
+        assert!(parse_url("http://deployer.lan?q=ü#ü").is_ok());
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("20000"), Ok(20_000));

@@ -32,8 +32,13 @@ pub enum SignatureError {
         len: usize,
         got: String,
     },
-    #[error("the signature does not verify against any of the {0} trusted key(s)")]
-    Untrusted(usize),
+    /// The keys are named by their first hex digits: a mistyped key shows here.
+    #[error(
+        "the signature does not verify against any of the {n} trusted key(s) ({keys})",
+        n = .0.len(),
+        keys = .0.join(", ")
+    )]
+    Untrusted(Vec<String>),
     #[error("the release is not signed, and trusted keys are configured")]
     Unsigned,
 }
@@ -88,7 +93,10 @@ pub fn verify_signature(
     }) {
         Ok(())
     } else {
-        Err(SignatureError::Untrusted(trusted.len()))
+        let named = trusted
+            .iter()
+            .map(|k| format!("{}…", &hex::encode(k.0)[..8]));
+        Err(SignatureError::Untrusted(named.collect()))
     }
 }
 
@@ -105,8 +113,13 @@ mod tests {
         verify_signature(b"manifest", Some(&sig), &trusted).unwrap();
         assert!(matches!(
             verify_signature(b"manifesT", Some(&sig), &trusted),
-            Err(SignatureError::Untrusted(1))
+            Err(SignatureError::Untrusted(keys)) if keys.len() == 1
         ));
+        let err = verify_signature(b"manifesT", Some(&sig), &trusted).unwrap_err();
+        assert!(
+            err.to_string().contains(&public_key_hex(&key)[..8]),
+            "names the key: {err}"
+        );
         let other = sign(&stranger, b"manifest");
         assert!(verify_signature(b"manifest", Some(&other), &trusted).is_err());
         assert!(matches!(

@@ -252,13 +252,24 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
         );
     }
 
-    // An agent that trusts only the host's CA bundle refuses this server's certificate.
-    let opts = muscle_e2e::AgentOptions::new(
+    // An agent that trusts another CA (as its host's trust, through SSL_CERT_FILE, so that the
+    // test does not depend on this machine's bundle) refuses this server's certificate.
+    let other = dir.join("other-ca");
+    let init = Command::new(&b.deployer)
+        .args(["tls", "init", "--name", "127.0.0.1", "--out"])
+        .arg(&other)
+        .output()?;
+    ensure!(init.status.success(), "tls init: {}", common::text(&init));
+    let mut opts = muscle_e2e::AgentOptions::new(
         "untrusting",
         b.agent("x86_64"),
         "x86_64",
         dir.join("untrusting"),
     );
+    opts.env = vec![(
+        "SSL_CERT_FILE".into(),
+        other.join("ca.pem").display().to_string(),
+    )];
     let stranger = muscle_e2e::Agent::start(opts, &fleet.deployer.url())?;
     let log = muscle_e2e::wait_until(
         "the certificate to be refused",
