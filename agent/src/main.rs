@@ -4,6 +4,7 @@
 extern crate muscle_logline;
 
 mod agent;
+mod cgroup;
 mod cli;
 mod clock;
 mod download;

@@ -33,6 +33,30 @@ pub struct Launch {
 }
 
 impl Launch {
+    /// The name of this service's control group: unique per agent (state dir) and app.
+    pub fn cgroup_name(&self) -> String {
+        let hash = muscle_protocol::sha256_hex(self.marker.as_bytes());
+        format!("{}-{}", self.app, &hash[..12])
+    }
+
+    /// Removes this service's control group, if it has one (its processes are gone).
+    pub fn remove_cgroup(&self) {
+        if !self.spec.limits.is_none() {
+            if let Ok(g) = crate::cgroup::Group::locate(&self.cgroup_name(), &self.spec.limits) {
+                g.remove();
+            }
+        }
+    }
+
+    /// How many times the kernel has killed this service's processes for memory.
+    pub fn oom_kills(&self) -> u64 {
+        match self.spec.limits.memory {
+            Some(_) => crate::cgroup::Group::locate(&self.cgroup_name(), &self.spec.limits)
+                .map_or(0, |g| g.oom_kills()),
+            None => 0,
+        }
+    }
+
     /// The environment that marks the process as this service's.
     pub fn marker_env(&self) -> [(&'static str, String); 2] {
         [
@@ -194,6 +218,24 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
         Some(dir) => cmd.current_dir(dir),
         None => cmd.current_dir(binary.parent().unwrap_or(Path::new("/"))),
     };
+    if !spec.limits.is_none() {
+        let group = crate::cgroup::Group::locate(&launch.cgroup_name(), &spec.limits)?;
+        group.create(&spec.limits)?;
+        let procs = group.procs_files()?;
+        // SAFETY: between fork and exec the child only writes "0" (itself) to file descriptors
+        // opened before the fork: write(2) is async-signal-safe; nothing allocates or locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                for file in &procs {
+                    use std::os::fd::AsRawFd;
+                    if libc::write(file.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.spawn()
         .with_context(|| format!("cannot start {}", binary.display()))
 }

@@ -72,6 +72,8 @@ struct Service {
     last_check: Option<Instant>,
     health: Health,
     last_problem: Option<String>,
+    /// The kernel's count of OOM kills in the service's group when its process started.
+    ooms_before: u64,
 }
 
 impl Supervisor {
@@ -119,10 +121,13 @@ impl Supervisor {
     /// Starts a process of `launch`; on probation an exit ends it instead of restarting it.
     /// Returns its pid.
     pub fn start(&self, launch: Launch, probation: bool) -> Result<u32> {
+        // Counted before the launch: an OOM kill in its first moments counts as this one's.
+        let ooms_before = launch.oom_kills();
         let proc = self.shared.launcher.launch(&launch)?;
         let pid = proc.pid();
         let app = launch.app.clone();
         let mut svc = self.shared.service(launch, proc);
+        svc.ooms_before = ooms_before;
         svc.probation = probation;
         self.insert(app, svc);
         Ok(pid)
@@ -169,6 +174,7 @@ impl Supervisor {
         let svc = self.shared.lock().remove(app);
         if let Some(mut svc) = svc {
             svc.stop();
+            svc.launch.remove_cgroup();
         }
     }
 
@@ -219,6 +225,7 @@ impl Shared {
         Service {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             backoff: launch.spec.restart.initial_backoff,
+            ooms_before: launch.oom_kills(),
             launch,
             proc: Some(proc),
             probation: false,
@@ -271,6 +278,7 @@ impl Shared {
             if svc.proc.is_none() && svc.restart_at.is_some_and(|t| now >= t) {
                 svc.restart_at = None;
                 svc.restarts += 1;
+                svc.ooms_before = svc.launch.oom_kills();
                 match self.launcher.launch(&svc.launch) {
                     Ok(proc) => svc.proc = Some(proc),
                     Err(e) => svc.on_exit(&format!("{e:#}")),
@@ -369,6 +377,21 @@ impl Service {
 
     /// Records an exit: on probation the end of it, otherwise a restart with exponential backoff.
     fn on_exit(&mut self, how: &str) {
+        // A SIGKILL from the kernel's OOM killer says nothing by itself: name the cause, when
+        // the main process died of a SIGKILL (or of what an adopted process cannot tell) and
+        // the group's OOM count rose (a forked worker killed for memory is not the service).
+        let oom;
+        let killed = how.contains("SIGKILL") || how == "exited";
+        let how = match self.launch.spec.limits.memory {
+            Some(limit) if killed && self.launch.oom_kills() > self.ooms_before => {
+                oom = format!(
+                    "killed by the kernel: memory limit {} reached",
+                    limit.human()
+                );
+                oom.as_str()
+            }
+            _ => how,
+        };
         let (app, version) = (&self.launch.app, &self.launch.version);
         self.healthy_since = None;
         if self.probation {
@@ -512,6 +535,71 @@ mod tests {
         // 50 ms doubling: five restarts take more than 50+100+200+400 ms.
         assert!(status.restarts >= 4, "{status:?}");
         assert!(status.last_problem.unwrap().contains("exited"));
+    }
+
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+    }
+
+    /// A bounded fork bomb (200 forks, so that a limit not applied cannot hurt the host):
+    /// the pids limit stops it at 16, and stopping the service leaves none of its processes.
+    #[test]
+    fn forks_past_the_pids_limit_fail_and_a_stop_leaves_no_process_behind() {
+        if !is_root() {
+            eprintln!("skipped: cgroups need root");
+            return;
+        }
+        let dir = scratch("forks");
+        let sup = supervisor();
+        let mut l = launch(
+            &dir,
+            "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; wait",
+        );
+        l.spec.limits.pids = Some(16);
+        let group = crate::cgroup::Group::locate(&l.cgroup_name(), &l.spec.limits).unwrap();
+        sup.start(l, false).unwrap();
+        let log = dir.join("service.log");
+        wait_for("a fork refused", || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("fork"))
+        });
+        let members = group.pids();
+        sup.stop("svc");
+        assert!(
+            (2..=16).contains(&members.len()),
+            "{} processes in the group",
+            members.len()
+        );
+        assert!(members.iter().all(|p| !crate::process::is_alive(*p)));
+        assert!(group.pids().is_empty());
+    }
+
+    #[test]
+    fn a_service_killed_for_memory_is_reported_with_its_limit() {
+        if !is_root() {
+            eprintln!("skipped: cgroups need root");
+            return;
+        }
+        let dir = scratch("oom");
+        let sup = supervisor();
+        let mut l = launch(&dir, "");
+        l.binary = PathBuf::from("/usr/bin/python3");
+        l.spec.args = vec![
+            "-c".into(),
+            "x = bytearray(256 << 20); import time; time.sleep(60)".into(),
+        ];
+        l.spec.limits.memory = Some(muscle_protocol::Memory(64 << 20));
+        l.spec.limits.pids = Some(16);
+        sup.start(l, true).unwrap();
+        wait_for("the OOM kill", || {
+            sup.status("svc")
+                .is_some_and(|s| s.exited_on_probation.is_some())
+        });
+        let why = sup.status("svc").unwrap().exited_on_probation.unwrap();
+        assert_eq!(why, "killed by the kernel: memory limit 64M reached");
+        sup.stop("svc");
     }
 
     #[test]

@@ -50,6 +50,16 @@ pub fn unit(
     for (k, v) in &spec.env {
         let _ = writeln!(u, "Environment={}", quote(&format!("{k}={v}")));
     }
+    if let Some(m) = spec.limits.memory {
+        let _ = writeln!(u, "MemoryMax={}\nMemorySwapMax=0", m.0);
+    }
+    if let Some(c) = spec.limits.cpu {
+        // CPUQuota is in percent of one CPU.
+        let _ = writeln!(u, "CPUQuota={}%", (u64::from(c.0) / 10).max(1));
+    }
+    if let Some(p) = spec.limits.pids {
+        let _ = writeln!(u, "TasksMax={p}");
+    }
     let restart_sec = spec.restart.initial_backoff.as_millis().max(100);
     let _ = writeln!(u, "Restart=always\nRestartSec={restart_sec}ms");
     let _ = writeln!(
@@ -95,7 +105,9 @@ pub fn agent_unit(exe: &Path, state_dir: &Path, run_args: &[String]) -> String {
          # Never give up on the agent: it is what brings everything else back.\n\
          StartLimitIntervalSec=0\n\n\
          [Service]\nType=exec\nExecStart={exec}\nRestart=always\nRestartSec=2s\n\
-         KillMode=process\nTimeoutStopSec=60s\n\n\
+         KillMode=process\nTimeoutStopSec=60s\n\
+         # Its group is its own to divide: services with [limits] get groups of their own.\n\
+         Delegate=yes\n\n\
          [Install]\nWantedBy=multi-user.target\n"
     )
 }
@@ -180,6 +192,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn limits_become_systemd_resource_settings() {
+        let spec: ServiceSpec =
+            serde_json::from_str(r#"{"limits": {"memory": "64M", "cpu": 0.5, "pids": 64}}"#)
+                .unwrap();
+        let u = unit("hello", "1.0.0", Path::new("/bin/hello"), &spec, None);
+        for line in ["MemoryMax=67108864", "CPUQuota=50%", "TasksMax=64"] {
+            assert!(u.lines().any(|l| l == line), "{line} in {u}");
+        }
+    }
+
+    #[test]
     fn unit_is_hardened_and_quotes_arguments() {
         let spec = ServiceSpec {
             args: vec!["--listen".into(), "127.0.0.1:80 %h $X".into()],
@@ -255,6 +278,7 @@ mod tests {
         for line in [
             "Restart=always",
             "KillMode=process",
+            "Delegate=yes",
             "StartLimitIntervalSec=0",
         ] {
             assert!(unit.lines().any(|l| l == line), "{line} in {unit}");

@@ -39,13 +39,14 @@
 //! `binary` (default: the app name), `args`, `env`, `working_dir`, `health` (`{kind="http", url,
 //! expect_status}`, `{kind="tcp", addr}`, `{kind="command", argv}` or `{kind="none"}`),
 //! `min_healthy_time`, `healthy_deadline`, `restart` (`initial_backoff`, `max_backoff`,
-//! `crash_loop_restarts` within `crash_loop_window`), `stop_signal` (`SIGTERM`, `SIGINT`, ...) and
-//! `stop_grace`. Any string may use `${name}`, replaced by the agent's `--var name=value`.
+//! `crash_loop_restarts` within `crash_loop_window`), `stop_signal` (`SIGTERM`, `SIGINT`, ...),
+//! `stop_grace`, and `limits` (`memory = "64M"`, `cpu = 0.5`, `pids = 64`). Any string may use `${name}`, replaced by the agent's `--var name=value`.
 
 mod causes;
 mod checkin;
 pub mod duration;
 mod hash;
+mod limits;
 mod manifest;
 mod name;
 mod service;
@@ -57,6 +58,7 @@ pub use checkin::{
     ProbeNonce, Unreadable,
 };
 pub use hash::{sha256_hex, Sha256};
+pub use limits::{Cpu, Limits, Memory};
 pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
 };

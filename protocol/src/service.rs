@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::serde_dur;
-use crate::Name;
+use crate::{Limits, Name};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +34,10 @@ pub struct ServiceSpec {
     pub stop_signal: String,
     #[serde(with = "serde_dur", default = "defaults::stop_grace")]
     pub stop_grace: Duration,
+    /// Memory, CPU and process limits (cgroups under the built-in supervisor, `MemoryMax=`,
+    /// `CPUQuota=`, `TasksMax=` under systemd).
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -92,6 +96,7 @@ impl Default for ServiceSpec {
             restart: RestartPolicy::default(),
             stop_signal: defaults::stop_signal(),
             stop_grace: defaults::stop_grace(),
+            limits: Limits::default(),
         }
     }
 }
@@ -144,6 +149,8 @@ pub enum SpecError {
         field: &'static str,
         value: Duration,
     },
+    #[error("service spec: {0}")]
+    Limits(String),
     #[error("service spec: {field} holds a control character ({value:?}): a command line or a unit file would take it as a separator")]
     ControlChar { field: String, value: String },
 }
@@ -212,6 +219,7 @@ impl ServiceSpec {
     /// reaches a command line, an environment or a systemd unit.
     pub fn validate(&self) -> Result<(), SpecError> {
         self.stop_signal_number()?;
+        self.limits.check().map_err(SpecError::Limits)?;
         let durations = [
             ("min_healthy_time", self.min_healthy_time),
             ("healthy_deadline", self.healthy_deadline),

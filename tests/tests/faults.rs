@@ -501,3 +501,70 @@ fn killed_services_restart_with_backoff_a_crash_loop_is_reported_and_sigterm_sto
     assert_eq!(agent.service_pids(), pids, "adopted, not restarted");
     Ok(())
 }
+
+#[test]
+fn a_service_over_its_memory_limit_is_killed_by_the_kernel_and_the_rollout_says_so() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("memory-limit");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let mut fleet = Fleet::start_with(
+        deployer,
+        &[(b.agent("x86_64"), "x86_64")],
+        1,
+        &dir,
+        &["--var", "mb=8"],
+    )?;
+    let greedy = muscle_e2e::AgentOptions {
+        labels: vec![("site".into(), "lab".into())],
+        extra_args: vec!["--var".into(), "mb=256".into()],
+        ..muscle_e2e::AgentOptions::new("greedy", b.agent("x86_64"), "x86_64", dir.join("greedy"))
+    };
+    fleet
+        .agents
+        .push(muscle_e2e::Agent::start(greedy, &fleet.deployer.url())?);
+    fleet.wait_checked_in(Duration::from_secs(60))?;
+    // The example spec, filling ${mb} MiB at start, under a 64M limit.
+    let spec = dir.join("limited.toml");
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(common::service_spec())?
+            + "\n[env]\nHELLO_ALLOCATE_MB = \"${mb}\"\n\n[limits]\nmemory = \"64M\"\npids = 64\n",
+    )?;
+    let id = fleet.start_rollout(&[
+        APP,
+        "0.1.0",
+        "--service",
+        spec.to_str().context("path")?,
+        "--max-failures",
+        "2",
+    ])?;
+    let r = fleet
+        .deployer
+        .wait_rollout_end(id, Duration::from_secs(180))?;
+    assert_eq!(r["status"], "succeeded_with_failures", "{r:#}");
+    let failed = r["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["members"].as_array().cloned().unwrap_or_default())
+        .find(|m| m["agent_id"] == "greedy")
+        .context("greedy is a member")?;
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("killed by the kernel: memory limit 64M reached"),
+        "the cause is named: {error}"
+    );
+    // The one within its limit runs in its own control group.
+    let modest = fleet.agent("x86_64-1");
+    let pid = *modest.service_pids().first().context("a service runs")?;
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    assert!(
+        groups
+            .lines()
+            .any(|l| l.contains("memory") && l.contains("/muscle/hello-service-")),
+        "{groups}"
+    );
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //!
 //! `GET /` greets, `GET /version` answers the version, `GET /healthz` answers 200 while healthy and
 //! 503 once `POST /fail` was called (or when built with the `unhealthy` feature, or started with
-//! `HELLO_FAIL_HEALTH=1`). Standard library only, so it builds for any target in seconds.
+//! `HELLO_FAIL_HEALTH=1`). `HELLO_ALLOCATE_MB=N` makes it fill N MiB of memory at start (to meet a
+//! memory limit). Standard library only, so it builds for any target in seconds.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -31,6 +32,7 @@ fn main() {
             other => die(&format!("unknown argument {other:?}; try --help")),
         }
     }
+    let ballast = allocate_ballast();
     let failing = cfg!(feature = "unhealthy") || std::env::var_os("HELLO_FAIL_HEALTH").is_some();
     let failing = Arc::new(AtomicBool::new(failing));
     let listener = TcpListener::bind(&listen)
@@ -40,11 +42,24 @@ fn main() {
         std::env::consts::ARCH
     );
     for stream in listener.incoming().flatten() {
+        std::hint::black_box(&ballast);
         let failing = Arc::clone(&failing);
         std::thread::spawn(move || {
             let _ = serve(stream, &failing);
         });
     }
+}
+
+/// `HELLO_ALLOCATE_MB` MiB, every page written (so that it is really used), kept alive.
+fn allocate_ballast() -> Vec<u8> {
+    let mib: usize = std::env::var("HELLO_ALLOCATE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if mib > 0 {
+        eprintln!("hello-service: filling {mib} MiB");
+    }
+    vec![1u8; mib << 20]
 }
 
 fn die(message: &str) -> ! {
