@@ -310,7 +310,13 @@ impl Shared {
 
 impl Service {
     fn status(&mut self) -> Status {
-        let running = self.proc.as_mut().is_some_and(|p| p.exited().is_none());
+        // An exit seen here is recorded here, as a pass would: probation must not see the
+        // process gone before it knows how it went.
+        if let Some(how) = self.proc.as_mut().and_then(Proc::exited) {
+            self.proc = None;
+            self.on_exit(&how);
+        }
+        let running = self.proc.is_some();
         Status {
             version: self.launch.version.clone(),
             running,
