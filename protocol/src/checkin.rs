@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn an_entry_with_a_field_this_agent_does_not_know_is_refused_alone() {
-        let newer = entry("b", json!({"limits": {"memory": "64M"}}));
+        let newer = entry("b", json!({"from_a_newer_deployer": {"memory": "64M"}}));
         let answer =
             json!({"generation": 2, "unchanged": false, "apps": [entry("a", json!({})), newer]});
         let response: CheckinResponse = serde_json::from_value(answer).unwrap();
@@ -287,17 +287,15 @@ mod tests {
         assert_eq!(unreadable[0].app.as_str(), "b");
         assert_eq!(unreadable[0].version.as_str(), "1.0.0");
         assert_eq!(unreadable[0].sha256, "ab".repeat(32));
-        assert!(
-            unreadable[0].error.contains("limits"),
-            "{}",
-            unreadable[0].error
-        );
+        let error = &unreadable[0].error;
+        assert!(error.contains("from_a_newer_deployer"), "{error}");
         // What a deployer sends is what it serializes: the entry is kept as it came.
         let again = serde_json::to_value(&response).unwrap();
-        assert_eq!(again["apps"][1]["service"]["limits"]["memory"], "64M");
+        let kept = &again["apps"][1]["service"]["from_a_newer_deployer"];
+        assert_eq!(kept["memory"], "64M");
         assert_eq!(response.duplicate_app(), None);
         let twice = json!({"generation": 2, "unchanged": false,
-            "apps": [entry("a", json!({})), entry("a", json!({"limits": {}}))]});
+            "apps": [entry("a", json!({})), entry("a", json!({"x": {}}))]});
         let response: CheckinResponse = serde_json::from_value(twice).unwrap();
         assert_eq!(response.duplicate_app().map(Name::as_str), Some("a"));
     }

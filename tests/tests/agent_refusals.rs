@@ -501,8 +501,9 @@ fn an_entry_this_agent_cannot_read_is_refused_alone_and_the_rest_is_installed() 
             trickle: false,
         },
     );
+    // A field no agent knows yet stands for the next one a deployer learns.
     let mut newer = spec();
-    newer["limits"] = json!({"memory": "64M"});
+    newer["from_a_newer_deployer"] = json!({"memory": "64M"});
     let text = m1.to_string();
     server.set_desired(json!([
         desired_entry("from-the-future", "2.0.0", &text, None, path, &entry, newer),
@@ -519,7 +520,8 @@ fn an_entry_this_agent_cannot_read_is_refused_alone_and_the_rest_is_installed() 
     )?;
     let reason = report["last_error"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("unknown field `limits`") && reason.contains("update the agent"),
+        reason.contains("unknown field `from_a_newer_deployer`")
+            && reason.contains("update the agent"),
         "{report}"
     );
     assert!(
