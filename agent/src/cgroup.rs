@@ -1,8 +1,13 @@
-//! Resource limits for the built-in supervisor: a control group per service, under the agent's
-//! own (so a service never escapes the limits the agent itself runs under), with the spec's
-//! `[limits]`. cgroup v2 where its memory, cpu and pids controllers are delegated to the agent's
-//! group; v1 otherwise (one hierarchy per controller). The service enters its group before it
-//! execs, so not one page is allocated outside it.
+//! Resource limits for the built-in supervisor: a control group per service in the cgroup v1
+//! hierarchy of each controller a limit needs (memory, cpu, pids), under the agent's own group,
+//! so a service never escapes what the agent itself runs under. The service enters its groups
+//! before it execs, so not one page is allocated outside them.
+//!
+//! cgroup v2 is left to systemd: under v2 a group with processes cannot hand controllers to its
+//! children, so the agent would have to move itself into a leaf of its unit's group, and a
+//! restarted agent unit (`KillMode=process`, its services alive in their groups) could then not
+//! start again before systemd 254's `DelegateSubgroup=`. On such hosts `--supervisor systemd`
+//! applies the same limits as `MemoryMax=`, `CPUQuota=`, `TasksMax=`.
 
 use std::fs::File;
 use std::io::Write;
@@ -15,7 +20,7 @@ const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("this host cannot apply limits.{0}: no cgroup {0} controller is available to the agent (cgroup v2 without delegation, and no v1 hierarchy)")]
+    #[error("this host cannot apply limits.{0} under the built-in supervisor: it has no cgroup v1 hierarchy with the {0} controller (on a cgroup v2 host, run the agent with --supervisor systemd: units get MemoryMax=, CPUQuota=, TasksMax=)")]
     NoController(&'static str),
     #[error("cannot set up the cgroup {path}: {source}")]
     Io {
@@ -24,20 +29,12 @@ pub enum CgroupError {
     },
 }
 
-/// One service's group: a directory per hierarchy (one for v2, one per controller for v1).
+/// One service's group: a directory per controller its limits need.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
     memory: Option<PathBuf>,
     cpu: Option<PathBuf>,
     pids: Option<PathBuf>,
-    v2: Option<V2Base>,
-}
-
-/// Under v2: the agent's own group, whose children the services' groups are.
-#[derive(Debug, Clone, PartialEq)]
-struct V2Base {
-    dir: PathBuf,
-    controllers: Vec<&'static str>,
 }
 
 impl Group {
@@ -52,19 +49,6 @@ impl Group {
                 _ => limits.pids.is_some(),
             })
             .collect();
-        if let Some(base) = v2_base(&wanted) {
-            let dir = base.join(format!("muscle-{name}"));
-            let has = |c: &str| wanted.contains(&c).then(|| dir.clone());
-            return Ok(Group {
-                memory: has("memory"),
-                cpu: has("cpu"),
-                pids: has("pids"),
-                v2: Some(V2Base {
-                    dir: base,
-                    controllers: wanted,
-                }),
-            });
-        }
         let dir = |c: &'static str| -> Result<Option<PathBuf>, CgroupError> {
             if !wanted.contains(&c) {
                 return Ok(None);
@@ -77,40 +61,27 @@ impl Group {
             memory: dir("memory")?,
             cpu: dir("cpu")?,
             pids: dir("pids")?,
-            v2: None,
         })
     }
 
-    /// Creates the group (and, under v2, makes room for it) and writes `limits` into it.
+    /// Creates the group and writes `limits` into it.
     pub fn create(&self, limits: &Limits) -> Result<(), CgroupError> {
-        if let Some(base) = &self.v2 {
-            base.delegate()?;
-        }
         for dir in self.dirs() {
             std::fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
         }
         if let (Some(dir), Some(m)) = (&self.memory, limits.memory) {
             let bytes = m.0.to_string();
-            if self.v2.is_some() {
-                write(dir, "memory.max", &bytes)?;
-                write(dir, "memory.swap.max", "0").or_else(ignore_missing)?;
-            } else {
-                // With swap accounting, memory+swap may not be below memory: lift it first
-                // (a limit raised from the last install), then set both, so no swap escapes it.
-                write(dir, "memory.memsw.limit_in_bytes", "-1").or_else(ignore_missing)?;
-                write(dir, "memory.limit_in_bytes", &bytes)?;
-                write(dir, "memory.memsw.limit_in_bytes", &bytes).or_else(ignore_missing)?;
-            }
+            // With swap accounting, memory+swap may not be below memory: lift it first (a limit
+            // raised from the last install), then set both, so that no swap escapes the limit.
+            write(dir, "memory.memsw.limit_in_bytes", "-1").or_else(ignore_missing)?;
+            write(dir, "memory.limit_in_bytes", &bytes)?;
+            write(dir, "memory.memsw.limit_in_bytes", &bytes).or_else(ignore_missing)?;
         }
         if let (Some(dir), Some(c)) = (&self.cpu, limits.cpu) {
             let period: u64 = 100_000;
             let quota = u64::from(c.0) * period / 1000;
-            if self.v2.is_some() {
-                write(dir, "cpu.max", &format!("{quota} {period}"))?;
-            } else {
-                write(dir, "cpu.cfs_period_us", &period.to_string())?;
-                write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
-            }
+            write(dir, "cpu.cfs_period_us", &period.to_string())?;
+            write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
         }
         if let (Some(dir), Some(p)) = (&self.pids, limits.pids) {
             write(dir, "pids.max", &p.to_string())?;
@@ -179,12 +150,7 @@ impl Group {
     /// How many times the kernel killed a process of this group for memory.
     pub fn oom_kills(&self) -> u64 {
         let Some(dir) = &self.memory else { return 0 };
-        let file = if self.v2.is_some() {
-            "memory.events"
-        } else {
-            "memory.oom_control"
-        };
-        std::fs::read_to_string(dir.join(file))
+        std::fs::read_to_string(dir.join("memory.oom_control"))
             .ok()
             .and_then(|text| {
                 text.lines()
@@ -195,27 +161,6 @@ impl Group {
     }
 }
 
-/// The agent's own group under v2, while the agent runs in it: controllers can be handed to
-/// children only by a group with no process of its own, so the agent first moves itself into a
-/// leaf of it (what systemd's `Delegate=yes` expects).
-const V2_AGENT_LEAF: &str = "muscle-agent";
-
-impl V2Base {
-    fn delegate(&self) -> Result<(), CgroupError> {
-        let procs = self.dir.join("cgroup.procs");
-        let here = std::fs::read_to_string(&procs).map_err(|source| io(&procs, source))?;
-        if !here.trim().is_empty() {
-            let leaf = self.dir.join(V2_AGENT_LEAF);
-            std::fs::create_dir_all(&leaf).map_err(|source| io(&leaf, source))?;
-            // Every process of the group: the agent, and anything it was started with.
-            for pid in here.lines() {
-                write(&leaf, "cgroup.procs", pid.trim())?;
-            }
-        }
-        let enable: Vec<String> = self.controllers.iter().map(|c| format!("+{c}")).collect();
-        write(&self.dir, "cgroup.subtree_control", &enable.join(" "))
-    }
-}
 fn io(path: &Path, source: std::io::Error) -> CgroupError {
     CgroupError::Io {
         path: path.to_owned(),
@@ -240,11 +185,10 @@ fn ignore_missing(e: CgroupError) -> Result<(), CgroupError> {
     }
 }
 
-/// A mounted hierarchy: where it is mounted, its root, and its controllers (v1) or none (v2).
+/// A mounted v1 hierarchy: where it is mounted, its root, and its controllers.
 struct Mount {
     point: PathBuf,
     root: String,
-    v2: bool,
     controllers: Vec<String>,
 }
 
@@ -259,13 +203,12 @@ fn mounts() -> Vec<Mount> {
             let fields: Vec<&str> = left.split(' ').collect();
             let right: Vec<&str> = right.split(' ').collect();
             let fstype = *right.first()?;
-            if fstype != "cgroup" && fstype != "cgroup2" {
+            if fstype != "cgroup" {
                 return None;
             }
             Some(Mount {
                 point: PathBuf::from(fields.get(4)?),
                 root: fields.get(3)?.to_string(),
-                v2: fstype == "cgroup2",
                 controllers: right
                     .get(2)
                     .map(|o| o.split(',').map(str::to_owned).collect())
@@ -275,18 +218,15 @@ fn mounts() -> Vec<Mount> {
         .collect()
 }
 
-/// This process's group in the hierarchy that has `controller` (`""`: the v2 one).
+/// This process's group in the v1 hierarchy that has `controller`.
 fn own_path(controller: &str) -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     text.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let matches = if controller.is_empty() {
-            list.is_empty()
-        } else {
-            list.split(',').any(|c| c == controller)
-        };
-        matches.then(|| path.to_owned())
+        list.split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_owned())
     })
 }
 
@@ -302,25 +242,8 @@ fn under(mount: &Mount, path: &str) -> PathBuf {
 fn v1_base(controller: &'static str) -> Option<PathBuf> {
     let mount = mounts()
         .into_iter()
-        .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller))?;
+        .find(|m| m.controllers.iter().any(|c| c == controller))?;
     Some(under(&mount, &own_path(controller)?))
-}
-
-/// The agent's own v2 group, if every `wanted` controller is available to it (delegated).
-/// The agent's own leaf (see [`V2_AGENT_LEAF`]) counts as the group it was started in.
-fn v2_base(wanted: &[&str]) -> Option<PathBuf> {
-    let mount = mounts().into_iter().find(|m| m.v2)?;
-    let own = own_path("")?;
-    let own = own
-        .strip_suffix(&format!("/{V2_AGENT_LEAF}"))
-        .unwrap_or(&own);
-    let relative = own.strip_prefix(mount.root.as_str()).unwrap_or(own);
-    let base = mount.point.join(relative.trim_start_matches('/'));
-    let available = std::fs::read_to_string(base.join("cgroup.controllers")).ok()?;
-    let all = wanted
-        .iter()
-        .all(|c| available.split_whitespace().any(|a| a == *c));
-    (all && !wanted.is_empty()).then_some(base)
 }
 
 #[cfg(test)]
@@ -359,16 +282,11 @@ mod tests {
                 .trim()
                 .to_owned()
         };
-        if group.v2.is_some() {
-            assert_eq!(read(&group.memory, "memory.max"), (64u64 << 20).to_string());
-            assert_eq!(read(&group.cpu, "cpu.max"), "50000 100000");
-        } else {
-            assert_eq!(
-                read(&group.memory, "memory.limit_in_bytes"),
-                (64u64 << 20).to_string()
-            );
-            assert_eq!(read(&group.cpu, "cpu.cfs_quota_us"), "50000");
-        }
+        assert_eq!(
+            read(&group.memory, "memory.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read(&group.cpu, "cpu.cfs_quota_us"), "50000");
         assert_eq!(read(&group.pids, "pids.max"), "64");
         assert_eq!(group.oom_kills(), 0);
         group.remove();

@@ -32,6 +32,9 @@ pub struct Launch {
     pub marker: String,
 }
 
+/// How a unit's exit reads when systemd says the OOM killer ended it.
+pub const OOM_KILLED: &str = "killed by the OOM killer";
+
 impl Launch {
     /// The name of this service's control group: unique per agent (state dir) and app.
     pub fn cgroup_name(&self) -> String {
@@ -160,6 +163,9 @@ impl Proc {
                     Some(new) if new != *pid && is_alive(new) => {
                         *pid = new;
                         None
+                    }
+                    _ if crate::systemd::oom_killed(unit) => {
+                        Some(format!("{OOM_KILLED} (unit {unit})"))
                     }
                     _ => Some(format!("exited (unit {unit})")),
                 }

@@ -184,6 +184,7 @@ impl Supervisor {
         let services = std::mem::take(&mut *self.shared.lock());
         for (_, mut svc) in services {
             svc.stop();
+            svc.launch.remove_cgroup();
         }
     }
 
@@ -388,8 +389,9 @@ impl Service {
         // the group's OOM count rose (a forked worker killed for memory is not the service).
         let oom;
         let killed = how.contains("SIGKILL") || how == "exited";
+        let by_systemd = how.starts_with(crate::process::OOM_KILLED);
         let how = match self.launch.spec.limits.memory {
-            Some(limit) if killed && self.launch.oom_kills() > self.ooms_before => {
+            Some(limit) if by_systemd || (killed && self.launch.oom_kills() > self.ooms_before) => {
                 oom = format!(
                     "killed by the kernel: memory limit {} reached",
                     limit.human()

@@ -54,8 +54,12 @@ pub fn unit(
         let _ = writeln!(u, "MemoryMax={}\nMemorySwapMax=0", m.0);
     }
     if let Some(c) = spec.limits.cpu {
-        // CPUQuota is in percent of one CPU.
-        let _ = writeln!(u, "CPUQuota={}%", (u64::from(c.0) / 10).max(1));
+        // CPUQuota is in percent of one CPU; a tenth of a percent is a milli-CPU.
+        let (whole, tenths) = (c.0 / 10, c.0 % 10);
+        let _ = match tenths {
+            0 => writeln!(u, "CPUQuota={whole}%"),
+            _ => writeln!(u, "CPUQuota={whole}.{tenths}%"),
+        };
     }
     if let Some(p) = spec.limits.pids {
         let _ = writeln!(u, "TasksMax={p}");
@@ -158,6 +162,12 @@ pub fn remove(unit_dir: &Path, app: &str) -> Result<()> {
 }
 
 /// The unit's main process, if it runs.
+/// Whether systemd says the unit's process was killed by the kernel's OOM killer.
+pub fn oom_killed(unit: &str) -> bool {
+    systemctl(&["show", "--property", "Result", "--value", unit])
+        .is_ok_and(|result| result.trim() == "oom-kill")
+}
+
 pub fn main_pid(unit: &str) -> Option<u32> {
     let out = systemctl(&["show", "--property", "MainPID", "--value", unit]).ok()?;
     out.trim().parse().ok().filter(|pid| *pid > 0)
@@ -200,6 +210,9 @@ mod tests {
         for line in ["MemoryMax=67108864", "CPUQuota=50%", "TasksMax=64"] {
             assert!(u.lines().any(|l| l == line), "{line} in {u}");
         }
+        let spec: ServiceSpec = serde_json::from_str(r#"{"limits": {"cpu": 0.015}}"#).unwrap();
+        let u = unit("hello", "1.0.0", Path::new("/bin/hello"), &spec, None);
+        assert!(u.lines().any(|l| l == "CPUQuota=1.5%"), "{u}");
     }
 
     #[test]
