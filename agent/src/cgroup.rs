@@ -246,21 +246,23 @@ fn v1_base(controller: &'static str) -> Option<PathBuf> {
     Some(under(&mount, &own_path(controller)?))
 }
 
+/// Whether this process may create cgroups (tests that need it say they were skipped).
+#[cfg(test)]
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use muscle_protocol::{Cpu, Memory};
 
-    fn root() -> bool {
-        std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-    }
-
     #[test]
     fn limits_are_written_to_the_kernel() {
-        if !root() {
+        if !running_as_root() {
             eprintln!("skipped: creating cgroups needs root");
             return;
         }

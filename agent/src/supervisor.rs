@@ -545,18 +545,11 @@ mod tests {
         assert!(status.last_problem.unwrap().contains("exited"));
     }
 
-    fn is_root() -> bool {
-        std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-    }
-
     /// A bounded fork bomb (200 forks, so that a limit not applied cannot hurt the host):
     /// the pids limit stops it at 16, and stopping the service leaves none of its processes.
     #[test]
     fn forks_past_the_pids_limit_fail_and_a_stop_leaves_no_process_behind() {
-        if !is_root() {
+        if !crate::cgroup::running_as_root() {
             eprintln!("skipped: cgroups need root");
             return;
         }
@@ -586,7 +579,7 @@ mod tests {
 
     #[test]
     fn a_service_killed_for_memory_is_reported_with_its_limit() {
-        if !is_root() {
+        if !crate::cgroup::running_as_root() {
             eprintln!("skipped: cgroups need root");
             return;
         }

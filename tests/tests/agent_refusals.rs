@@ -70,13 +70,7 @@ fn offer_blob(
     blob: Blob,
 ) -> Result<String> {
     let manifest: Value = serde_json::from_str(manifest_text)?;
-    let entry = manifest["artifacts"]
-        .as_array()
-        .context("artifacts")?
-        .iter()
-        .find(|a| a["arch"] == "x86_64")
-        .context("x86_64 entry")?
-        .clone();
+    let entry = x86_64_entry(&manifest)?;
     let sha = entry["sha256"].as_str().unwrap().to_owned();
     let path = format!("/blobs/{sha}-{}", blob.bytes.len());
     server.put_blob(&path, blob);
@@ -90,6 +84,17 @@ fn offer_blob(
         spec()
     )]));
     Ok(sha)
+}
+
+/// The manifest's entry for the x86_64 artifact.
+fn x86_64_entry(manifest: &Value) -> Result<Value> {
+    manifest["artifacts"]
+        .as_array()
+        .context("artifacts")?
+        .iter()
+        .find(|a| a["arch"] == "x86_64")
+        .cloned()
+        .context("x86_64 entry")
 }
 
 /// One entry of the answer's `apps`: `app` at `version`, its artifact the manifest's `entry`
@@ -485,13 +490,7 @@ fn an_entry_this_agent_cannot_read_is_refused_alone_and_the_rest_is_installed() 
     let server = ScriptedServer::start();
     let agent = start_agent(&server, "unreadable", vec![])?;
     let (m1, v1) = release_parts(&b.v1)?;
-    let entry = m1["artifacts"]
-        .as_array()
-        .context("artifacts")?
-        .iter()
-        .find(|a| a["arch"] == "x86_64")
-        .context("x86_64 entry")?
-        .clone();
+    let entry = x86_64_entry(&m1)?;
     let path = "/blobs/v1";
     server.put_blob(
         path,
