@@ -12,6 +12,7 @@ mod fsutil;
 mod health;
 mod http;
 mod install;
+mod isolation;
 mod logs;
 mod paths;
 mod process;

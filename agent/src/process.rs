@@ -242,8 +242,13 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
             });
         }
     }
-    cmd.spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))
+    crate::isolation::Isolation::prepare(spec.user.as_ref(), binary)?.apply(&mut cmd);
+    cmd.spawn().with_context(|| {
+        format!(
+            "cannot start {} (in its sandbox: user, private /tmp, no new privileges)",
+            binary.display()
+        )
+    })
 }
 
 /// Starts the log relay of `launch` and returns the end of the pipe the service writes to. The

@@ -40,7 +40,9 @@
 //! expect_status}`, `{kind="tcp", addr}`, `{kind="command", argv}` or `{kind="none"}`),
 //! `min_healthy_time`, `healthy_deadline`, `restart` (`initial_backoff`, `max_backoff`,
 //! `crash_loop_restarts` within `crash_loop_window`), `stop_signal` (`SIGTERM`, `SIGINT`, ...),
-//! `stop_grace`, and `limits` (`memory = "64M"`, `cpu = 0.5`, `pids = 64`). Any string may use `${name}`, replaced by the agent's `--var name=value`.
+//! `stop_grace`, `limits` (`memory = "64M"`, `cpu = 0.5`, `pids = 64`), `user` (an unprivileged
+//! user, created if missing) and `sandbox` (`address_families`, `system_calls`, `writable_paths`,
+//! `write_execute`: what the sandbox lets through). Any string may use `${name}`, replaced by the agent's `--var name=value`.
 
 mod causes;
 mod checkin;
@@ -49,6 +51,7 @@ mod hash;
 mod limits;
 mod manifest;
 mod name;
+mod sandbox;
 mod service;
 mod signing;
 
@@ -63,6 +66,7 @@ pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,
 };
 pub use name::{Name, NameError, MAX_NAME_LEN};
+pub use sandbox::{AbsolutePath, AddressFamily, Sandbox, SyscallName, UserName};
 #[cfg(feature = "toml")]
 pub use service::SpecFileError;
 pub use service::{HealthCheck, RestartPolicy, ServiceSpec, SpecError};

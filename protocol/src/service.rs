@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::serde_dur;
-use crate::{Limits, Name};
+use crate::{Limits, Name, Sandbox, UserName};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +38,13 @@ pub struct ServiceSpec {
     /// `CPUQuota=`, `TasksMax=` under systemd).
     #[serde(default, skip_serializing_if = "Limits::is_none")]
     pub limits: Limits,
+    /// The unprivileged user the service runs as, created if missing (like systemd's
+    /// `DynamicUser=`); default: a dynamic user under systemd, the agent's own user otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserName>,
+    /// What the service's sandbox lets through beyond the defaults.
+    #[serde(default, skip_serializing_if = "Sandbox::is_default")]
+    pub sandbox: Sandbox,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -97,6 +104,8 @@ impl Default for ServiceSpec {
             stop_signal: defaults::stop_signal(),
             stop_grace: defaults::stop_grace(),
             limits: Limits::default(),
+            user: None,
+            sandbox: Sandbox::default(),
         }
     }
 }
