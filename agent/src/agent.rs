@@ -206,6 +206,14 @@ impl Agent {
             self.id,
             self.cfg.server
         );
+        crate::jobs::spawn(crate::jobs::JobRunner {
+            server: self.cfg.server.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            agent_id: self.id.clone(),
+            http: self.http.clone(),
+            trusted_keys: self.cfg.trusted_keys.clone(),
+            needs_credential: self.cfg.enroll_token.is_some(),
+        });
         let mut next_checkin = Instant::now();
         let mut backoff = self.cfg.interval;
         let mut was_down = false;

@@ -13,6 +13,8 @@ mod health;
 mod http;
 mod install;
 mod isolation;
+mod jobs;
+mod log_stream;
 mod logs;
 mod paths;
 mod process;

@@ -288,6 +288,14 @@ pub fn signal_pid(pid: u32, signal: i32) {
     }
 }
 
+/// Signals every process in the group `pgid` leads.
+pub fn signal_pid_group(pgid: u32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory effects.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), signal);
+    }
+}
+
 /// Running and not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -46,6 +46,13 @@ pub fn new_credential() -> std::io::Result<String> {
     Ok(hex::encode(bytes))
 }
 
+/// A new random id for a job or a log request (128 bits).
+pub fn new_id() -> std::io::Result<muscle_protocol::JobId> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(muscle_protocol::JobId::new(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,19 @@ pub enum Command {
         #[arg(long = "selector", value_parser = muscle_protocol::parse_key_value)]
         selector: Vec<(String, String)>,
     },
+    /// Run a command on the live agents matching the selector; each agent's output and exit
+    /// status is shown as it arrives. Exits 1 when any failed, timed out, refused or did not
+    /// answer.
+    Exec(ExecArgs),
+    /// Jobs run by `exec`, newest first, with their tallies; with an id, that job's results.
+    Jobs {
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A service's log on one agent: its last lines, then new ones as they are written with
+    /// --follow (until Ctrl-C). The agent sends them over its own connection to the deployer.
+    Logs(LogsArgs),
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {
         #[arg(long)]
@@ -147,6 +160,45 @@ pub struct StartArgs {
     /// Replace the app's active rollout instead of refusing to start.
     #[arg(long)]
     pub supersede: bool,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// Only agents with this label (repeatable; `arch=aarch64` selects by architecture).
+    #[arg(long = "selector", value_parser = muscle_protocol::parse_key_value)]
+    pub selector: Vec<(String, String)>,
+    /// How many agents run it at once (default: all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_parallel: Option<u32>,
+    /// Each agent kills the command (and what it started) after this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Sign the job with this operator key (`muscle-deploy keygen`): agents that pin keys run
+    /// only jobs signed by one of them.
+    #[arg(long, env = "MUSCLE_SIGNING_KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// Print the job and every result as JSON at the end instead of text as they arrive.
+    #[arg(long)]
+    pub json: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    pub agent: Name,
+    pub app: Name,
+    /// Keep printing lines as the service writes them.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only lines written within this long (`10m`, `1h`).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+    /// How many of the last lines to print first.
+    #[arg(long, short = 'n', default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(muscle_protocol::MAX_LOG_TAIL)))]
+    pub tail: u32,
 }
 
 #[derive(Args)]

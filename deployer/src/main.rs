@@ -8,13 +8,16 @@ mod auth;
 mod certs;
 mod cli;
 mod engine;
+mod exec;
 mod failpoint;
 mod fsck;
+mod job_api;
 mod keys;
 mod listen;
 mod publish;
 mod rollout;
 mod server;
+mod service_logs;
 mod steer;
 mod store;
 mod views;
@@ -126,6 +129,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(args, store, &dir)?,
         Command::Rollout(cmd) => steer::rollout_command(cmd, store.as_ref())?,
         Command::Undeploy { app, selector } => steer::undeploy(store.as_ref(), &app, selector)?,
+        Command::Exec(args) => {
+            if !exec::exec(args, store.as_ref())? {
+                std::process::exit(1);
+            }
+        }
+        Command::Logs(args) => service_logs::logs(args, store.as_ref())?,
+        Command::Jobs { id, json } => exec::jobs(id.as_deref(), json, store.as_ref())?,
         Command::Fleet { json } => {
             let agents = store.agents()?;
             if json {
@@ -191,11 +201,12 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
         );
         server::serve(
             server::Server {
-                store,
+                store: store.clone(),
                 blobs,
                 blob_base_url: args.blob_base_url,
                 auth,
                 engine_wake: Arc::new(tokio::sync::Notify::new()),
+                jobs_version: job_api::watch_jobs(store.clone()),
             },
             listener,
             args.tick,

@@ -30,12 +30,17 @@ pub struct Server {
     pub auth: Auth,
     /// Wakes the rollout engine before its next tick: an agent reported a change.
     pub engine_wake: Arc<tokio::sync::Notify>,
+    /// The store's jobs version ([`crate::job_api::watch_jobs`]): wakes agents' job polls.
+    pub jobs_version: tokio::sync::watch::Receiver<u64>,
 }
 
 pub fn router(server: Server) -> Router {
     Router::new()
         .route("/v1/enroll", post(enroll))
         .route("/v1/checkin", post(checkin))
+        .route("/v1/jobs/poll", post(crate::job_api::poll))
+        .route("/v1/jobs/result", post(crate::job_api::result))
+        .route("/v1/logs/batch", post(crate::job_api::log_batch))
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .route("/v1/fleet", get(fleet))
         .route("/v1/rollouts", get(rollouts))
@@ -114,7 +119,7 @@ async fn request_deadline(
 }
 
 /// An error answer: a status and a JSON body naming what was wrong.
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -122,7 +127,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
@@ -195,7 +200,11 @@ async fn enroll(
 
 /// With enrolment on, a check-in must carry the credential of the agent it names; nothing of a
 /// refused check-in is recorded.
-fn check_agent_credential(s: &Server, headers: &HeaderMap, agent_id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_agent_credential(
+    s: &Server,
+    headers: &HeaderMap,
+    agent_id: &str,
+) -> Result<(), ApiError> {
     if s.auth.enroll_token.is_none() {
         return Ok(());
     }

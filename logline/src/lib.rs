@@ -66,6 +66,47 @@ pub fn utc(unix: u64) -> String {
     )
 }
 
+/// The Unix seconds of the `2026-11-27T17:30:00.123Z` stamp (as [`rfc3339_millis`] writes
+/// it) that `line` starts with, if it starts with one.
+pub fn parse_stamp(line: &str) -> Option<u64> {
+    let b = line.as_bytes();
+    let shape = b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':';
+    if !shape {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<u32> {
+        let digits = line.get(from..to)?;
+        digits
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    let days = days_from_civil(i64::from(year), month, day);
+    let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second.min(60));
+    u64::try_from(secs).ok()
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of [`Civil::from_unix`]).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((month + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// A UTC date and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Civil {
@@ -113,6 +154,24 @@ mod tests {
         assert_eq!(Civil::from_unix(1_798_761_600).year, 2027);
         let t = UNIX_EPOCH + std::time::Duration::from_millis(1_795_800_600_042);
         assert_eq!(rfc3339_millis(t), "2026-11-27T17:30:00.042Z");
+    }
+
+    #[test]
+    fn stamps_parse_back_to_the_second() {
+        for unix in [0, 951_782_400, 1_795_800_600, 1_798_761_599, 4_102_444_800] {
+            let t = UNIX_EPOCH + std::time::Duration::from_secs(unix);
+            let line = format!("{} 0.1.0 hello", rfc3339_millis(t));
+            assert_eq!(parse_stamp(&line), Some(unix), "{line}");
+        }
+        for bad in [
+            "",
+            "hello",
+            "2026-13-01T00:00:00.000Z",
+            "2026-11-27 17:30:00 UTC",
+            "20x6-11-27T17:30:00.000Z",
+        ] {
+            assert_eq!(parse_stamp(bad), None, "{bad}");
+        }
     }
 
     #[test]

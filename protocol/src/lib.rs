@@ -48,6 +48,7 @@ mod causes;
 mod checkin;
 pub mod duration;
 mod hash;
+mod job;
 mod limits;
 mod manifest;
 mod name;
@@ -61,6 +62,10 @@ pub use checkin::{
     ProbeNonce, Unreadable,
 };
 pub use hash::{sha256_hex, Sha256};
+pub use job::{
+    JobId, JobOffer, JobOffers, JobOrder, JobOutcome, JobPoll, JobReport, LogAck, LogBatch,
+    LogRequest, JOB_SIGNING_CONTEXT, MAX_JOB_OUTPUT, MAX_JOB_TIMEOUT, MAX_LOG_BATCH, MAX_LOG_TAIL,
+};
 pub use limits::{Cpu, Limits, Memory};
 pub use manifest::{
     DebugArtifact, ManifestArtifact, ManifestError, ReleaseManifest, MANIFEST_SCHEMA,

@@ -3,6 +3,8 @@
 //! a multi-replica deployment can implement the same traits over PostgreSQL and S3.
 
 mod blobs;
+mod jobs;
+mod logs;
 mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +13,8 @@ use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 pub use blobs::FsBlobStore;
+pub use jobs::{JobRecord, JobStore, JobTarget, TargetState};
+pub use logs::{LogState, LogStore};
 pub use sqlite::SqliteStore;
 
 use crate::rollout::{Action, Request, Rollout};
@@ -141,7 +145,7 @@ pub struct Step<'a> {
     pub handled: Option<Request>,
 }
 
-pub trait Store: Send + Sync {
+pub trait Store: JobStore + LogStore + Send + Sync {
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;

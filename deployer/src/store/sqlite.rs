@@ -45,6 +45,24 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE removals (agent_id TEXT NOT NULL, app TEXT NOT NULL, PRIMARY KEY (agent_id, app));",
     // 4: the last probe of each agent's self-update, confirmed before it hands over.
     "CREATE TABLE probes (agent_id TEXT PRIMARY KEY, nonce_sha256 TEXT NOT NULL, seen_ms INTEGER NOT NULL);",
+    // 5: ad hoc jobs (`exec`), each with its targets and their reports.
+    "CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, order_json TEXT NOT NULL,
+        signature TEXT, selector TEXT NOT NULL, max_parallel INTEGER NOT NULL,
+        deadline_ms INTEGER NOT NULL);
+     CREATE TABLE job_targets (
+        job_id TEXT NOT NULL, agent_id TEXT NOT NULL, arch TEXT NOT NULL,
+        state TEXT NOT NULL, started_ms INTEGER, finished_ms INTEGER, report TEXT,
+        PRIMARY KEY (job_id, agent_id));
+     CREATE INDEX job_targets_by_agent ON job_targets (agent_id, state);",
+    // 6: log requests (`logs`) and the lines agents sent for them.
+    "CREATE TABLE log_requests (
+        id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, request TEXT NOT NULL,
+        created_ms INTEGER NOT NULL, wanted_ms INTEGER NOT NULL, state TEXT NOT NULL, error TEXT);
+     CREATE INDEX log_requests_by_agent ON log_requests (agent_id, state);
+     CREATE TABLE log_lines (
+        request_id TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL,
+        PRIMARY KEY (request_id, seq));",
 ];
 
 pub struct SqliteStore {
@@ -120,7 +138,7 @@ impl SqliteStore {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
