@@ -9,7 +9,7 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,33 @@ use muscle_protocol::{
 /// Longer than the deployer holds a poll.
 const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MIN_POLL_GAP: Duration = Duration::from_secs(1);
 /// The most job ids remembered (each until its order expires).
 const MAX_SEEN: usize = 4096;
+/// The most jobs run at once, and logs sent at once: a deployer cannot make the agent start
+/// threads without bound. Offers past them are not taken (the job reports them lost).
+const MAX_JOBS: usize = 16;
+const MAX_LOG_STREAMS: usize = 8;
+
+/// One of a bounded number of places, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 pub struct JobRunner {
     pub server: String,
@@ -47,6 +72,7 @@ pub fn spawn(runner: JobRunner) {
 impl JobRunner {
     fn poll_forever(self: &Arc<Self>) {
         let seen = Arc::new(Mutex::new(Seen::load(&self.seen_file())));
+        let (jobs_running, streams_running) = (Arc::default(), Arc::default());
         let mut backoff = Duration::from_secs(1);
         let mut failing = false;
         while !crate::agent::SHUTDOWN.load(Ordering::Relaxed) {
@@ -54,21 +80,44 @@ impl JobRunner {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
+            let asked = Instant::now();
             match self.poll() {
                 Ok(offers) => {
                     failing = false;
                     backoff = Duration::from_secs(1);
+                    // A deployer that answers at once with nothing is not asked in a tight loop.
+                    if offers.jobs.is_empty() && offers.logs.is_empty() {
+                        std::thread::sleep(MIN_POLL_GAP.saturating_sub(asked.elapsed()));
+                    }
+                    let mut not_taken = 0;
                     for offer in offers.jobs {
+                        let Some(slot) = Slot::take(&jobs_running, MAX_JOBS) else {
+                            not_taken += 1;
+                            continue;
+                        };
                         let (me, seen) = (self.clone(), seen.clone());
                         let _ = std::thread::Builder::new()
                             .name("job".into())
-                            .spawn(move || me.take(offer, &seen));
+                            .spawn(move || {
+                                me.take(offer, &seen);
+                                drop(slot);
+                            });
                     }
                     for request in offers.logs {
+                        let Some(slot) = Slot::take(&streams_running, MAX_LOG_STREAMS) else {
+                            not_taken += 1;
+                            continue;
+                        };
                         let me = self.clone();
                         let _ = std::thread::Builder::new()
                             .name("logs".into())
-                            .spawn(move || crate::log_stream::serve(&me, request));
+                            .spawn(move || {
+                                crate::log_stream::serve(&me, request);
+                                drop(slot);
+                            });
+                    }
+                    if not_taken > 0 {
+                        say!("{not_taken} job(s) or log request(s) not taken: at most {MAX_JOBS} jobs and {MAX_LOG_STREAMS} logs at once");
                     }
                 }
                 Err(e) => {

@@ -74,6 +74,9 @@ pub struct Member {
     pub previous: Option<Assignment>,
     pub assigned_ms: Option<u64>,
     pub error: Option<String>,
+    /// A failed member's last log lines, as its agent reported them with the failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 impl Member {
@@ -85,6 +88,7 @@ impl Member {
             previous: None,
             assigned_ms: None,
             error: None,
+            log: vec![],
         }
     }
 }
@@ -132,6 +136,19 @@ pub enum Action {
 }
 
 /// Whether `agent` has every label of `selector` (`arch` also matches its architecture).
+/// The lines of a failed member's log shown with the rollout.
+pub const FAILURE_LOG_LINES: usize = 10;
+
+/// The last [`FAILURE_LOG_LINES`] lines of a reported log tail, each at most 300 characters.
+fn failure_log(tail: Option<&str>) -> Vec<String> {
+    let lines: Vec<&str> = tail.unwrap_or_default().lines().collect();
+    let skip = lines.len().saturating_sub(FAILURE_LOG_LINES);
+    lines[skip..]
+        .iter()
+        .map(|l| l.chars().take(300).collect())
+        .collect()
+}
+
 pub fn selects(selector: &BTreeMap<String, String>, agent: &AgentRecord) -> bool {
     selector
         .iter()
@@ -594,6 +611,7 @@ fn judge(
                 error = format!("{error} [log: {tail}]");
             }
             m.error = Some(error);
+            m.log = failure_log(r.log_tail.as_deref());
             return Some(MemberState::Failed);
         }
         let healthy = r.installed_version.as_deref() == Some(version)

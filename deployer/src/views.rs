@@ -192,7 +192,11 @@ pub fn rollout_summary(r: &Rollout) -> String {
                     .unwrap_or_default();
                 match (&m.error, m.state) {
                     (Some(e), MemberState::Failed) => {
-                        format!("{} [{}] {state}: {e}", m.agent_id, m.arch)
+                        let mut text = format!("{} [{}] {state}: {e}", m.agent_id, m.arch);
+                        for line in &m.log {
+                            text += &format!("\n        | {line}");
+                        }
+                        text
                     }
                     _ => format!("{} [{}] {state}", m.agent_id, m.arch),
                 }

@@ -339,6 +339,26 @@ fn rollback_returns_each_agent_to_its_last_known_good_version_not_a_failed_one()
     let r = fleet.deployer.wait_rollout_end(bad, ROLLOUT_TIMEOUT)?;
     assert_eq!(r["status"], "halted", "{r:#}");
     assert_eq!(fleet.agent("x86_64-1").service_version()?, "0.1.0");
+    // The failed member shows the log lines around its failure, in JSON and in the status.
+    let canary = &r["waves"][0]["members"][0];
+    let log: Vec<&str> = canary["log"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("hello-service 0.3.0 (x86_64) listening")),
+        "{canary:#}"
+    );
+    let status = fleet
+        .deployer
+        .ok(&["rollout", "status", &bad.to_string()])?;
+    assert!(
+        status.contains("        | ") && status.contains("0.3.0 (x86_64) listening"),
+        "{status}"
+    );
     let first = fleet.deployer.rollout(Some(1))?;
     assert_eq!(first["status"], "succeeded", "{first:#}");
     common::roll_out(&fleet, "0.2.0")?;
