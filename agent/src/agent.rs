@@ -280,33 +280,22 @@ impl Agent {
         bearer: Option<&str>,
         body: &impl serde::Serialize,
     ) -> Result<Vec<u8>> {
-        let url = format!("{}{path}", self.cfg.server.trim_end_matches('/'));
-        let mut req = self.http.post(&url).timeout(ANSWER_DEADLINE);
-        if let Some(secret) = bearer {
-            req = req.set("Authorization", &format!("Bearer {secret}"));
-        }
-        match req.send_json(body) {
-            Ok(resp) => {
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(resp.into_reader(), MAX_ANSWER_BYTES + 1),
-                    &mut bytes,
-                )
-                .with_context(|| format!("reading the answer of POST {url}"))?;
-                anyhow::ensure!(
-                    bytes.len() as u64 <= MAX_ANSWER_BYTES,
-                    BadAnswer(format!(
-                        "the answer of POST {url} is larger than {MAX_ANSWER_BYTES} bytes"
-                    ))
-                );
-                Ok(bytes)
+        let body = serde_json::to_vec(body)?;
+        let answer = crate::http::post(
+            &self.http,
+            &self.cfg.server,
+            path,
+            bearer,
+            &body,
+            ANSWER_DEADLINE,
+            MAX_ANSWER_BYTES,
+        );
+        match answer {
+            Ok(bytes) => Ok(bytes),
+            Err(e @ crate::http::PostError::TooLarge { .. }) => {
+                Err(BadAnswer(e.to_string()).into())
             }
-            Err(ureq::Error::Status(code, resp)) => {
-                let body = resp.into_string().unwrap_or_default();
-                anyhow::bail!("POST {url} answered {code}: {}", body.trim());
-            }
-            // ureq's message names the URL already.
-            Err(e) => Err(anyhow::Error::new(e).context(format!("POST {path}"))),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -16,6 +16,88 @@ pub fn hint_for(error: &str) -> Option<String> {
     })
 }
 
+/// Why a POST to the deployer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("POST {url} answered {code}: {body}")]
+    Status {
+        url: String,
+        code: u16,
+        body: String,
+    },
+    #[error("the answer of POST {url} is larger than {max} bytes")]
+    TooLarge { url: String, max: u64 },
+    #[error("reading the answer of POST {url}")]
+    Read {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    // ureq's message names the URL already.
+    #[error("POST {path}")]
+    Transport {
+        path: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+}
+
+impl PostError {
+    /// Worth another try: the deployer did not answer, or answered 5xx.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            PostError::Status { code, .. } => *code >= 500,
+            PostError::Transport { .. } | PostError::Read { .. } => true,
+            PostError::TooLarge { .. } => false,
+        }
+    }
+}
+
+/// POSTs `body` (JSON) to `path` on `server` with `bearer`, within `deadline` for the whole
+/// exchange; returns the answer's bytes, at most `max` of them.
+pub fn post(
+    http: &ureq::Agent,
+    server: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+    deadline: Duration,
+    max: u64,
+) -> Result<Vec<u8>, PostError> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let mut req = http
+        .post(&url)
+        .timeout(deadline)
+        .set("Content-Type", "application/json");
+    if let Some(secret) = bearer {
+        req = req.set("Authorization", &format!("Bearer {secret}"));
+    }
+    match req.send_bytes(body) {
+        Ok(resp) => {
+            let mut bytes = Vec::new();
+            let read = std::io::Read::read_to_end(
+                &mut std::io::Read::take(resp.into_reader(), max + 1),
+                &mut bytes,
+            );
+            if let Err(source) = read {
+                return Err(PostError::Read { url, source });
+            }
+            if bytes.len() as u64 > max {
+                return Err(PostError::TooLarge { url, max });
+            }
+            Ok(bytes)
+        }
+        Err(ureq::Error::Status(code, resp)) => {
+            let body = resp.into_string().unwrap_or_default().trim().to_owned();
+            Err(PostError::Status { url, code, body })
+        }
+        Err(e) => Err(PostError::Transport {
+            path: path.to_owned(),
+            source: Box::new(e),
+        }),
+    }
+}
+
 /// A client with the agent's timeouts, trusting the CA bundle at `ca_file` when given (see
 /// `tls.rs` for whom it trusts otherwise).
 pub fn client(ca_file: Option<&Path>) -> Result<ureq::Agent> {

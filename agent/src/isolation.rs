@@ -28,13 +28,18 @@ pub enum IsolationError {
 pub struct Isolation {
     /// uid and gid to switch to.
     ids: Option<(u32, u32)>,
-    private_tmp: bool,
+    /// The options of the service's own /tmp, when it gets one.
+    private_tmp: Option<CString>,
 }
 
 impl Isolation {
     /// Prepares `user` (creating it if missing) and decides what applies on this host for a
-    /// service running `binary`.
-    pub fn prepare(user: Option<&UserName>, binary: &Path) -> Result<Isolation, IsolationError> {
+    /// service running `binary` within `memory` bytes (its private /tmp counts toward them).
+    pub fn prepare(
+        user: Option<&UserName>,
+        binary: &Path,
+        memory: Option<u64>,
+    ) -> Result<Isolation, IsolationError> {
         let root = euid() == 0;
         let ids = match user {
             None => None,
@@ -63,12 +68,16 @@ impl Isolation {
                 }
             }),
         };
-        Ok(Isolation {
-            ids,
-            // A service installed under /tmp (an agent whose state dir is there, as in tests)
-            // would lose its own binary behind a fresh /tmp: it keeps the host's.
-            private_tmp: root && !under_tmp(binary),
-        })
+        // A service installed under /tmp (an agent whose state dir is there, as in tests)
+        // would lose its own binary behind a fresh /tmp: it keeps the host's.
+        let private_tmp = (root && !under_tmp(binary) && mount_namespaces_work()).then(|| {
+            match memory {
+                Some(bytes) => CString::new(format!("mode=1777,size={bytes}")),
+                None => CString::new("mode=1777"),
+            }
+            .expect("no NUL in the options")
+        });
+        Ok(Isolation { ids, private_tmp })
     }
 
     /// Adds the steps to `cmd`'s child, after any registered before (joining a cgroup needs
@@ -76,14 +85,13 @@ impl Isolation {
     pub fn apply(self, cmd: &mut Command) {
         let tmp = CString::from(c"/tmp");
         let tmpfs = CString::from(c"tmpfs");
-        let options = CString::from(c"mode=1777");
         let root = CString::from(c"/");
         // SAFETY: between fork and exec the child only makes system calls (unshare, mount,
         // setgroups, setgid, setuid, prctl) on memory prepared before the fork; nothing
         // allocates or takes a lock.
         unsafe {
             cmd.pre_exec(move || {
-                if self.private_tmp {
+                if let Some(options) = &self.private_tmp {
                     check(libc::unshare(libc::CLONE_NEWNS))?;
                     // Nothing mounted in the service's namespace propagates back to the host.
                     check(libc::mount(
@@ -111,6 +119,31 @@ impl Isolation {
             });
         }
     }
+}
+
+/// Whether a child can get a mount namespace of its own here (root in a container without
+/// CAP_SYS_ADMIN cannot): probed once with the agent's own binary; when not, services keep the
+/// host's /tmp and the agent says so once.
+fn mount_namespaces_work() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        let mut probe = Command::new(exe);
+        probe
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: the child only calls unshare(2) between fork and exec.
+        unsafe {
+            probe.pre_exec(|| check(libc::unshare(libc::CLONE_NEWNS)));
+        }
+        let works = probe.status().is_ok();
+        if !works {
+            say!("services keep the host's /tmp: this host refuses the agent mount namespaces (a container without CAP_SYS_ADMIN?)");
+        }
+        works
+    })
 }
 
 fn under_tmp(path: &Path) -> bool {

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use muscle_protocol::{
     JobId, JobOffer, JobOffers, JobOrder, JobOutcome, JobPoll, JobReport, Name, PublicKey,
-    MAX_ANSWER_BYTES, MAX_CHECKIN_BYTES, MAX_JOB_OUTPUT,
+    MAX_ANSWER_BYTES, MAX_CHECKIN_BYTES, MAX_JOB_OUTPUT, MAX_JOB_REASON_CHARS,
 };
 
 /// Longer than the deployer holds a poll.
 const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const MIN_POLL_GAP: Duration = Duration::from_secs(1);
+/// A deployer answering at once (its holds are taken, or it is old) is asked this often.
+const MIN_POLL_GAP: Duration = Duration::from_secs(2);
 /// The most job ids remembered (each until its order expires).
 const MAX_SEEN: usize = 4096;
 /// The most jobs run at once, and logs sent at once: a deployer cannot make the agent start
@@ -145,35 +146,22 @@ impl JobRunner {
             .map(|c| c.trim().to_owned())
     }
 
-    pub(crate) fn post(&self, path: &str, body: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        let url = format!("{}{path}", self.server.trim_end_matches('/'));
-        let mut req = self
-            .http
-            .post(&url)
-            .timeout(timeout)
-            .set("Content-Type", "application/json");
-        if let Some(secret) = self.credential() {
-            req = req.set("Authorization", &format!("Bearer {secret}"));
-        }
-        match req.send_bytes(body) {
-            Ok(resp) => {
-                let mut bytes = Vec::new();
-                resp.into_reader()
-                    .take(MAX_ANSWER_BYTES + 1)
-                    .read_to_end(&mut bytes)
-                    .with_context(|| format!("reading the answer of POST {url}"))?;
-                anyhow::ensure!(
-                    bytes.len() as u64 <= MAX_ANSWER_BYTES,
-                    "the answer of POST {url} is larger than {MAX_ANSWER_BYTES} bytes"
-                );
-                Ok(bytes)
-            }
-            Err(ureq::Error::Status(code, resp)) => {
-                let body = resp.into_string().unwrap_or_default();
-                anyhow::bail!("POST {url} answered {code}: {}", body.trim());
-            }
-            Err(e) => Err(anyhow::Error::new(e).context(format!("POST {path}"))),
-        }
+    pub(crate) fn post(
+        &self,
+        path: &str,
+        body: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, crate::http::PostError> {
+        let bearer = self.credential();
+        crate::http::post(
+            &self.http,
+            &self.server,
+            path,
+            bearer.as_deref(),
+            body,
+            deadline,
+            MAX_ANSWER_BYTES,
+        )
     }
 
     fn poll(&self) -> Result<JobOffers> {
@@ -192,6 +180,7 @@ impl JobRunner {
                 run(&order, self.agent_id.clone())
             }
             Err((Some(id), reason)) => {
+                let reason = clip(&reason, MAX_JOB_REASON_CHARS);
                 say!("job {id} refused: {reason}");
                 JobReport {
                     agent_id: self.agent_id.clone(),
@@ -239,6 +228,12 @@ impl JobRunner {
             ))
         })?;
         order.check().map_err(refuse)?;
+        if !order.names(&self.agent_id) {
+            return Err(refuse(format!(
+                "the order does not name this agent ({}): it was made for other agents",
+                self.agent_id
+            )));
+        }
         let now = crate::clock::now_unix();
         if order.not_after < now {
             return Err(refuse(format!(
@@ -260,31 +255,48 @@ impl JobRunner {
         Ok(order)
     }
 
-    /// Reports, retrying a few times: the deployer may be restarting.
-    fn report(&self, mut report: JobReport) {
-        let mut body = serde_json::to_vec(&report).expect("a report serialises");
-        // Output full of control characters grows sixfold as JSON: halve it until it fits.
-        while body.len() > MAX_CHECKIN_BYTES - 1024 {
-            for text in [&mut report.stdout, &mut report.stderr] {
-                let keep = floor_char_boundary(text, text.len() / 2);
-                report.truncated_bytes += (text.len() - keep) as u64;
-                text.truncate(keep);
-            }
-            body = serde_json::to_vec(&report).expect("a report serialises");
-        }
+    /// Reports, retrying a few times while the deployer does not answer or answers 5xx.
+    fn report(&self, report: JobReport) {
+        let body = fitting(report.clone());
         let mut wait = Duration::from_secs(1);
         for attempt in 1..=6 {
             match self.post("/v1/jobs/result", &body, POLL_TIMEOUT) {
                 Ok(_) => return,
-                Err(e) if attempt == 6 || e.to_string().contains("answered 409") => {
-                    say!("job {}: cannot report its result: {e:#}", report.job_id);
+                Err(e) if attempt < 6 && e.is_passing() => std::thread::sleep(wait),
+                Err(e) => {
+                    say!(
+                        "job {}: cannot report its result: {}",
+                        report.job_id,
+                        muscle_protocol::causes(&e)
+                    );
                     return;
                 }
-                Err(_) => std::thread::sleep(wait),
             }
             wait *= 2;
         }
     }
+}
+
+/// The report as a body the deployer takes: output full of control characters grows sixfold
+/// as JSON, so both streams are halved until it fits (the reason is clipped already).
+fn fitting(mut report: JobReport) -> Vec<u8> {
+    loop {
+        let body = serde_json::to_vec(&report).expect("a report serialises");
+        if body.len() <= MAX_CHECKIN_BYTES - 1024
+            || (report.stdout.is_empty() && report.stderr.is_empty())
+        {
+            return body;
+        }
+        for text in [&mut report.stdout, &mut report.stderr] {
+            let keep = floor_char_boundary(text, text.len() / 2);
+            report.truncated_bytes += (text.len() - keep) as u64;
+            text.truncate(keep);
+        }
+    }
+}
+
+fn clip(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
 }
 
 /// Runs `order` in a process group of its own, killed with everything it started at its
@@ -314,7 +326,7 @@ fn run(order: &JobOrder, agent_id: Name) -> JobReport {
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let reason = format!("{}: {e}", order.argv[0]);
+            let reason = clip(&format!("{}: {e}", order.argv[0]), MAX_JOB_REASON_CHARS);
             return report(
                 JobOutcome::FailedToStart { reason },
                 String::new(),
@@ -326,25 +338,33 @@ fn run(order: &JobOrder, agent_id: Name) -> JobReport {
     let stdout = capture(child.stdout.take());
     let stderr = capture(child.stderr.take());
     let deadline = started + order.timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => break None,
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(_) => break None,
+    let pid = child.id();
+    let ended = loop {
+        match crate::process::has_exited(pid) {
+            Ok(true) => break Ok(true),
+            Ok(false) if Instant::now() >= deadline => break Ok(false),
+            Ok(false) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => break Err(e),
         }
     };
-    // What the job left behind in its group goes with it (and lets the readers finish).
-    kill_group(child.id());
-    let _ = child.wait();
-    let (out, out_extra) = stdout.join().unwrap_or_default();
-    let (err, err_extra) = stderr.join().unwrap_or_default();
-    let outcome = match status {
-        None => JobOutcome::TimedOut,
-        Some(s) => match (s.code(), s.signal()) {
+    // Not reaped yet, so its pid still names its group: what the job left behind goes with
+    // it (and lets the readers finish).
+    kill_group(pid);
+    let status = child.wait();
+    // A process that left the group (setsid) may hold the output open: not waited for long.
+    let reader_deadline = Instant::now() + READER_GRACE;
+    let (out, out_extra) = stdout.finish(reader_deadline);
+    let (err, err_extra) = stderr.finish(reader_deadline);
+    let outcome = match (ended, status) {
+        (Ok(false), _) => JobOutcome::TimedOut,
+        (Err(e), _) | (Ok(true), Err(e)) => JobOutcome::FailedToStart {
+            reason: format!("cannot wait for it: {e}"),
+        },
+        (Ok(true), Ok(s)) => match (s.code(), s.signal()) {
             (Some(code), _) => JobOutcome::Exited { code },
-            (None, Some(signal)) => JobOutcome::Killed { signal },
-            (None, None) => JobOutcome::Killed { signal: 0 },
+            (_, signal) => JobOutcome::Killed {
+                signal: signal.unwrap_or(0),
+            },
         },
     };
     report(outcome, out, err, out_extra + err_extra)
@@ -354,12 +374,34 @@ fn kill_group(pid: u32) {
     crate::process::signal_pid_group(pid, libc::SIGKILL);
 }
 
-/// Reads a stream to its end on a thread: the first [`MAX_JOB_OUTPUT`] bytes as text, and how
+/// How long the output of an ended job is still read.
+const READER_GRACE: Duration = Duration::from_secs(2);
+
+/// A stream read to its end on a thread: the first [`MAX_JOB_OUTPUT`] bytes as text, and how
 /// many bytes came after.
-fn capture(stream: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<(String, u64)> {
+struct Capture(std::sync::mpsc::Receiver<(String, u64)>);
+
+impl Capture {
+    /// What was read, waiting for the end of the stream until `deadline`; past it, what the
+    /// job printed is lost (said in the output) but the report goes.
+    fn finish(self, deadline: Instant) -> (String, u64) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.0.recv_timeout(left).unwrap_or_else(|_| {
+            (
+                "(output not read: a process that left the job's process group holds it open)\n"
+                    .to_owned(),
+                0,
+            )
+        })
+    }
+}
+
+fn capture(stream: Option<impl Read + Send + 'static>) -> Capture {
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let Some(mut stream) = stream else {
-            return (String::new(), 0);
+            let _ = tx.send((String::new(), 0));
+            return;
         };
         let mut kept = Vec::new();
         let _ = (&mut stream)
@@ -371,11 +413,13 @@ fn capture(stream: Option<impl Read + Send + 'static>) -> std::thread::JoinHandl
         let keep = floor_char_boundary(&text, MAX_JOB_OUTPUT);
         let over = (text.len() - keep) as u64;
         text.truncate(keep);
-        (text, extra + over)
-    })
+        let _ = tx.send((text, extra + over));
+    });
+    Capture(rx)
 }
 
-fn floor_char_boundary(s: &str, at: usize) -> usize {
+/// The largest char boundary of `s` at or before `at`.
+pub(crate) fn floor_char_boundary(s: &str, at: usize) -> usize {
     let mut i = at.min(s.len());
     while !s.is_char_boundary(i) {
         i -= 1;
@@ -441,6 +485,7 @@ mod tests {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout: Duration::from_millis(timeout_ms),
             not_after: u64::MAX,
+            agents: vec![agent()],
         }
     }
 
@@ -473,6 +518,35 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
+    /// A process that leaves the job's group keeps the output open: the report goes anyway.
+    #[test]
+    fn a_process_escaping_the_group_does_not_hold_the_report() {
+        let started = Instant::now();
+        let r = run(
+            &order(&["sh", "-c", "setsid sleep 5 & echo bye"], 5000),
+            agent(),
+        );
+        assert_eq!(r.outcome, JobOutcome::Exited { code: 0 });
+        assert!(started.elapsed() < Duration::from_secs(4), "{r:?}");
+    }
+
+    /// Whatever the reason and output hold, a report ends up small enough to send.
+    #[test]
+    fn every_report_fits_a_request() {
+        let r = JobReport {
+            agent_id: agent(),
+            job_id: JobId::new([1; 16]),
+            outcome: JobOutcome::Refused {
+                reason: clip(&"\u{1}".repeat(100_000), MAX_JOB_REASON_CHARS),
+            },
+            stdout: "\u{1}".repeat(MAX_JOB_OUTPUT),
+            stderr: "\u{2}".repeat(MAX_JOB_OUTPUT),
+            truncated_bytes: 0,
+            duration_ms: 1,
+        };
+        assert!(fitting(r).len() <= MAX_CHECKIN_BYTES - 1024);
+    }
+
     #[test]
     fn output_past_the_limit_is_counted_not_kept() {
         let r = run(
@@ -481,6 +555,60 @@ mod tests {
         );
         assert_eq!(r.stdout.len(), MAX_JOB_OUTPUT);
         assert_eq!(r.truncated_bytes, 100_000 - MAX_JOB_OUTPUT as u64);
+    }
+
+    /// What a key-pinning agent refuses: unsigned, signed by another key, signed for other
+    /// agents, expired, seen before. A signed order naming it is taken once.
+    #[test]
+    fn a_key_pinning_agent_takes_only_signed_orders_made_for_it_once() {
+        let dir = std::env::temp_dir().join(format!("muscle-accept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = muscle_protocol::SigningKey::from_seed(&[3; 32]);
+        let stranger = muscle_protocol::SigningKey::from_seed(&[4; 32]);
+        let runner = JobRunner {
+            server: "http://127.0.0.1:9".into(),
+            state_dir: dir.clone(),
+            agent_id: agent(),
+            http: ureq::agent(),
+            trusted_keys: vec![muscle_protocol::parse_public_key(
+                &muscle_protocol::public_key_hex(&key),
+            )
+            .unwrap()],
+            needs_credential: false,
+        };
+        let seen = Mutex::new(Seen::load(&dir.join("jobs-seen")));
+        let offer = |o: &JobOrder, k: Option<&muscle_protocol::SigningKey>| {
+            let text = serde_json::to_string(o).unwrap();
+            let signature = k.map(|k| muscle_protocol::sign(k, &JobOrder::signed_bytes(&text)));
+            JobOffer {
+                order: text,
+                signature,
+            }
+        };
+        let refusal = |o: &JobOffer| runner.accept(o, &seen).unwrap_err().1;
+        let mine = order(&["true"], 1000);
+        assert!(refusal(&offer(&mine, None)).contains("the job is not signed"));
+        assert!(refusal(&offer(&mine, Some(&stranger))).contains("does not verify"));
+        // The release signature's bytes are not a job's.
+        let text = serde_json::to_string(&mine).unwrap();
+        let bare = JobOffer {
+            signature: Some(muscle_protocol::sign(&key, text.as_bytes())),
+            order: text,
+        };
+        assert!(refusal(&bare).contains("does not verify"));
+        let others = JobOrder {
+            agents: vec![Name::parse("b2").unwrap()],
+            ..mine.clone()
+        };
+        assert!(refusal(&offer(&others, Some(&key))).contains("does not name this agent"));
+        let old = JobOrder {
+            not_after: 1,
+            ..mine.clone()
+        };
+        assert!(refusal(&offer(&old, Some(&key))).contains("expired"));
+        assert!(runner.accept(&offer(&mine, Some(&key)), &seen).is_ok());
+        assert!(refusal(&offer(&mine, Some(&key))).contains("ran that job already"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

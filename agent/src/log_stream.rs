@@ -19,7 +19,7 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A follow ends after this whatever happens.
 const MAX_FOLLOW: Duration = Duration::from_secs(3600);
-/// The most read from a growing log per pass.
+/// The most read from a growing log per pass, and of each file for a tail.
 const MAX_READ: u64 = 1 << 20;
 
 pub fn serve(runner: &JobRunner, req: LogRequest) {
@@ -87,7 +87,7 @@ fn batches(lines: Vec<String>) -> Vec<Vec<String>> {
     let mut size = 0;
     for line in lines {
         let line: String = match line.len() > MAX_LOG_BATCH {
-            true => line[..floor(&line, MAX_LOG_BATCH)].to_owned(),
+            true => line[..crate::jobs::floor_char_boundary(&line, MAX_LOG_BATCH)].to_owned(),
             false => line,
         };
         if size + line.len() > MAX_LOG_BATCH {
@@ -100,26 +100,14 @@ fn batches(lines: Vec<String>) -> Vec<Vec<String>> {
     out
 }
 
-fn floor(s: &str, at: usize) -> usize {
-    (0..=at.min(s.len()))
-        .rev()
-        .find(|i| s.is_char_boundary(*i))
-        .unwrap_or(0)
-}
-
 /// The last `n` lines of the log and the file rotated before it, written since `since_unix`
 /// when given (a line without a stamp goes with the one before it). `follow` has read the
 /// current file to its end.
 fn tail(log: &Path, follow: &mut Follow, n: usize, since_unix: Option<u64>) -> Vec<String> {
     let rotated = PathBuf::from(format!("{}.1", log.display()));
-    let mut text = std::fs::read(&rotated).unwrap_or_default();
-    if text.last().is_some_and(|b| *b != b'\n') {
-        text.push(b'\n');
-    }
-    let mut lines: Vec<String> = String::from_utf8_lossy(&text)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let mut lines = Follow::open(&rotated)
+        .map(|mut f| f.read_new())
+        .unwrap_or_default();
     lines.extend(follow.read_new());
     if let Some(since) = since_unix {
         let mut keep = false;
@@ -134,7 +122,7 @@ fn tail(log: &Path, follow: &mut Follow, n: usize, since_unix: Option<u64>) -> V
     lines.split_off(skip)
 }
 
-/// A log file read as it grows.
+/// A log file read as it grows, from at most [`MAX_READ`] before its end when opened.
 struct Follow {
     path: PathBuf,
     file: File,
@@ -142,18 +130,22 @@ struct Follow {
     pos: u64,
     /// The start of a line not ended yet.
     partial: Vec<u8>,
+    /// Opened in the middle of a line: the bytes up to the first line end are not a line.
+    mid_line: bool,
 }
 
 impl Follow {
     fn open(path: &Path) -> Option<Follow> {
         let file = File::open(path).ok()?;
         let meta = file.metadata().ok()?;
+        let pos = meta.len().saturating_sub(MAX_READ);
         Some(Follow {
             path: path.to_owned(),
             file,
             inode: (meta.dev(), meta.ino()),
-            pos: 0,
+            pos,
             partial: vec![],
+            mid_line: pos > 0,
         })
     }
 
@@ -164,7 +156,10 @@ impl Follow {
         match now {
             // Renamed away by the relay: what was left in it is read; the new file from 0.
             Some(m) if (m.dev(), m.ino()) != self.inode => {
-                if let Some(next) = Follow::open(&self.path) {
+                if let Some(mut next) = Follow::open(&self.path) {
+                    // A new file is read from its start.
+                    next.pos = 0;
+                    next.mid_line = false;
                     *self = next;
                     lines.extend(self.drain());
                 }
@@ -191,6 +186,15 @@ impl Follow {
             .unwrap_or(0);
         self.pos += read as u64;
         self.partial.extend_from_slice(&bytes);
+        if self.mid_line {
+            match self.partial.iter().position(|b| *b == b'\n') {
+                Some(end) => {
+                    self.partial.drain(..=end);
+                    self.mid_line = false;
+                }
+                None => return vec![],
+            }
+        }
         let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') else {
             return vec![];
         };
@@ -271,6 +275,20 @@ mod tests {
             .unwrap();
         append(&log, "six\n");
         assert_eq!(f.read_new(), ["six"]);
+    }
+
+    /// A log larger than what a tail reads: its last lines, not its first.
+    #[test]
+    fn a_tail_of_a_large_log_is_its_end() {
+        let dir = scratch("large");
+        let log = dir.join("service.log");
+        let text: String = (0..200_000).map(|i| format!("line {i}\n")).collect();
+        append(&log, &text);
+        let mut f = Follow::open(&log).unwrap();
+        let last = tail(&log, &mut f, 3, None);
+        assert_eq!(last, ["line 199997", "line 199998", "line 199999"]);
+        append(&log, "after\n");
+        assert_eq!(f.read_new(), ["after"]);
     }
 
     #[test]

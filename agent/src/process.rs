@@ -242,7 +242,8 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
             });
         }
     }
-    crate::isolation::Isolation::prepare(spec.user.as_ref(), binary)?.apply(&mut cmd);
+    let memory = spec.limits.memory.map(|m| m.0);
+    crate::isolation::Isolation::prepare(spec.user.as_ref(), binary, memory)?.apply(&mut cmd);
     cmd.spawn().with_context(|| {
         format!(
             "cannot start {} (in its sandbox: user, private /tmp, no new privileges)",
@@ -286,6 +287,25 @@ pub fn signal_pid(pid: u32, signal: i32) {
     unsafe {
         libc::kill(pid as libc::pid_t, signal);
     }
+}
+
+/// Whether our child `pid` has exited, without reaping it (its pid stays its own until then).
+pub fn has_exited(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: waitid writes only into `info`, which lives on this stack frame.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: with WNOHANG and no state change, waitid leaves si_pid zero.
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 /// Signals every process in the group `pgid` leads.

@@ -59,7 +59,8 @@ pub enum Command {
         json: bool,
     },
     /// A service's log on one agent: its last lines, then new ones as they are written with
-    /// --follow (until Ctrl-C). The agent sends them over its own connection to the deployer.
+    /// --follow (until Ctrl-C, or an hour). The agent sends them over its own connection to the
+    /// deployer.
     Logs(LogsArgs),
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {

@@ -6,16 +6,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use muscle_protocol::{JobId, JobOrder};
+use muscle_protocol::{JobId, JobOrder, Name};
 use serde::Serialize;
 
 use crate::cli::ExecArgs;
 use crate::now_ms;
-use crate::store::{JobRecord, JobTarget, Store, TargetState};
+use crate::store::{JobRecord, JobTarget, Store, TargetState, REPORT_SLACK_MS};
 use crate::views::table;
-
-/// Beside each wave's timeout: time for an agent to pick the job up and report it.
-const PICKUP_SLACK: Duration = Duration::from_secs(15);
 
 /// How often `exec` looks for new results.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);
@@ -41,12 +38,18 @@ pub fn exec(args: ExecArgs, store: &dyn Store) -> Result<bool> {
         .map_or(targets.len(), |n| n as usize)
         .clamp(1, targets.len());
     let waves = targets.len().div_ceil(max_parallel) as u32;
-    let deadline_ms = now + u64::try_from(((args.timeout + PICKUP_SLACK) * waves).as_millis())?;
+    let slack = Duration::from_millis(REPORT_SLACK_MS);
+    let deadline_ms = now + u64::try_from(((args.timeout + slack) * waves).as_millis())?;
     let order = JobOrder {
         id: crate::auth::new_id().context("reading /dev/urandom")?,
         argv: args.command.clone(),
         timeout: args.timeout,
         not_after: deadline_ms.div_ceil(1000),
+        agents: targets
+            .iter()
+            .map(|(id, _)| Name::parse(id))
+            .collect::<Result<_, _>>()
+            .context("an agent id in the store is not a valid name")?,
     };
     order.check().map_err(anyhow::Error::msg)?;
     let order_json = serde_json::to_string(&order)?;
@@ -63,6 +66,7 @@ pub fn exec(args: ExecArgs, store: &dyn Store) -> Result<bool> {
         selector: args.selector,
         max_parallel: max_parallel as u32,
         deadline_ms,
+        timeout_ms: u64::try_from(args.timeout.as_millis())?,
     };
     store.create_job(&job, &targets)?;
     eprintln!(
@@ -152,10 +156,7 @@ pub fn jobs(id: Option<&str>, json: bool, store: &dyn Store) -> Result<()> {
 fn follow(store: &dyn Store, job: &JobRecord, print: bool) -> Result<Vec<JobTarget>> {
     let mut shown = BTreeSet::new();
     loop {
-        let now = now_ms();
-        if now >= job.deadline_ms {
-            store.expire_jobs(now)?;
-        }
+        store.expire_jobs(now_ms())?;
         let (_, targets) = store.job(job.id.as_str())?.context("the job vanished")?;
         for t in targets.iter().filter(|t| t.state.finished()) {
             if shown.insert(t.agent_id.clone()) && print {

@@ -1,6 +1,7 @@
 //! The agents' side of jobs and log requests: `POST /v1/jobs/poll` (a long poll that hands an
 //! agent its jobs and log requests), `POST /v1/jobs/result` and `POST /v1/logs/batch`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -20,29 +21,50 @@ use crate::store::Store;
 /// timeout and the server's request deadline).
 pub const POLL_HOLD: Duration = Duration::from_secs(20);
 
-/// How often the store is asked whether jobs changed; a new job reaches a waiting agent within
-/// this (jobs are made by the CLI, another process).
+/// How often the store is asked whether another process (the CLI) changed it; a new job or
+/// log request reaches a waiting agent within this.
 pub const WATCH_EVERY: Duration = Duration::from_millis(200);
 
-/// Watches the store's jobs version and publishes it to the long polls.
-pub fn watch_jobs(store: std::sync::Arc<dyn Store>) -> tokio::sync::watch::Receiver<u64> {
-    let (tx, rx) = tokio::sync::watch::channel(0);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(WATCH_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let store = store.clone();
-            if let Ok(Ok(version)) = tokio::task::spawn_blocking(move || store.jobs_version()).await
-            {
-                tx.send_if_modified(|v| std::mem::replace(v, version) != version);
+/// Wakes the waiting polls: when the CLI changed the store (a new job or log request), and
+/// when a job's target finished here (its place may go to the next agent).
+#[derive(Clone)]
+pub struct JobWake {
+    tx: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Polls held at once: each holds a connection, so at most half of them, leaving the rest
+    /// for check-ins. Polls past it are answered at once.
+    holds: Arc<tokio::sync::Semaphore>,
+}
+
+impl JobWake {
+    /// Starts watching `store` for changes made elsewhere.
+    pub fn watch(store: Arc<dyn Store>, max_connections: usize) -> JobWake {
+        let (tx, _) = tokio::sync::watch::channel(0);
+        let wake = JobWake {
+            tx: Arc::new(tx),
+            holds: Arc::new(tokio::sync::Semaphore::new((max_connections / 2).max(1))),
+        };
+        let bump = wake.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(WATCH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = None;
+            loop {
+                every.tick().await;
+                let store = store.clone();
+                let version = tokio::task::spawn_blocking(move || store.changed_elsewhere()).await;
+                if let Ok(Ok(version)) = version {
+                    if seen.replace(version).is_some_and(|v| v != version) {
+                        bump.bump();
+                    }
+                }
             }
-            if tx.is_closed() {
-                return;
-            }
-        }
-    });
-    rx
+        });
+        wake
+    }
+
+    pub fn bump(&self) {
+        self.tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 fn parse<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
@@ -58,13 +80,24 @@ pub async fn poll(
 ) -> Result<Json<JobOffers>, ApiError> {
     let poll: JobPoll = parse("job poll", &body)?;
     check_agent_credential(&s, &headers, &poll.agent_id)?;
-    let deadline = tokio::time::Instant::now() + POLL_HOLD;
-    let mut changes = s.jobs_version.clone();
+    // Past the holds available, the poll is answered at once (the agent asks again shortly).
+    let hold = s.job_wake.holds.clone().try_acquire_owned().ok();
+    let deadline = tokio::time::Instant::now()
+        + if hold.is_some() {
+            POLL_HOLD
+        } else {
+            Duration::ZERO
+        };
+    let mut changes = s.job_wake.tx.subscribe();
     loop {
         changes.mark_unchanged();
         let store = s.store.clone();
         let agent = poll.agent_id.to_string();
         let offers = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+            // Every woken poll asks; only those with something waiting write.
+            if !store.has_offers(&agent)? {
+                return Ok(JobOffers::default());
+            }
             let now = now_ms();
             Ok(JobOffers {
                 jobs: store.claim_jobs(&agent, now)?,
@@ -103,6 +136,7 @@ pub async fn result(
         .map_err(internal)?
         .map_err(internal)?;
     if recorded {
+        s.job_wake.bump();
         Ok(StatusCode::NO_CONTENT)
     } else {
         // Unknown, not this agent's, or reported already: nothing to record, nothing to retry.

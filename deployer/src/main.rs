@@ -206,7 +206,7 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
                 blob_base_url: args.blob_base_url,
                 auth,
                 engine_wake: Arc::new(tokio::sync::Notify::new()),
-                jobs_version: job_api::watch_jobs(store.clone()),
+                job_wake: job_api::JobWake::watch(store.clone(), limits.max_connections),
             },
             listener,
             args.tick,

@@ -30,8 +30,8 @@ pub struct Server {
     pub auth: Auth,
     /// Wakes the rollout engine before its next tick: an agent reported a change.
     pub engine_wake: Arc<tokio::sync::Notify>,
-    /// The store's jobs version ([`crate::job_api::watch_jobs`]): wakes agents' job polls.
-    pub jobs_version: tokio::sync::watch::Receiver<u64>,
+    /// Wakes agents' job polls.
+    pub job_wake: crate::job_api::JobWake,
 }
 
 pub fn router(server: Server) -> Router {

@@ -13,7 +13,10 @@ use crate::store::{LogState, Store};
 /// How long an agent has to pick a request up, and to finish sending a tail.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 
-/// How often new lines are looked for (and a follow said to be still wanted).
+/// An agent sending a log is heard from at least every 2 s: this much silence means it stopped.
+const SILENCE_MS: u64 = 10_000;
+
+/// How often new lines are looked for (and the request said to be still wanted).
 const READ_EVERY: Duration = Duration::from_millis(200);
 
 pub fn logs(args: LogsArgs, store: &dyn Store) -> Result<()> {
@@ -42,12 +45,13 @@ pub fn logs(args: LogsArgs, store: &dyn Store) -> Result<()> {
     let asked = Instant::now();
     let mut after = 0;
     loop {
-        let (state, lines) = store.log_lines(&request.id, after)?;
-        for (seq, line) in lines {
+        let progress = store.log_lines(&request.id, after)?;
+        for (seq, line) in progress.lines {
             println!("{line}");
             after = seq;
         }
-        match state {
+        let silent_ms = now_ms().saturating_sub(progress.heard_ms);
+        match progress.state {
             LogState::Done => return Ok(()),
             LogState::Failed(why) => bail!("agent {}: {why}", agent.id),
             LogState::Pending if asked.elapsed() > ANSWER_DEADLINE => bail!(
@@ -56,14 +60,17 @@ pub fn logs(args: LogsArgs, store: &dyn Store) -> Result<()> {
                 agent.id,
                 ANSWER_DEADLINE.as_secs()
             ),
-            LogState::Streaming if !request.follow && asked.elapsed() > 2 * ANSWER_DEADLINE => {
-                bail!("agent {} stopped sending the log before its end", agent.id)
-            }
+            // A following agent sends at least every 2 s.
+            LogState::Streaming if silent_ms > SILENCE_MS => bail!(
+                "agent {} stopped sending the log ({} s without a word: it restarted or went \
+                 offline)",
+                agent.id,
+                silent_ms / 1000
+            ),
             _ => {}
         }
-        if request.follow {
-            store.still_wanted(&request.id, now_ms())?;
-        }
+        // Said in both modes: a request nobody reads is not picked up, nor sent on.
+        store.still_wanted(&request.id, now_ms())?;
         std::thread::sleep(READ_EVERY);
     }
 }

@@ -21,6 +21,12 @@ pub const MAX_JOB_OUTPUT: usize = 64 * 1024;
 /// The longest a job may run.
 pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The most bytes of a job's command line (all arguments together).
+pub const MAX_JOB_ARGV_BYTES: usize = 16 * 1024;
+
+/// The most characters of a refusal's or start failure's reason an agent reports.
+pub const MAX_JOB_REASON_CHARS: usize = 1024;
+
 /// What the operator asks agents to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +39,9 @@ pub struct JobOrder {
     /// Unix seconds after which agents refuse the order: a captured order cannot be replayed
     /// later.
     pub not_after: u64,
+    /// The agents the operator chose: an agent not named refuses the order, so a signed job
+    /// cannot be sent to agents it was not made for.
+    pub agents: Vec<Name>,
 }
 
 impl JobOrder {
@@ -42,8 +51,14 @@ impl JobOrder {
         if self.argv.first().is_none_or(|p| p.is_empty()) {
             return Err("the job has no command".into());
         }
-        if let Some(arg) = self.argv.iter().find(|a| a.contains('\0')) {
-            return Err(format!("job argument {arg:?} holds a NUL byte"));
+        let bytes: usize = self.argv.iter().map(String::len).sum();
+        if bytes > MAX_JOB_ARGV_BYTES {
+            return Err(format!(
+                "the job's command line is {bytes} bytes; at most {MAX_JOB_ARGV_BYTES}"
+            ));
+        }
+        if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
+            return Err(format!("job argument {i} holds a NUL byte"));
         }
         if self.timeout.is_zero() || self.timeout > MAX_JOB_TIMEOUT {
             return Err(format!(
@@ -55,6 +70,10 @@ impl JobOrder {
     }
 
     /// The bytes an operator key signs for `order_json`.
+    pub fn names(&self, agent: &Name) -> bool {
+        self.agents.contains(agent)
+    }
+
     pub fn signed_bytes(order_json: &str) -> Vec<u8> {
         [JOB_SIGNING_CONTEXT, order_json.as_bytes()].concat()
     }
@@ -226,7 +245,7 @@ mod tests {
     #[test]
     fn orders_are_checked_and_ids_are_hex() {
         let order: JobOrder = serde_json::from_str(
-            r#"{"id": "0123456789abcdef0123456789abcdef", "argv": ["uname", "-m"], "timeout": "30s", "not_after": 1}"#,
+            r#"{"id": "0123456789abcdef0123456789abcdef", "argv": ["uname", "-m"], "timeout": "30s", "not_after": 1, "agents": ["a1"]}"#,
         )
         .unwrap();
         assert!(order.check().is_ok());
@@ -240,6 +259,13 @@ mod tests {
             ..order
         };
         assert!(long.check().unwrap_err().contains("at most"));
+        assert!(long.names(&Name::parse("a1").unwrap()));
+        assert!(!long.names(&Name::parse("a2").unwrap()));
+        let huge = JobOrder {
+            argv: vec!["x".repeat(MAX_JOB_ARGV_BYTES + 1)],
+            ..long
+        };
+        assert!(huge.check().unwrap_err().contains("bytes"));
         assert!(serde_json::from_str::<JobId>(r#""../x""#).is_err());
         let signed = JobOrder::signed_bytes("{}");
         assert!(signed.starts_with(JOB_SIGNING_CONTEXT));

@@ -64,7 +64,8 @@ pub use checkin::{
 pub use hash::{sha256_hex, Sha256};
 pub use job::{
     JobId, JobOffer, JobOffers, JobOrder, JobOutcome, JobPoll, JobReport, LogAck, LogBatch,
-    LogRequest, JOB_SIGNING_CONTEXT, MAX_JOB_OUTPUT, MAX_JOB_TIMEOUT, MAX_LOG_BATCH, MAX_LOG_TAIL,
+    LogRequest, JOB_SIGNING_CONTEXT, MAX_JOB_ARGV_BYTES, MAX_JOB_OUTPUT, MAX_JOB_REASON_CHARS,
+    MAX_JOB_TIMEOUT, MAX_LOG_BATCH, MAX_LOG_TAIL,
 };
 pub use limits::{Cpu, Limits, Memory};
 pub use manifest::{

@@ -20,7 +20,16 @@ pub struct JobRecord {
     pub max_parallel: u32,
     /// After this, targets without a result are [`TargetState::Lost`].
     pub deadline_ms: u64,
+    /// The order's timeout: a target running longer than this and [`REPORT_SLACK_MS`] is lost
+    /// (its agent died), and its place goes to the next.
+    pub timeout_ms: u64,
 }
+
+/// Beside a job's timeout: time for an agent to pick the job up and report it.
+pub const REPORT_SLACK_MS: u64 = 15_000;
+
+/// Jobs are deleted this long after they were made.
+pub const JOBS_KEPT_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl JobRecord {
     pub fn order(&self) -> Result<JobOrder> {
@@ -66,24 +75,29 @@ pub struct JobTarget {
 
 pub trait JobStore {
     fn create_job(&self, job: &JobRecord, targets: &[(String, String)]) -> Result<()>;
+    /// Whether a job or a log request waits for `agent_id` (cheap: what a woken poll asks
+    /// before it claims anything).
+    fn has_offers(&self, agent_id: &str) -> Result<bool>;
     /// Hands `agent_id` its pending jobs, as many as each job's `max_parallel` allows now,
-    /// marking them running (one transaction: two pollers never both take a slot).
+    /// marking them running (one transaction: two pollers never both take a slot). Targets
+    /// running past their job's timeout and slack are lost first, freeing their places.
     fn claim_jobs(&self, agent_id: &str, now_ms: u64) -> Result<Vec<JobOffer>>;
     /// Records a report; false when that agent was not running that job (unknown, finished).
     fn finish_job(&self, report: &JobReport, now_ms: u64) -> Result<bool>;
-    /// Marks the targets of jobs past their deadline without a result as lost.
+    /// Marks as lost the targets of jobs past their deadline without a result, and targets
+    /// running past their job's timeout and slack.
     fn expire_jobs(&self, now_ms: u64) -> Result<()>;
     /// Every job, newest first.
     fn jobs(&self) -> Result<Vec<JobRecord>>;
     fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobTarget>)>>;
-    /// Changes whenever a job or a log request is made or a job's target finishes: what long
-    /// polls wait on.
-    fn jobs_version(&self) -> Result<u64>;
+    /// Changes whenever another process (the CLI) committed to the store: long polls look
+    /// again then.
+    fn changed_elsewhere(&self) -> Result<u64>;
 }
 
 /// A `jobs` row as stored: id, created_ms, order_json, signature, selector, max_parallel,
 /// deadline_ms.
-type JobRow = (String, i64, String, Option<String>, String, i64, i64);
+type JobRow = (String, i64, String, Option<String>, String, i64, i64, i64);
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
     Ok((
@@ -94,11 +108,13 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
 fn finish_job_row(row: JobRow) -> Result<JobRecord> {
-    let (id, created_ms, order_json, signature, selector, max_parallel, deadline_ms) = row;
+    let (id, created_ms, order_json, signature, selector, max_parallel, deadline_ms, timeout_ms) =
+        row;
     let id = JobId::try_from(id).map_err(StoreError::Corrupt)?;
     let selector = serde_json::from_str(&selector)
         .map_err(|e| StoreError::Corrupt(format!("job {id}: selector: {e}")))?;
@@ -110,6 +126,7 @@ fn finish_job_row(row: JobRow) -> Result<JobRecord> {
         selector,
         max_parallel: max_parallel as u32,
         deadline_ms: deadline_ms as u64,
+        timeout_ms: timeout_ms as u64,
     })
 }
 
@@ -124,15 +141,38 @@ type TargetRow = (
 );
 
 const JOB_COLUMNS: &str =
-    "id, created_ms, order_json, signature, selector, max_parallel, deadline_ms";
+    "id, created_ms, order_json, signature, selector, max_parallel, deadline_ms, timeout_ms";
+
+/// Loses the targets of ended jobs, and those running past their timeout and slack.
+fn expire_in(conn: &rusqlite::Connection, now_ms: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE job_targets SET state = 'lost', finished_ms = ?1
+         WHERE state IN ('pending', 'running')
+           AND job_id IN (SELECT id FROM jobs WHERE deadline_ms <= ?1)",
+    )?
+    .execute([now_ms as i64])?;
+    conn.prepare_cached(
+        "UPDATE job_targets SET state = 'lost', finished_ms = ?1
+         WHERE state = 'running'
+           AND started_ms + ?2 + (SELECT timeout_ms FROM jobs WHERE id = job_id) <= ?1",
+    )?
+    .execute([now_ms as i64, REPORT_SLACK_MS as i64])?;
+    Ok(())
+}
 
 impl JobStore for SqliteStore {
     fn create_job(&self, job: &JobRecord, targets: &[(String, String)]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let old = job.created_ms.saturating_sub(JOBS_KEPT_MS) as i64;
         tx.execute(
-            "INSERT INTO jobs (id, created_ms, order_json, signature, selector, max_parallel, deadline_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "DELETE FROM job_targets WHERE job_id IN (SELECT id FROM jobs WHERE created_ms < ?1)",
+            [old],
+        )?;
+        tx.execute("DELETE FROM jobs WHERE created_ms < ?1", [old])?;
+        tx.execute(
+            "INSERT INTO jobs (id, created_ms, order_json, signature, selector, max_parallel, deadline_ms, timeout_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 job.id.as_str(),
                 job.created_ms as i64,
@@ -140,7 +180,8 @@ impl JobStore for SqliteStore {
                 job.signature,
                 serde_json::to_string(&job.selector).expect("strings serialise"),
                 i64::from(job.max_parallel),
-                job.deadline_ms as i64
+                job.deadline_ms as i64,
+                job.timeout_ms as i64
             ],
         )?;
         for (agent, arch) in targets {
@@ -153,9 +194,21 @@ impl JobStore for SqliteStore {
         Ok(())
     }
 
+    fn has_offers(&self, agent_id: &str) -> Result<bool> {
+        let conn = self.conn();
+        let waiting = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM job_targets WHERE agent_id = ?1 AND state = 'pending')
+                     OR EXISTS (SELECT 1 FROM log_requests WHERE agent_id = ?1 AND state = 'pending')",
+            )?
+            .query_row([agent_id], |r| r.get(0))?;
+        Ok(waiting)
+    }
+
     fn claim_jobs(&self, agent_id: &str, now_ms: u64) -> Result<Vec<JobOffer>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        expire_in(&tx, now_ms)?;
         let candidates: Vec<(String, String, Option<String>)> = tx
             .prepare_cached(
                 "SELECT j.id, j.order_json, j.signature FROM job_targets t JOIN jobs j ON j.id = t.job_id
@@ -194,12 +247,7 @@ impl JobStore for SqliteStore {
     }
 
     fn expire_jobs(&self, now_ms: u64) -> Result<()> {
-        self.conn().execute(
-            "UPDATE job_targets SET state = 'lost', finished_ms = ?1
-             WHERE state IN ('pending', 'running')
-               AND job_id IN (SELECT id FROM jobs WHERE deadline_ms <= ?1)",
-            params![now_ms as i64],
-        )?;
+        expire_in(&self.conn(), now_ms)?;
         Ok(())
     }
 
@@ -258,14 +306,10 @@ impl JobStore for SqliteStore {
         Ok(Some((job, targets)))
     }
 
-    fn jobs_version(&self) -> Result<u64> {
-        Ok(self.conn().query_row(
-            "SELECT (SELECT count(*) FROM jobs)
-                  + (SELECT count(*) FROM job_targets WHERE finished_ms IS NOT NULL)
-                  + (SELECT coalesce(max(created_ms), 0) FROM log_requests)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+    fn changed_elsewhere(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64)
     }
 }
 

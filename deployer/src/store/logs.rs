@@ -1,5 +1,5 @@
 //! Log requests in the store: what `muscle-deploy logs` asked an agent for, and the lines the
-//! agent sent, numbered in order, until the asker reads them.
+//! agent sent, numbered in order. Both are deleted a day later (when a new request is made).
 
 use muscle_protocol::{JobId, LogBatch, LogRequest};
 use rusqlite::{params, OptionalExtension};
@@ -11,6 +11,20 @@ pub const FOLLOW_UNWANTED_AFTER_MS: u64 = 10_000;
 
 /// Requests and their lines are deleted this long after they were made.
 pub const LOG_REQUESTS_KEPT_MS: u64 = 24 * 3600 * 1000;
+
+/// A request takes at most this many lines (an hour's follow of a chatty service); then the
+/// agent is told to stop.
+pub const MAX_LINES_PER_REQUEST: i64 = 100_000;
+
+/// What a reader of a request sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogProgress {
+    pub state: LogState,
+    /// The lines after the ones asked past, in order, with their numbers.
+    pub lines: Vec<(u64, String)>,
+    /// When the agent last picked up or sent anything for it.
+    pub heard_ms: u64,
+}
 
 /// Where a log request is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,9 +43,9 @@ pub trait LogStore {
     /// Appends a batch; returns whether more is wanted, or `None` when that agent has no such
     /// request streaming.
     fn append_log_batch(&self, batch: &LogBatch, now_ms: u64) -> Result<Option<bool>>;
-    /// The request's state and the lines after `after` (by number), in order.
-    fn log_lines(&self, id: &JobId, after: u64) -> Result<(LogState, Vec<(u64, String)>)>;
-    /// The asker still reads a follow.
+    /// The request's state and the lines after `after` (by number).
+    fn log_lines(&self, id: &JobId, after: u64) -> Result<LogProgress>;
+    /// The asker still reads.
     fn still_wanted(&self, id: &JobId, now_ms: u64) -> Result<()>;
 }
 
@@ -60,8 +74,8 @@ impl LogStore for SqliteStore {
         )?;
         tx.execute("DELETE FROM log_requests WHERE created_ms < ?1", [old])?;
         tx.execute(
-            "INSERT INTO log_requests (id, agent_id, request, created_ms, wanted_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?4, 'pending')",
+            "INSERT INTO log_requests (id, agent_id, request, created_ms, wanted_ms, heard_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?4, 'pending')",
             params![
                 req.id.as_str(),
                 agent_id,
@@ -89,8 +103,8 @@ impl LogStore for SqliteStore {
         let mut requests = Vec::new();
         for (id, body) in rows {
             tx.execute(
-                "UPDATE log_requests SET state = 'streaming' WHERE id = ?1",
-                [&id],
+                "UPDATE log_requests SET state = 'streaming', heard_ms = ?2 WHERE id = ?1",
+                params![id, now_ms as i64],
             )?;
             requests.push(
                 serde_json::from_str(&body)
@@ -126,29 +140,28 @@ impl LogStore for SqliteStore {
                 params![batch.request_id.as_str(), next + 1 + i as i64, line],
             )?;
         }
-        let wanted = wanted_ms as u64 + FOLLOW_UNWANTED_AFTER_MS > now_ms;
+        let wanted = wanted_ms as u64 + FOLLOW_UNWANTED_AFTER_MS > now_ms
+            && next + (batch.lines.len() as i64) < MAX_LINES_PER_REQUEST;
         let end = match (&batch.error, batch.done || !wanted) {
             (Some(_), _) => Some("failed"),
             (None, true) => Some("done"),
             (None, false) => None,
         };
-        if let Some(end) = end {
-            tx.execute(
-                "UPDATE log_requests SET state = ?2, error = ?3 WHERE id = ?1",
-                params![batch.request_id.as_str(), end, batch.error],
-            )?;
-        }
+        tx.execute(
+            "UPDATE log_requests SET state = coalesce(?2, state), error = ?3, heard_ms = ?4 WHERE id = ?1",
+            params![batch.request_id.as_str(), end, batch.error, now_ms as i64],
+        )?;
         tx.commit()?;
         Ok(Some(end.is_none()))
     }
 
-    fn log_lines(&self, id: &JobId, after: u64) -> Result<(LogState, Vec<(u64, String)>)> {
+    fn log_lines(&self, id: &JobId, after: u64) -> Result<LogProgress> {
         let conn = self.conn();
-        let (text, error): (String, Option<String>) = conn
+        let (text, error, heard_ms): (String, Option<String>, i64) = conn
             .query_row(
-                "SELECT state, error FROM log_requests WHERE id = ?1",
+                "SELECT state, error, heard_ms FROM log_requests WHERE id = ?1",
                 [id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?
             .ok_or_else(|| StoreError::Corrupt(format!("log request {id} vanished")))?;
@@ -160,7 +173,11 @@ impl LogStore for SqliteStore {
                 Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
-        Ok((state(&text, error)?, lines))
+        Ok(LogProgress {
+            state: state(&text, error)?,
+            lines,
+            heard_ms: heard_ms as u64,
+        })
     }
 
     fn still_wanted(&self, id: &JobId, now_ms: u64) -> Result<()> {

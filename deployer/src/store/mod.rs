@@ -13,7 +13,7 @@ use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 pub use blobs::FsBlobStore;
-pub use jobs::{JobRecord, JobStore, JobTarget, TargetState};
+pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
 pub use sqlite::SqliteStore;
 

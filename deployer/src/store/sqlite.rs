@@ -49,7 +49,7 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE jobs (
         id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, order_json TEXT NOT NULL,
         signature TEXT, selector TEXT NOT NULL, max_parallel INTEGER NOT NULL,
-        deadline_ms INTEGER NOT NULL);
+        deadline_ms INTEGER NOT NULL, timeout_ms INTEGER NOT NULL);
      CREATE TABLE job_targets (
         job_id TEXT NOT NULL, agent_id TEXT NOT NULL, arch TEXT NOT NULL,
         state TEXT NOT NULL, started_ms INTEGER, finished_ms INTEGER, report TEXT,
@@ -58,7 +58,8 @@ const MIGRATIONS: &[&str] = &[
     // 6: log requests (`logs`) and the lines agents sent for them.
     "CREATE TABLE log_requests (
         id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, request TEXT NOT NULL,
-        created_ms INTEGER NOT NULL, wanted_ms INTEGER NOT NULL, state TEXT NOT NULL, error TEXT);
+        created_ms INTEGER NOT NULL, wanted_ms INTEGER NOT NULL, heard_ms INTEGER NOT NULL,
+        state TEXT NOT NULL, error TEXT);
      CREATE INDEX log_requests_by_agent ON log_requests (agent_id, state);
      CREATE TABLE log_lines (
         request_id TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL,
