@@ -20,6 +20,7 @@ mod paths;
 mod process;
 mod reconcile;
 mod repair;
+mod seccomp;
 mod selfupdate;
 mod state;
 mod supervisor;

@@ -242,8 +242,7 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
             });
         }
     }
-    let memory = spec.limits.memory.map(|m| m.0);
-    crate::isolation::Isolation::prepare(spec.user.as_ref(), binary, memory)?.apply(&mut cmd);
+    crate::isolation::Isolation::prepare(spec, binary)?.apply(&mut cmd);
     cmd.spawn().with_context(|| {
         format!(
             "cannot start {} (in its sandbox: user, private /tmp, no new privileges)",
