@@ -207,9 +207,14 @@ impl JobRunner {
         seen: &Mutex<Seen>,
     ) -> Result<JobOrder, (Option<JobId>, String)> {
         let order: JobOrder = serde_json::from_str(&offer.order).map_err(|e| {
-            let id = serde_json::from_str::<serde_json::Value>(&offer.order)
+            // Only its id, to report the refusal under.
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                id: JobId,
+            }
+            let id = serde_json::from_str::<IdOnly>(&offer.order)
                 .ok()
-                .and_then(|v| serde_json::from_value(v.get("id")?.clone()).ok());
+                .map(|o| o.id);
             (id, format!("cannot read the job order: {e}"))
         })?;
         let refuse = |reason: String| (Some(order.id.clone()), reason);
@@ -379,29 +384,28 @@ const READER_GRACE: Duration = Duration::from_secs(2);
 
 /// A stream read to its end on a thread: the first [`MAX_JOB_OUTPUT`] bytes as text, and how
 /// many bytes came after.
-struct Capture(std::sync::mpsc::Receiver<(String, u64)>);
+struct Capture(std::thread::JoinHandle<(String, u64)>);
 
 impl Capture {
     /// What was read, waiting for the end of the stream until `deadline`; past it, what the
     /// job printed is lost (said in the output) but the report goes.
     fn finish(self, deadline: Instant) -> (String, u64) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.0.recv_timeout(left).unwrap_or_else(|_| {
-            (
-                "(output not read: a process that left the job's process group holds it open)\n"
-                    .to_owned(),
-                0,
-            )
-        })
+        while !self.0.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !self.0.is_finished() {
+            let lost =
+                "(output not read: a process that left the job's process group holds it open)\n";
+            return (lost.to_owned(), 0);
+        }
+        self.0.join().unwrap_or_default()
     }
 }
 
 fn capture(stream: Option<impl Read + Send + 'static>) -> Capture {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    Capture(std::thread::spawn(move || {
         let Some(mut stream) = stream else {
-            let _ = tx.send((String::new(), 0));
-            return;
+            return (String::new(), 0);
         };
         let mut kept = Vec::new();
         let _ = (&mut stream)
@@ -413,9 +417,8 @@ fn capture(stream: Option<impl Read + Send + 'static>) -> Capture {
         let keep = floor_char_boundary(&text, MAX_JOB_OUTPUT);
         let over = (text.len() - keep) as u64;
         text.truncate(keep);
-        let _ = tx.send((text, extra + over));
-    });
-    Capture(rx)
+        (text, extra + over)
+    }))
 }
 
 /// The largest char boundary of `s` at or before `at`.

@@ -217,9 +217,9 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
         .envs(launch.marker_env())
         .stdin(Stdio::null())
         .stdout(out)
-        .stderr(err)
-        // Its own process group: a Ctrl-C meant for the agent does not reach the service.
-        .process_group(0);
+        .stderr(err);
+    // Its own session (isolation.rs): a Ctrl-C meant for the agent does not reach the service,
+    // nor can it type into the agent's terminal.
     match &spec.working_dir {
         Some(dir) => cmd.current_dir(dir),
         None => cmd.current_dir(binary.parent().unwrap_or(Path::new("/"))),

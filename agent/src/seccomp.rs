@@ -1,15 +1,20 @@
 //! The built-in supervisor's syscall filter: a seccomp allow-list close to systemd's
 //! `@system-service` minus `@privileged` and `@resources` (what units get), plus the calls a
-//! spec's `[sandbox] system_calls` names. A call outside it fails with ENOSYS (so that libc
-//! falls back from newer calls like clone3 as on an older kernel); a call made through another
-//! ABI (x32, or 32-bit on a 64-bit kernel) kills the process.
+//! spec's `[sandbox] system_calls` names. A call outside it fails with ENOSYS, so that libc
+//! falls back as on an older kernel (clone3 is outside: its flags cannot be read); a clone
+//! making namespaces fails with EPERM, as under `RestrictNamespaces=`; a call made through
+//! another ABI (x32, or 32-bit on a 64-bit kernel) kills the process.
 //!
-//! Built for x86_64, aarch64 and riscv64; elsewhere (32-bit ARM) and where the kernel refuses
-//! filters (qemu-user does), services run without one.
+//! Built for x86_64, aarch64 and riscv64; elsewhere (32-bit ARM) and where the kernel takes no
+//! filters (qemu-user), services run without one, which the agent says.
 
 // The instructions and tables are unused where no filter is built (32-bit ARM).
 #![cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")),
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )),
     allow(dead_code, unused_macros)
 )]
 
@@ -38,13 +43,10 @@ const ALLOWED: &[(&str, i64)] = calls![
     SYS_bind,
     SYS_brk,
     SYS_capget,
-    SYS_capset,
     SYS_chdir,
     SYS_clock_getres,
     SYS_clock_gettime,
     SYS_clock_nanosleep,
-    SYS_clone,
-    SYS_clone3,
     SYS_close,
     SYS_close_range,
     SYS_connect,
@@ -67,8 +69,6 @@ const ALLOWED: &[(&str, i64)] = calls![
     SYS_fchdir,
     SYS_fchmod,
     SYS_fchmodat,
-    SYS_fchown,
-    SYS_fchownat,
     SYS_fcntl,
     SYS_fdatasync,
     SYS_fgetxattr,
@@ -163,7 +163,6 @@ const ALLOWED: &[(&str, i64)] = calls![
     SYS_openat,
     SYS_openat2,
     SYS_personality,
-    SYS_pidfd_getfd,
     SYS_pidfd_open,
     SYS_pidfd_send_signal,
     SYS_pipe2,
@@ -221,19 +220,13 @@ const ALLOWED: &[(&str, i64)] = calls![
     SYS_set_robust_list,
     SYS_set_tid_address,
     SYS_setfsgid,
-    SYS_setfsuid,
     SYS_setgid,
-    SYS_setgroups,
     SYS_setitimer,
     SYS_setpgid,
     SYS_setregid,
     SYS_setresgid,
-    SYS_setresuid,
-    SYS_setreuid,
-    SYS_setrlimit,
     SYS_setsid,
     SYS_setsockopt,
-    SYS_setuid,
     SYS_setxattr,
     SYS_shmat,
     SYS_shmctl,
@@ -283,7 +276,6 @@ const ALLOWED_HERE: &[(&str, i64)] = calls![
     SYS_alarm,
     SYS_arch_prctl,
     SYS_chmod,
-    SYS_chown,
     SYS_creat,
     SYS_dup2,
     SYS_epoll_create,
@@ -294,7 +286,6 @@ const ALLOWED_HERE: &[(&str, i64)] = calls![
     SYS_getdents,
     SYS_getpgrp,
     SYS_inotify_init,
-    SYS_lchown,
     SYS_link,
     SYS_lstat,
     SYS_mkdir,
@@ -321,8 +312,10 @@ const ALLOWED_HERE: &[(&str, i64)] = calls![
 #[cfg(target_arch = "aarch64")]
 const ALLOWED_HERE: &[(&str, i64)] = calls![SYS_renameat];
 
+/// riscv_hwprobe (258) and riscv_flush_icache (259, what JIT compilers need), which libc does
+/// not name.
 #[cfg(target_arch = "riscv64")]
-const ALLOWED_HERE: &[(&str, i64)] = &[];
+const ALLOWED_HERE: &[(&str, i64)] = &[("riscv_hwprobe", 258), ("riscv_flush_icache", 259)];
 
 /// Denied unless a spec names them (or their systemd set): what `@privileged`, `@resources`,
 /// `@mount`, `@debug` and `@keyring` hold that a service might need, and namespaces.
@@ -373,7 +366,31 @@ const GRANTABLE: &[(&str, &str, i64)] = &[
     ("@keyring", "request_key", libc::SYS_request_key),
     ("", "userfaultfd", libc::SYS_userfaultfd),
     ("", "bpf", libc::SYS_bpf),
+    ("@privileged", "capset", libc::SYS_capset),
+    ("@privileged", "setuid", libc::SYS_setuid),
+    ("@privileged", "setreuid", libc::SYS_setreuid),
+    ("@privileged", "setresuid", libc::SYS_setresuid),
+    ("@privileged", "setfsuid", libc::SYS_setfsuid),
+    ("@privileged", "setgroups", libc::SYS_setgroups),
+    ("@privileged", "fchown", libc::SYS_fchown),
+    ("@privileged", "fchownat", libc::SYS_fchownat),
+    ("@chown", "fchown", libc::SYS_fchown),
+    ("@chown", "fchownat", libc::SYS_fchownat),
+    ("@resources", "setrlimit", libc::SYS_setrlimit),
+    ("@debug", "pidfd_getfd", libc::SYS_pidfd_getfd),
 ];
+
+/// x86_64's older calls of those sets.
+#[cfg(target_arch = "x86_64")]
+const GRANTABLE_HERE: &[(&str, &str, i64)] = &[
+    ("@privileged", "chown", libc::SYS_chown),
+    ("@privileged", "lchown", libc::SYS_lchown),
+    ("@chown", "chown", libc::SYS_chown),
+    ("@chown", "lchown", libc::SYS_lchown),
+];
+
+#[cfg(not(target_arch = "x86_64"))]
+const GRANTABLE_HERE: &[(&str, &str, i64)] = &[];
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -385,9 +402,20 @@ const AUDIT_ARCH: u32 = 0xC000_00F3;
 /// x86_64's x32 calls carry this bit.
 const X32_BIT: u32 = 0x4000_0000;
 
+/// Where `struct seccomp_data` holds the call's number, its ABI, and its first argument's low
+/// word (every target here is little-endian).
+const NR_OFFSET: u32 = 0;
+const ARCH_OFFSET: u32 = 4;
+const ARG0_OFFSET: u32 = 16;
+
+/// CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
+/// CLONE_NEWNET.
+const CLONE_NEW_MASK: u32 = 0x7E02_0000;
+
 const LD_W_ABS: u16 = 0x20;
 const JEQ_K: u16 = 0x15;
 const JGE_K: u16 = 0x35;
+const JSET_K: u16 = 0x45;
 const RET_K: u16 = 0x06;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_KILL_PROCESS: u32 = 0x8000_0000;
@@ -411,7 +439,7 @@ impl Filter {
         // Every call by its name (without libc's SYS_), and the grantable ones by their set.
         let known: Vec<(&str, &str, i64)> = base
             .map(|(name, nr)| ("", name.trim_start_matches("SYS_"), *nr))
-            .chain(GRANTABLE.iter().copied())
+            .chain(GRANTABLE.iter().chain(GRANTABLE_HERE).copied())
             .collect();
         let mut unknown = Vec::new();
         for name in extra {
@@ -428,22 +456,14 @@ impl Filter {
         }
         allowed.sort_unstable();
         allowed.dedup();
-        let mut prog = vec![
-            op(LD_W_ABS, 0, 0, 4),
-            op(JEQ_K, 1, 0, AUDIT_ARCH),
-            op(RET_K, 0, 0, RET_KILL_PROCESS),
-            op(LD_W_ABS, 0, 0, 0),
-        ];
-        if cfg!(target_arch = "x86_64") {
-            prog.push(op(JGE_K, 0, 1, X32_BIT));
-            prog.push(op(RET_K, 0, 0, RET_KILL_PROCESS));
+        // Granting unshare or setns grants namespaces: clone may then make them too.
+        let namespaces = extra
+            .iter()
+            .any(|c| matches!(c.as_str(), "unshare" | "setns"));
+        if !filters_work() {
+            return (None, unknown);
         }
-        for nr in allowed {
-            prog.push(op(JEQ_K, 0, 1, nr as u32));
-            prog.push(op(RET_K, 0, 0, RET_ALLOW));
-        }
-        prog.push(op(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32));
-        (Some(Filter(prog)), unknown)
+        (Some(Filter(program(&allowed, namespaces))), unknown)
     }
 
     #[cfg(not(any(
@@ -455,8 +475,7 @@ impl Filter {
         (None, vec![])
     }
 
-    /// Loads the filter into the calling process (between fork and exec: no allocation). A
-    /// kernel that refuses filters (EINVAL: qemu-user) leaves the process unfiltered.
+    /// Loads the filter into the calling process (between fork and exec: no allocation).
     pub fn load(&self) -> std::io::Result<()> {
         let prog = libc::sock_fprog {
             len: self.0.len() as u16,
@@ -467,16 +486,75 @@ impl Filter {
         let rc = unsafe {
             libc::prctl(
                 libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
                 &prog as *const libc::sock_fprog,
             )
         };
         match rc {
             0 => Ok(()),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-                e => Err(e),
-            },
+            _ => Err(std::io::Error::last_os_error()),
         }
     }
+}
+
+/// The program: the architecture checked, namespaces refused to clone (unless granted), then
+/// each allowed call; anything else fails with ENOSYS.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+))]
+fn program(allowed: &[i64], namespaces: bool) -> Vec<libc::sock_filter> {
+    let mut prog = vec![
+        op(LD_W_ABS, 0, 0, ARCH_OFFSET),
+        op(JEQ_K, 1, 0, AUDIT_ARCH),
+        op(RET_K, 0, 0, RET_KILL_PROCESS),
+        op(LD_W_ABS, 0, 0, NR_OFFSET),
+        // syscall(-1) is no other ABI: the ENOSYS it always got.
+        op(JEQ_K, 0, 1, u32::MAX),
+        op(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32),
+    ];
+    if cfg!(target_arch = "x86_64") {
+        prog.push(op(JGE_K, 0, 1, X32_BIT));
+        prog.push(op(RET_K, 0, 0, RET_KILL_PROCESS));
+    }
+    // clone with a CLONE_NEW* flag makes namespaces (RestrictNamespaces= in units); clone3's
+    // flags cannot be read, so it is left out and libc falls back to clone.
+    prog.extend([
+        op(JEQ_K, 0, 4, libc::SYS_clone as u32),
+        op(LD_W_ABS, 0, 0, ARG0_OFFSET),
+        op(JSET_K, 0, 1, if namespaces { 0 } else { CLONE_NEW_MASK }),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ]);
+    for nr in allowed {
+        prog.push(op(JEQ_K, 0, 1, *nr as u32));
+        prog.push(op(RET_K, 0, 0, RET_ALLOW));
+    }
+    prog.push(op(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32));
+    prog
+}
+
+/// Whether this kernel takes seccomp filters: asked once with no program, which a kernel that
+/// does refuses with EFAULT, and one without (or qemu-user, which emulates no filters) with
+/// EINVAL. Without, services run unfiltered and the agent says so once; with, a filter that
+/// fails to load fails the start.
+pub fn filters_work() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        // SAFETY: a null program is never read: the kernel answers EFAULT or EINVAL.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                std::ptr::null::<libc::sock_fprog>(),
+            )
+        };
+        let works = rc == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT);
+        if !works {
+            say!("services run without a syscall filter: this kernel (or emulator) takes no seccomp filters");
+        }
+        works
+    })
 }
