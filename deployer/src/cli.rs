@@ -62,6 +62,18 @@ pub enum Command {
     /// --follow (until Ctrl-C, or an hour). The agent sends them over its own connection to the
     /// deployer.
     Logs(LogsArgs),
+    /// API tokens with roles (read-only, publisher, operator) for the JSON views and the API.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Every change made to the store (publish, rollouts, undeploy, jobs, tokens): when, who,
+    /// what; oldest first.
+    Audit {
+        /// How many of the newest changes.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {
         #[arg(long)]
@@ -87,6 +99,22 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a token: its secret is printed once; only its sha256 is kept.
+    Create {
+        name: Name,
+        #[arg(long, value_enum)]
+        role: crate::store::Role,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token: requests bearing it are refused from now on.
+    Revoke { name: Name },
 }
 
 #[derive(Subcommand)]
@@ -188,7 +216,9 @@ pub struct ExecArgs {
 
 #[derive(Args)]
 pub struct LogsArgs {
+    /// The agent's id, as `fleet` lists it.
     pub agent: Name,
+    /// The app whose service log to read.
     pub app: Name,
     /// Keep printing lines as the service writes them.
     #[arg(long, short)]

@@ -69,6 +69,14 @@ pub fn exec(args: ExecArgs, store: &dyn Store) -> Result<bool> {
         timeout_ms: u64::try_from(args.timeout.as_millis())?,
     };
     store.create_job(&job, &targets)?;
+    crate::access::record(
+        store,
+        crate::store::Change::Exec {
+            job: job.id.to_string(),
+            argv: args.command.clone(),
+            agents: targets.len(),
+        },
+    )?;
     eprintln!(
         "job {}: `{}` on {} agent(s), {} at a time, timeout {}{}",
         job.id,

@@ -4,6 +4,7 @@
 #[macro_use]
 extern crate muscle_logline;
 
+mod access;
 mod auth;
 mod certs;
 mod cli;
@@ -29,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::cli::{Cli, Command, LogFormat, RolloutCommand, ServeArgs, TlsCommand};
+use crate::cli::{Cli, Command, LogFormat, RolloutCommand, ServeArgs, TlsCommand, TokenCommand};
 use crate::store::{FsBlobStore, SqliteStore, Store};
 
 pub fn now_ms() -> u64 {
@@ -80,6 +81,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Releases { .. }
             | Command::Fleet { .. }
             | Command::Fsck { .. }
+            | Command::Audit { .. }
+            | Command::Token(TokenCommand::List { .. })
             | Command::Rollout(RolloutCommand::Status { .. })
     );
     let opened = if reads_only {
@@ -98,6 +101,15 @@ fn run(cli: Cli) -> Result<()> {
             let keys = keys::load_keys(&trusted_keys, &dir)?;
             let p = publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())?;
             let m = &p.manifest;
+            if p.new {
+                access::record(
+                    store.as_ref(),
+                    store::Change::Publish {
+                        app: m.app.to_string(),
+                        version: m.version.to_string(),
+                    },
+                )?;
+            }
             match (p.new, p.repaired) {
                 (true, _) => println!(
                     "published {} {} ({} artifacts)",
@@ -134,6 +146,8 @@ fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Token(cmd) => access::token_command(cmd, store.as_ref())?,
+        Command::Audit { limit, json } => access::audit(store.as_ref(), limit, json)?,
         Command::Logs(args) => service_logs::logs(args, store.as_ref())?,
         Command::Jobs { id, json } => exec::jobs(id.as_deref(), json, store.as_ref())?,
         Command::Fleet { json } => {

@@ -534,7 +534,8 @@ impl Rollout {
 }
 
 /// What an operator (or a newer rollout) asks of a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Request {
     Pause,
     Resume,

@@ -44,7 +44,9 @@ pub fn router(server: Server) -> Router {
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .route("/v1/fleet", get(fleet))
         .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/{id}/{request}", post(steer_rollout))
         .route("/v1/releases", get(releases))
+        .route("/v1/audit", get(audit))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))
         .layer(axum::middleware::from_fn(request_deadline))
@@ -219,13 +221,37 @@ pub(crate) fn check_agent_credential(
     }
 }
 
-/// The JSON views need the admin token when one is configured.
-fn check_admin(s: &Server, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &s.auth.admin_token {
-        Some(token) if !auth::bearer(headers).is_some_and(|b| auth::same_secret(b, token)) => Err(
-            unauthorized("this endpoint needs `Authorization: Bearer <admin token>`"),
-        ),
-        _ => Ok(()),
+/// Whether the request's bearer may do `need`, and who it is for the audit log: the admin
+/// token may do anything, a stored token what its role grants. With neither an admin token nor
+/// any stored token, the API stays open (a deployer on loopback, as before tokens).
+pub(crate) fn check_access(
+    s: &Server,
+    headers: &HeaderMap,
+    need: crate::store::Permission,
+) -> Result<String, ApiError> {
+    let bearer = auth::bearer(headers);
+    if let (Some(b), Some(admin)) = (bearer, &s.auth.admin_token) {
+        if auth::same_secret(b, admin) {
+            return Ok("token:admin".into());
+        }
+    }
+    let token = match bearer {
+        Some(b) => s.store.token(&sha256_hex(b.as_bytes())).map_err(internal)?,
+        None => None,
+    };
+    match token {
+        Some((name, role)) if role.grants(need) => Ok(format!("token:{name}")),
+        Some((name, role)) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("token {name} is {}: it may not do this", role.as_str()),
+        )),
+        None if s.auth.admin_token.is_none() && s.store.tokens().map_err(internal)?.is_empty() => {
+            Ok("anonymous".into())
+        }
+        None => Err(unauthorized(
+            "this endpoint needs `Authorization: Bearer <token>`: the admin token or one made by \
+             `muscle-deploy token create`",
+        )),
     }
 }
 
@@ -491,7 +517,7 @@ async fn fleet(
     State(s): State<Server>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_admin(&s, &headers)?;
+    check_access(&s, &headers, crate::store::Permission::Read)?;
     let agents = s.store.agents().map_err(internal)?;
     Ok(Json(
         serde_json::to_value(crate::views::fleet_rows(&agents, now_ms())).map_err(internal)?,
@@ -502,7 +528,7 @@ async fn rollouts(
     State(s): State<Server>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_admin(&s, &headers)?;
+    check_access(&s, &headers, crate::store::Permission::Read)?;
     let rollouts = s.store.rollouts().map_err(internal)?;
     Ok(Json(serde_json::to_value(rollouts).map_err(internal)?))
 }
@@ -511,11 +537,55 @@ async fn releases(
     State(s): State<Server>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_admin(&s, &headers)?;
+    check_access(&s, &headers, crate::store::Permission::Read)?;
     let releases = s.store.releases().map_err(internal)?;
     Ok(Json(
         serde_json::to_value(crate::views::release_rows(&releases)).map_err(internal)?,
     ))
+}
+
+/// `POST /v1/rollouts/{id}/{pause|resume|abort|rollback}`, for operator tokens.
+async fn steer_rollout(
+    State(s): State<Server>,
+    Path((id, request)): Path<(i64, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let who = check_access(&s, &headers, crate::store::Permission::Steer)?;
+    let what: crate::rollout::Request = match request.parse() {
+        Ok(crate::rollout::Request::Supersede) | Err(_) => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("{request:?}: expected pause, resume, abort or rollback"),
+            ))
+        }
+        Ok(what) => what,
+    };
+    let store = s.store.clone();
+    let asked =
+        tokio::task::spawn_blocking(move || crate::steer::ask(store.as_ref(), id, what, &who))
+            .await
+            .map_err(internal)?;
+    match asked {
+        Ok(()) => {
+            s.engine_wake.notify_one();
+            Ok(StatusCode::ACCEPTED)
+        }
+        Err(e @ crate::steer::AskError::NoSuchRollout(_)) => {
+            Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ crate::steer::AskError::NotNow(_)) => {
+            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn audit(
+    State(s): State<Server>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<crate::store::AuditEntry>>, ApiError> {
+    check_access(&s, &headers, crate::store::Permission::Read)?;
+    Ok(Json(s.store.audit(1000).map_err(internal)?))
 }
 
 #[cfg(test)]

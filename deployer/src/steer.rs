@@ -92,6 +92,14 @@ fn start(args: StartArgs, store: &dyn Store) -> Result<()> {
         store.request_rollout(old.id, Request::Supersede)?;
     }
     let id = store.create_rollout(&rollout)?;
+    crate::access::record(
+        store,
+        store::Change::RolloutStart {
+            rollout: id,
+            app: args.app.to_string(),
+            version: args.version.to_string(),
+        },
+    )?;
     let waves: Vec<String> = rollout
         .waves
         .iter()
@@ -136,18 +144,43 @@ fn check_artifacts(manifest: &str, rollout: &Rollout) -> Result<()> {
 /// Queues `what` after checking it against the rollout's transition table now: an illegal
 /// request is refused here, with the reason, not dropped later by the engine.
 fn request(store: &dyn Store, id: i64, what: Request) -> Result<()> {
-    let Some(rollout) = store.rollout(id)? else {
-        bail!("there is no rollout {id}; `muscle-deploy rollout status` lists the newest")
-    };
-    rollout.check_request(what).map_err(anyhow::Error::msg)?;
-    rollout
-        .check_rollback_is_newest(what, engine::newer_rollout(store, &rollout)?)
-        .map_err(anyhow::Error::msg)?;
-    store.request_rollout(id, what)?;
+    ask(store, id, what, &crate::access::local_who()).map_err(anyhow::Error::msg)?;
     println!(
         "rollout {id}: {} requested; the deployer applies it at its next tick",
         what.as_str()
     );
+    Ok(())
+}
+
+/// Why a rollout request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("there is no rollout {0}; `muscle-deploy rollout status` lists the newest")]
+    NoSuchRollout(i64),
+    #[error("{0}")]
+    NotNow(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Queues `what` for rollout `id` if its state allows it, and records it as `who`'s: what the
+/// CLI and the API both do.
+pub fn ask(store: &dyn Store, id: i64, what: Request, who: &str) -> Result<(), AskError> {
+    let rollout = store.rollout(id)?.ok_or(AskError::NoSuchRollout(id))?;
+    rollout.check_request(what).map_err(AskError::NotNow)?;
+    let newer = engine::newer_rollout(store, &rollout)?;
+    rollout
+        .check_rollback_is_newest(what, newer)
+        .map_err(AskError::NotNow)?;
+    store.request_rollout(id, what)?;
+    store.record(&store::AuditEntry {
+        at_ms: now_ms(),
+        who: who.to_owned(),
+        change: store::Change::RolloutRequest {
+            rollout: id,
+            request: what,
+        },
+    })?;
     Ok(())
 }
 
@@ -279,6 +312,15 @@ pub fn undeploy(store: &dyn Store, app: &Name, selector: Vec<(String, String)>) 
             "rollout {id} of {app} is {status:?}: abort it first (`muscle-deploy rollout abort {id}`)"
         ),
     };
+    if !removed.is_empty() || !withdrawn.is_empty() {
+        crate::access::record(
+            store,
+            store::Change::Undeploy {
+                app: app.to_string(),
+                agents: removed.clone(),
+            },
+        )?;
+    }
     if !withdrawn.is_empty() {
         let ids: Vec<String> = withdrawn.iter().map(i64::to_string).collect();
         println!(

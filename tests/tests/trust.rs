@@ -346,3 +346,98 @@ fn agents_of_both_arches_check_in_over_tls_trusting_only_the_given_ca() -> Resul
     }
     Ok(())
 }
+
+/// Tokens made by `token create` open the JSON views by role, an operator token steers a
+/// rollout through the API and a read-only one cannot, a revoked token is refused, and every
+/// change (from the CLI or the API) is in the audit log with who made it.
+#[test]
+fn tokens_with_roles_guard_the_api_and_every_change_is_audited() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("tokens");
+    let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    deployer.publish(&b.v1.dir)?;
+    let fleet = Fleet::start(deployer, &[(b.agent("x86_64"), "x86_64")], 1, &dir)?;
+    let d = &fleet.deployer;
+    let base = d.url();
+    // Open while no token exists (a deployer on loopback, as before).
+    assert_eq!(get(&format!("{base}/v1/fleet"), None), 200);
+    let viewer = d
+        .ok(&["token", "create", "viewer", "--role", "read-only"])?
+        .trim()
+        .to_owned();
+    let ops = d
+        .ok(&["token", "create", "ops", "--role", "operator"])?
+        .trim()
+        .to_owned();
+    ensure!(viewer.len() == 64 && ops.len() == 64);
+    let again = d.cli(&["token", "create", "ops", "--role", "operator"])?;
+    ensure!(!again.status.success(), "a name is taken once");
+    assert_eq!(get(&format!("{base}/v1/fleet"), None), 401);
+    assert_eq!(get(&format!("{base}/v1/fleet"), Some(&viewer)), 200);
+    assert_eq!(get(&format!("{base}/v1/audit"), Some(&ops)), 200);
+
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &spec,
+        "--min-healthy-time",
+        "60s",
+    ])?;
+    let steer = |what: &str, token: &str| {
+        post(
+            &format!("{base}/v1/rollouts/{id}/{what}"),
+            Some(token),
+            &json!({}),
+        )
+    };
+    let (code, body) = steer("pause", &viewer);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("read-only"), "{body}");
+    let (code, body) = steer("pause", &ops);
+    assert_eq!(code, 202, "{body}");
+    muscle_e2e::wait_until("the rollout to pause", Duration::from_secs(30), || {
+        Ok((d.rollout(Some(id))?["status"] == "paused").then_some(()))
+    })?;
+    let (code, body) = steer("pause", &ops);
+    assert_eq!(code, 409, "a paused rollout is not paused again: {body}");
+    assert_eq!(steer("supersede", &ops).0, 404);
+    assert_eq!(steer("abort", &ops).0, 202);
+
+    d.ok(&["token", "revoke", "viewer"])?;
+    assert_eq!(get(&format!("{base}/v1/fleet"), Some(&viewer)), 401);
+
+    let audit: serde_json::Value = serde_json::from_str(&d.ok(&["audit", "--json"])?)?;
+    let lines: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["who"].as_str().unwrap_or("?"),
+                e["action"].as_str().unwrap_or("?"),
+                e["request"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let local = lines[0].split(' ').next().unwrap_or("").to_owned();
+    assert!(local.starts_with("local:"), "{lines:#?}");
+    let expected = [
+        format!("{local} publish "),
+        format!("{local} token_create "),
+        format!("{local} token_create "),
+        format!("{local} rollout_start "),
+        "token:ops rollout_request pause".to_owned(),
+        "token:ops rollout_request abort".to_owned(),
+        format!("{local} token_revoke "),
+    ];
+    assert_eq!(lines, expected);
+    let table = d.ok(&["audit"])?;
+    assert!(
+        table.contains("asked rollout") && table.contains("revoked token viewer"),
+        "{table}"
+    );
+    Ok(())
+}

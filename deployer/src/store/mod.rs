@@ -2,6 +2,7 @@
 //! content-addressed blobs behind [`BlobStore`]. The embedded defaults are SQLite and a directory;
 //! a multi-replica deployment can implement the same traits over PostgreSQL and S3.
 
+mod access;
 mod blobs;
 mod jobs;
 mod logs;
@@ -12,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
+pub use access::{AccessStore, AuditEntry, Change, Permission, Role};
 pub use blobs::FsBlobStore;
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
@@ -145,7 +147,7 @@ pub struct Step<'a> {
     pub handled: Option<Request>,
 }
 
-pub trait Store: JobStore + LogStore + Send + Sync {
+pub trait Store: AccessStore + JobStore + LogStore + Send + Sync {
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;

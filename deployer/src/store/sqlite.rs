@@ -64,6 +64,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE log_lines (
         request_id TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL,
         PRIMARY KEY (request_id, seq));",
+    // 7: API tokens with roles, and the audit log of every change.
+    "CREATE TABLE tokens (
+        name TEXT PRIMARY KEY, role TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL);
+     CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, who TEXT NOT NULL,
+        change TEXT NOT NULL);",
 ];
 
 pub struct SqliteStore {
