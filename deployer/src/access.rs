@@ -97,9 +97,8 @@ fn list(store: &dyn Store, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `audit`: the newest `limit` changes, oldest first.
-pub fn audit(store: &dyn Store, limit: usize, json: bool) -> Result<()> {
-    let entries = store.audit(limit)?;
+/// `audit`: the newest changes, oldest first.
+pub fn print_audit(entries: &[AuditEntry], json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());

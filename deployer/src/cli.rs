@@ -17,6 +17,10 @@ pub struct Cli {
     /// Where the store lives (SQLite database + blobs/). Default: $MUSCLE_DATA_DIR, else ~/.local/share/muscle.
     #[arg(long, global = true, env = "MUSCLE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Speak to the deployer at this URL instead of a local store (publish, releases, fleet,
+    /// agent, rollout, undeploy, audit), with the token in $MUSCLE_TOKEN.
+    #[arg(long, global = true, env = "MUSCLE_SERVER")]
+    pub server: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -76,6 +80,13 @@ pub enum Command {
     },
     /// Agents with arch, labels, versions, health and last check-in.
     Fleet {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One agent: its row as `fleet` shows it, and its history (installs, rollbacks and
+    /// refusals, health changes, removals), oldest first.
+    Agent {
+        id: String,
         #[arg(long)]
         json: bool,
     },
@@ -252,9 +263,14 @@ pub struct ServeArgs {
     /// Require agents to enrol with this token, then check in with their own credential.
     #[arg(long, env = "MUSCLE_ENROLL_TOKEN")]
     pub enroll_token: Option<String>,
-    /// Require this token for the JSON views (/v1/fleet, /v1/rollouts, /v1/releases).
+    /// A token with every right (beside those `token create` makes); with it or any stored
+    /// token, the API needs `Authorization: Bearer <token>`.
     #[arg(long, env = "MUSCLE_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Trusted ed25519 public key (hex, repeatable) for releases uploaded to `POST /v1/releases`;
+    /// also read from DATA_DIR/trusted-keys at each upload.
+    #[arg(long = "trusted-key")]
+    pub trusted_keys: Vec<String>,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -5,9 +5,13 @@
 extern crate muscle_logline;
 
 mod access;
+mod api;
 mod auth;
 mod certs;
 mod cli;
+mod client;
+mod commands;
+mod control;
 mod engine;
 mod exec;
 mod failpoint;
@@ -15,12 +19,14 @@ mod fsck;
 mod job_api;
 mod keys;
 mod listen;
+mod ops;
 mod publish;
 mod rollout;
 mod server;
 mod service_logs;
 mod steer;
 mod store;
+mod upload;
 mod views;
 
 use std::path::{Path, PathBuf};
@@ -59,16 +65,28 @@ fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => return keys::keygen(&out),
+        Command::Tls(TlsCommand::Init { out, names }) => return keys::tls_init(&out, &names),
+        _ => {}
+    }
+    if let Some(url) = &cli.server {
+        let token = std::env::var("MUSCLE_TOKEN").ok();
+        return commands::remote(cli.command, &client::Remote::new(url, token)?);
+    }
     let dir = data_dir(cli.data_dir)?;
-    if let Command::Keygen { out } = &cli.command {
-        return keys::keygen(out);
+    let store = open_store(&cli.command, &dir)?;
+    match cli.command {
+        Command::Serve(args) => serve(args, store, &dir),
+        command => commands::local(command, store, &dir),
     }
-    if let Command::Tls(TlsCommand::Init { out, names }) = &cli.command {
-        return keys::tls_init(out, names);
-    }
+}
+
+/// The store in `dir`, read-only for commands that only read it.
+fn open_store(command: &Command, dir: &Path) -> Result<Arc<dyn Store>> {
     // Only publish and serve make a store; anything else in a folder without one is a mistyped
     // --data-dir, not an empty fleet.
-    let creates = matches!(cli.command, Command::Publish { .. } | Command::Serve { .. });
+    let creates = matches!(command, Command::Publish { .. } | Command::Serve { .. });
     if !creates && !dir.join("muscle.db").is_file() {
         bail!(
             "no store in {} (no muscle.db): check --data-dir or $MUSCLE_DATA_DIR; \
@@ -77,105 +95,23 @@ fn run(cli: Cli) -> Result<()> {
         );
     }
     let reads_only = matches!(
-        cli.command,
+        command,
         Command::Releases { .. }
             | Command::Fleet { .. }
+            | Command::Agent { .. }
             | Command::Fsck { .. }
             | Command::Audit { .. }
             | Command::Token(TokenCommand::List { .. })
             | Command::Rollout(RolloutCommand::Status { .. })
     );
     let opened = if reads_only {
-        SqliteStore::open_read_only(&dir)
+        SqliteStore::open_read_only(dir)
     } else {
-        SqliteStore::open(&dir)
+        SqliteStore::open(dir)
     };
-    let store: Arc<dyn Store> =
-        Arc::new(opened.with_context(|| format!("opening the store in {}", dir.display()))?);
-    match cli.command {
-        Command::Publish {
-            dir: release,
-            trusted_keys,
-        } => {
-            let blobs = FsBlobStore::open(&dir)?;
-            let keys = keys::load_keys(&trusted_keys, &dir)?;
-            let p = publish::publish(&release, store.as_ref(), &blobs, &keys, now_ms())?;
-            let m = &p.manifest;
-            if p.new {
-                access::record(
-                    store.as_ref(),
-                    store::Change::Publish {
-                        app: m.app.to_string(),
-                        version: m.version.to_string(),
-                    },
-                )?;
-            }
-            match (p.new, p.repaired) {
-                (true, _) => println!(
-                    "published {} {} ({} artifacts)",
-                    m.app,
-                    m.version,
-                    m.artifacts.len()
-                ),
-                (false, 0) => println!(
-                    "{} {} is already published; nothing to do",
-                    m.app, m.version
-                ),
-                (false, n) => println!(
-                    "{} {} is already published; repaired {n} damaged blob(s) from it",
-                    m.app, m.version
-                ),
-            }
-        }
-        Command::Releases { json } => {
-            let releases = store.releases()?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&views::release_rows(&releases))?
-                );
-            } else {
-                print!("{}", views::releases_table(&releases));
-            }
-        }
-        Command::Serve(args) => serve(args, store, &dir)?,
-        Command::Rollout(cmd) => steer::rollout_command(cmd, store.as_ref())?,
-        Command::Undeploy { app, selector } => steer::undeploy(store.as_ref(), &app, selector)?,
-        Command::Exec(args) => {
-            if !exec::exec(args, store.as_ref())? {
-                std::process::exit(1);
-            }
-        }
-        Command::Token(cmd) => access::token_command(cmd, store.as_ref())?,
-        Command::Audit { limit, json } => access::audit(store.as_ref(), limit, json)?,
-        Command::Logs(args) => service_logs::logs(args, store.as_ref())?,
-        Command::Jobs { id, json } => exec::jobs(id.as_deref(), json, store.as_ref())?,
-        Command::Fleet { json } => {
-            let agents = store.agents()?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&views::fleet_rows(&agents, now_ms()))?
-                );
-            } else {
-                print!("{}", views::fleet_table(&agents, now_ms()));
-            }
-        }
-        Command::Fsck { json } => {
-            let blobs = FsBlobStore::open(&dir)?;
-            let report = fsck::fsck(store.as_ref(), &blobs)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{report}");
-            }
-            if !report.problems.is_empty() {
-                std::process::exit(1);
-            }
-        }
-        Command::Keygen { .. } | Command::Tls(_) => unreachable!("handled above"),
-    }
-    Ok(())
+    Ok(Arc::new(opened.with_context(|| {
+        format!("opening the store in {}", dir.display())
+    })?))
 }
 
 /// `serve`: everything that can fail (TLS files, the port) fails before "serving on" is said.
@@ -202,6 +138,9 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
         admin_token: args.admin_token,
     };
     let blobs = Arc::new(FsBlobStore::open(dir)?);
+    upload::clear(dir)?;
+    // A bad key fails the start, not the first upload.
+    keys::load_keys(&args.trusted_keys, dir)?;
     let listen = args.listen;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -221,6 +160,9 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
                 auth,
                 engine_wake: Arc::new(tokio::sync::Notify::new()),
                 job_wake: job_api::JobWake::watch(store.clone(), limits.max_connections),
+                data_dir: dir.to_owned(),
+                trusted_keys: args.trusted_keys,
+                uploads: Arc::new(tokio::sync::Semaphore::new(2)),
             },
             listener,
             args.tick,

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use muscle_inspect::Expectation;
 use muscle_protocol::{DebugArtifact, ManifestArtifact, ReleaseManifest};
 
-use crate::store::{BlobPut, BlobStore, PutOutcome, ReleaseRecord, Store};
+use crate::store::{BlobPut, BlobStore, Change, PutOutcome, ReleaseRecord, Store};
 
 pub struct Published {
     pub manifest: ReleaseManifest,
@@ -14,6 +14,63 @@ pub struct Published {
     pub new: bool,
     /// Stored blobs found damaged and replaced by this release's intact files.
     pub repaired: usize,
+}
+
+/// What a publish did, as the CLI prints it and `POST /v1/releases` answers it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PublishOutcome {
+    pub app: String,
+    pub version: String,
+    pub artifacts: usize,
+    /// False when the same manifest was published before.
+    pub new: bool,
+    /// Stored blobs found damaged and replaced by this release's intact files.
+    pub repaired: usize,
+}
+
+impl std::fmt::Display for PublishOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (app, version) = (&self.app, &self.version);
+        match (self.new, self.repaired) {
+            (true, _) => write!(
+                f,
+                "published {app} {version} ({} artifacts)",
+                self.artifacts
+            ),
+            (false, 0) => write!(f, "{app} {version} is already published; nothing to do"),
+            (false, n) => write!(
+                f,
+                "{app} {version} is already published; repaired {n} damaged blob(s) from it"
+            ),
+        }
+    }
+}
+
+/// [`publish`], and a new release recorded in the audit log as `who`'s.
+pub fn publish_recorded(
+    dir: &Path,
+    store: &dyn Store,
+    blobs: &dyn BlobStore,
+    trusted: &[muscle_protocol::PublicKey],
+    who: &str,
+) -> Result<PublishOutcome> {
+    let p = publish(dir, store, blobs, trusted, crate::now_ms())?;
+    let outcome = PublishOutcome {
+        app: p.manifest.app.to_string(),
+        version: p.manifest.version.to_string(),
+        artifacts: p.manifest.artifacts.len(),
+        new: p.new,
+        repaired: p.repaired,
+    };
+    if p.new {
+        let change = Change::Publish {
+            app: outcome.app.clone(),
+            version: outcome.version.clone(),
+        };
+        crate::ops::record(store, who, change)
+            .context("the release was stored, but not written to the audit log")?;
+    }
+    Ok(outcome)
 }
 
 pub fn publish(

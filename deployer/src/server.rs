@@ -32,6 +32,12 @@ pub struct Server {
     pub engine_wake: Arc<tokio::sync::Notify>,
     /// Wakes agents' job polls.
     pub job_wake: crate::job_api::JobWake,
+    /// Where uploads are staged (DATA_DIR/uploads) and DATA_DIR/trusted-keys is read.
+    pub data_dir: std::path::PathBuf,
+    /// `serve --trusted-key`, beside DATA_DIR/trusted-keys.
+    pub trusted_keys: Vec<String>,
+    /// Release uploads staged at once.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(server: Server) -> Router {
@@ -42,11 +48,7 @@ pub fn router(server: Server) -> Router {
         .route("/v1/jobs/result", post(crate::job_api::result))
         .route("/v1/logs/batch", post(crate::job_api::log_batch))
         .route("/v1/blobs/sha256/{hex}", get(blob))
-        .route("/v1/fleet", get(fleet))
-        .route("/v1/rollouts", get(rollouts))
-        .route("/v1/rollouts/{id}/{request}", post(steer_rollout))
-        .route("/v1/releases", get(releases))
-        .route("/v1/audit", get(audit))
+        .merge(crate::api::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))
         .layer(axum::middleware::from_fn(request_deadline))
@@ -110,11 +112,16 @@ async fn request_deadline(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+    let deadline = if crate::api::is_upload(&request) {
+        crate::api::UPLOAD_DEADLINE
+    } else {
+        REQUEST_DEADLINE
+    };
+    match tokio::time::timeout(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError(
             StatusCode::REQUEST_TIMEOUT,
-            format!("the request was not received and answered within {REQUEST_DEADLINE:?}"),
+            format!("the request was not received and answered within {deadline:?}"),
         )
         .into_response(),
     }
@@ -224,15 +231,17 @@ pub(crate) fn check_agent_credential(
 /// Whether the request's bearer may do `need`, and who it is for the audit log: the admin
 /// token may do anything, a stored token what its role grants. With neither an admin token nor
 /// any stored token, the API stays open (a deployer on loopback, as before tokens).
-pub(crate) fn check_access(
+/// Who is calling (from the bearer token) and what they may do: the admin token and an open
+/// deployer (no admin token, no stored token) may do everything.
+pub(crate) fn identify(
     s: &Server,
     headers: &HeaderMap,
-    need: crate::store::Permission,
-) -> Result<String, ApiError> {
+) -> Result<(String, crate::store::Role), ApiError> {
+    use crate::store::Role;
     let bearer = auth::bearer(headers);
     if let (Some(b), Some(admin)) = (bearer, &s.auth.admin_token) {
         if auth::same_secret(b, admin) {
-            return Ok("token:admin".into());
+            return Ok(("token:admin".into(), Role::Operator));
         }
     }
     let token = match bearer {
@@ -240,18 +249,31 @@ pub(crate) fn check_access(
         None => None,
     };
     match token {
-        Some((name, role)) if role.grants(need) => Ok(format!("token:{name}")),
-        Some((name, role)) => Err(ApiError(
-            StatusCode::FORBIDDEN,
-            format!("token {name} is {}: it may not do this", role.as_str()),
-        )),
+        Some((name, role)) => Ok((format!("token:{name}"), role)),
         None if s.auth.admin_token.is_none() && s.store.tokens().map_err(internal)?.is_empty() => {
-            Ok("anonymous".into())
+            Ok(("anonymous".into(), Role::Operator))
         }
         None => Err(unauthorized(
             "this endpoint needs `Authorization: Bearer <token>`: the admin token or one made by \
              `muscle-deploy token create`",
         )),
+    }
+}
+
+/// Who is calling, if they may do what `need` names.
+pub(crate) fn check_access(
+    s: &Server,
+    headers: &HeaderMap,
+    need: crate::store::Permission,
+) -> Result<String, ApiError> {
+    let (who, role) = identify(s, headers)?;
+    if role.grants(need) {
+        Ok(who)
+    } else {
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{who} is {}: it may not do this", role.as_str()),
+        ))
     }
 }
 
@@ -281,7 +303,16 @@ async fn checkin(
     };
     // The hot path, run in place: one cached SQLite statement is cheaper than a hop to the
     // blocking pool (measured by `cargo xtask bench`).
-    let generation = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
+    let recorded = s.store.record_checkin(&req, now_ms()).map_err(internal)?;
+    let generation = recorded.generation;
+    let events = history(&req, recorded.previous);
+    if !events.is_empty() {
+        let (store, agent) = (s.store.clone(), req.agent_id.to_string());
+        tokio::task::spawn_blocking(move || store.add_events(&agent, now_ms(), &events))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    }
     if req.changed {
         // Recorded first, so the engine reads it; a busy engine keeps the permit for later.
         s.engine_wake.notify_one();
@@ -326,6 +357,32 @@ async fn checkin(
 /// A probe's check-in: a new agent binary proving, before a self-update hands over to it, that
 /// it can reach and authenticate to this deployer. Recorded apart: the agent's record still
 /// describes the agent that runs.
+/// What this check-in adds to the agent's history.
+fn history(
+    req: &CheckinRequest,
+    previous: crate::store::Previous,
+) -> Vec<crate::store::AgentEvent> {
+    use crate::store::{changes, AgentEvent, Previous};
+    let mut events = match previous {
+        Previous::Same => vec![],
+        Previous::New => {
+            let mut e = vec![AgentEvent::Joined {
+                arch: req.arch.clone(),
+                agent_version: req.agent_version.clone(),
+            }];
+            e.extend(changes(&[], &req.apps));
+            e
+        }
+        Previous::Changed(old) => changes(&old, &req.apps),
+    };
+    if let Some(problem) = &req.problem {
+        events.push(AgentEvent::Refused {
+            reason: problem.chars().take(1024).collect(),
+        });
+    }
+    events
+}
+
 fn probed(
     s: &Server,
     req: &CheckinRequest,
@@ -511,81 +568,6 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
         ),
     };
     (start <= end && start < len).then_some((start, end))
-}
-
-async fn fleet(
-    State(s): State<Server>,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_access(&s, &headers, crate::store::Permission::Read)?;
-    let agents = s.store.agents().map_err(internal)?;
-    Ok(Json(
-        serde_json::to_value(crate::views::fleet_rows(&agents, now_ms())).map_err(internal)?,
-    ))
-}
-
-async fn rollouts(
-    State(s): State<Server>,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_access(&s, &headers, crate::store::Permission::Read)?;
-    let rollouts = s.store.rollouts().map_err(internal)?;
-    Ok(Json(serde_json::to_value(rollouts).map_err(internal)?))
-}
-
-async fn releases(
-    State(s): State<Server>,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_access(&s, &headers, crate::store::Permission::Read)?;
-    let releases = s.store.releases().map_err(internal)?;
-    Ok(Json(
-        serde_json::to_value(crate::views::release_rows(&releases)).map_err(internal)?,
-    ))
-}
-
-/// `POST /v1/rollouts/{id}/{pause|resume|abort|rollback}`, for operator tokens.
-async fn steer_rollout(
-    State(s): State<Server>,
-    Path((id, request)): Path<(i64, String)>,
-    headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
-    let who = check_access(&s, &headers, crate::store::Permission::Steer)?;
-    let what: crate::rollout::Request = match request.parse() {
-        Ok(crate::rollout::Request::Supersede) | Err(_) => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("{request:?}: expected pause, resume, abort or rollback"),
-            ))
-        }
-        Ok(what) => what,
-    };
-    let store = s.store.clone();
-    let asked =
-        tokio::task::spawn_blocking(move || crate::steer::ask(store.as_ref(), id, what, &who))
-            .await
-            .map_err(internal)?;
-    match asked {
-        Ok(()) => {
-            s.engine_wake.notify_one();
-            Ok(StatusCode::ACCEPTED)
-        }
-        Err(e @ crate::steer::AskError::NoSuchRollout(_)) => {
-            Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
-        }
-        Err(e @ crate::steer::AskError::NotNow(_)) => {
-            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
-        }
-        Err(e) => Err(internal(e)),
-    }
-}
-
-async fn audit(
-    State(s): State<Server>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<crate::store::AuditEntry>>, ApiError> {
-    check_access(&s, &headers, crate::store::Permission::Read)?;
-    Ok(Json(s.store.audit(1000).map_err(internal)?))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Tables and JSON rows for the terminal and the JSON endpoints.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::rollout::{MemberState, Rollout};
-use crate::store::{AgentRecord, ReleaseRecord, CLOCK_SKEW_FLAGGED_S};
+use crate::store::{
+    AgentEvent, AgentEventRecord, AgentRecord, ReleaseRecord, CLOCK_SKEW_FLAGGED_S,
+};
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct FleetRow {
     pub id: String,
     pub arch: String,
@@ -21,7 +23,7 @@ pub struct FleetRow {
     pub stale: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct AppCell {
     pub app: String,
     pub version: Option<String>,
@@ -72,8 +74,8 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
         .collect()
 }
 
-pub fn fleet_table(agents: &[AgentRecord], now_ms: u64) -> String {
-    let rows: Vec<Vec<String>> = fleet_rows(agents, now_ms)
+pub fn fleet_table(fleet: Vec<FleetRow>) -> String {
+    let rows: Vec<Vec<String>> = fleet
         .into_iter()
         .map(|r| {
             let apps = r
@@ -123,7 +125,7 @@ pub fn fleet_table(agents: &[AgentRecord], now_ms: u64) -> String {
     )
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ReleaseRow {
     pub app: String,
     pub version: String,
@@ -155,8 +157,8 @@ pub fn release_rows(releases: &[ReleaseRecord]) -> Vec<ReleaseRow> {
         .collect()
 }
 
-pub fn releases_table(releases: &[ReleaseRecord]) -> String {
-    let rows: Vec<Vec<String>> = release_rows(releases)
+pub fn releases_table(releases: Vec<ReleaseRow>) -> String {
+    let rows: Vec<Vec<String>> = releases
         .into_iter()
         .map(|r| {
             vec![
@@ -169,6 +171,66 @@ pub fn releases_table(releases: &[ReleaseRecord]) -> String {
         })
         .collect();
     table(&["APP", "VERSION", "COUNTER", "SIGNED", "ARTIFACTS"], &rows)
+}
+
+/// One agent as `fleet` shows it, with its history.
+#[derive(Serialize, Deserialize)]
+pub struct AgentDetail {
+    pub agent: FleetRow,
+    pub history: Vec<AgentEventRecord>,
+}
+
+/// `agent ID`: its fleet row, then its history, oldest first.
+pub fn agent_detail(d: AgentDetail) -> String {
+    let rows: Vec<Vec<String>> = d
+        .history
+        .iter()
+        .map(|e| {
+            vec![
+                muscle_logline::utc(e.at_ms / 1000),
+                describe_event(&e.event),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\nhistory:\n{}",
+        fleet_table(vec![d.agent]),
+        table(&["WHEN", "EVENT"], &rows)
+    )
+}
+
+fn describe_event(e: &AgentEvent) -> String {
+    let health = |h: &muscle_protocol::Health| {
+        serde_json::to_value(h)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    match e {
+        AgentEvent::Joined {
+            arch,
+            agent_version,
+        } => format!("joined ({arch}, agent {agent_version})"),
+        AgentEvent::Installed {
+            app,
+            version,
+            previous: Some(p),
+        } => format!("{app} {version} installed (was {p})"),
+        AgentEvent::Installed { app, version, .. } => format!("{app} {version} installed"),
+        AgentEvent::Failed {
+            app,
+            version,
+            error,
+        } => format!(
+            "{app} {version} refused or rolled back: {}",
+            error.as_deref().unwrap_or("no reason given")
+        ),
+        AgentEvent::HealthChanged { app, from, to } => {
+            format!("{app} {} -> {}", health(from), health(to))
+        }
+        AgentEvent::Removed { app } => format!("{app} removed"),
+        AgentEvent::Refused { reason } => format!("refused the deployer's answer: {reason}"),
+    }
 }
 
 pub fn rollout_summary(r: &Rollout) -> String {
@@ -281,6 +343,6 @@ mod tests {
         let stale = serde_json::to_value(fleet_rows(std::slice::from_ref(&agent), later)).unwrap();
         assert_eq!(stale[0]["stale"], true);
         assert_eq!(stale[0]["apps"][0]["health"], "unknown");
-        assert!(fleet_table(&[agent], later).contains("(unknown)"));
+        assert!(fleet_table(fleet_rows(&[agent], later)).contains("(unknown)"));
     }
 }

@@ -112,6 +112,23 @@ impl Deployer {
             .context("cannot run muscle-deploy")
     }
 
+    /// Runs a `muscle-deploy` CLI command as an operator elsewhere would: in `cwd`, with no data
+    /// dir anywhere (HOME is `cwd`), only `--server` and the token in `MUSCLE_TOKEN`.
+    pub fn remote(&self, token: &str, cwd: &Path, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bin)
+            .arg("--server")
+            .arg(self.url())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("MUSCLE_DATA_DIR")
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", cwd)
+            .env("MUSCLE_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run muscle-deploy")
+    }
+
     /// Like [`cli`](Self::cli), failing unless the command succeeds; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;

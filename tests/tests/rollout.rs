@@ -359,6 +359,16 @@ fn rollback_returns_each_agent_to_its_last_known_good_version_not_a_failed_one()
         status.contains("        | ") && status.contains("0.3.0 (x86_64) listening"),
         "{status}"
     );
+    // The canary's history tells the install, the failure with its reason, and health changes.
+    let history = fleet.deployer.ok(&["agent", "x86_64-1"])?;
+    for told in [
+        "joined (x86_64",
+        "hello-service 0.1.0 installed",
+        "hello-service 0.3.0 refused or rolled back: ",
+        "-> healthy",
+    ] {
+        assert!(history.contains(told), "{told:?} missing from\n{history}");
+    }
     let first = fleet.deployer.rollout(Some(1))?;
     assert_eq!(first["status"], "succeeded", "{first:#}");
     common::roll_out(&fleet, "0.2.0")?;

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Cross-compile every binary of a workspace into verified static binaries, with checksums and a manifest.
-    Release(release::ReleaseArgs),
+    Release(Box<release::ReleaseArgs>),
     /// Verify that binaries are fully static executables for their target.
     Verify(verify::VerifyArgs),
     /// Check and install what builds and tests need (rustup targets, cross C compilers, qemu-user).
@@ -47,7 +47,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Release(args) => release::run(args),
+        Command::Release(args) => release::run(*args),
         Command::Verify(args) => verify::run(args),
         Command::Setup(args) => setup::run(args),
         Command::Demo(args) => demo::run(args),

@@ -25,13 +25,6 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
     Read,
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "publishing through the API comes with the remote API (#14)"
-        )
-    )]
     Publish,
     Steer,
 }

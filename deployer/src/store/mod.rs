@@ -4,6 +4,7 @@
 
 mod access;
 mod blobs;
+mod history;
 mod jobs;
 mod logs;
 mod sqlite;
@@ -15,11 +16,27 @@ use serde::{Deserialize, Serialize};
 
 pub use access::{AccessStore, AuditEntry, Change, Permission, Role};
 pub use blobs::FsBlobStore;
+pub use history::{changes, AgentEvent, AgentEventRecord, HistoryStore};
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
 pub use sqlite::SqliteStore;
 
 use crate::rollout::{Action, Request, Rollout};
+
+/// A check-in recorded: the generation of the agent's desired state, and what its reports were
+/// before, as far as its history cares.
+pub struct Recorded {
+    pub generation: u64,
+    pub previous: Previous,
+}
+
+pub enum Previous {
+    /// The agent's first check-in.
+    New,
+    /// Nothing its history follows changed.
+    Same,
+    Changed(Vec<AppReport>),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -147,13 +164,13 @@ pub struct Step<'a> {
     pub handled: Option<Request>,
 }
 
-pub trait Store: AccessStore + JobStore + LogStore + Send + Sync {
+pub trait Store: AccessStore + HistoryStore + JobStore + LogStore + Send + Sync {
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;
 
     /// Records a check-in and returns the agent's desired generation.
-    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<u64>;
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<Recorded>;
     fn agents(&self) -> Result<Vec<AgentRecord>>;
     /// The sha256 of an enrolled agent's credential.
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>>;

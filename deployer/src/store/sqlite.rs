@@ -8,8 +8,8 @@ use muscle_protocol::CheckinRequest;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::{
-    AgentRecord, Assignment, PutOutcome, ReleaseRecord, Result, Step, Store, StoreError, Undeploy,
-    Undeployed,
+    AgentRecord, Assignment, Previous, PutOutcome, Recorded, ReleaseRecord, Result, Step, Store,
+    StoreError, Undeploy, Undeployed,
 };
 use crate::rollout::{Action, Request, Rollout};
 
@@ -71,6 +71,12 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE audit (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, who TEXT NOT NULL,
         change TEXT NOT NULL);",
+    // 8: each agent's history, and a digest of what its history follows in its last reports.
+    "CREATE TABLE agent_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
+        body TEXT NOT NULL);
+     CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);
+     ALTER TABLE agents ADD COLUMN history_key TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -228,11 +234,11 @@ fn assign_in(
     Ok(())
 }
 
-fn json<T: serde::Serialize>(value: &T) -> String {
+pub(super) fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("records serialize")
 }
 
-fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
@@ -315,12 +321,23 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<u64> {
-        // The hot path of every check-in: one cached statement, the generation read back with it.
+    fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<Recorded> {
+        // The hot path of every check-in: two cached statements on the primary key. The old
+        // reports are read back only when what the history follows in them changed.
+        let key = super::history::key(&req.apps);
         let conn = self.conn();
+        let before: Option<(Option<String>, Option<String>)> = conn
+            .prepare_cached(
+                "SELECT history_key, CASE WHEN history_key IS ?2 THEN NULL ELSE apps END
+                 FROM agents WHERE id = ?1",
+            )?
+            .query_row(params![req.agent_id.as_str(), key], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9
+            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s, history_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9, history_key = ?10
              RETURNING desired_generation",
         )?;
         let generation: i64 = stmt.query_row(
@@ -334,11 +351,23 @@ impl Store for SqliteStore {
                 json(&req.apps),
                 req.interval_ms.unwrap_or(5000) as i64,
                 req.clock_unix
-                    .map_or(0, |t| t as i64 - (now_ms / 1000) as i64)
+                    .map_or(0, |t| t as i64 - (now_ms / 1000) as i64),
+                key,
             ],
             |r| r.get(0),
         )?;
-        Ok(generation as u64)
+        let previous = match before {
+            None => Previous::New,
+            Some((_, None)) => Previous::Same,
+            // A report the store cannot read back is history lost, not a failed check-in.
+            Some((_, Some(apps))) => {
+                Previous::Changed(parse("agent apps", &apps).unwrap_or_default())
+            }
+        };
+        Ok(Recorded {
+            generation: generation as u64,
+            previous,
+        })
     }
 
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>> {

@@ -60,6 +60,10 @@ pub struct ReleaseArgs {
     /// Print where the time went on stderr, as one JSON line `timings: {...}` (seconds).
     #[arg(long)]
     pub timings: bool,
+    /// Publish the release to the deployer at this URL once written (`muscle-deploy --server
+    /// URL publish`), with the token in $MUSCLE_TOKEN: a publisher's or an operator's.
+    #[arg(long, value_name = "URL")]
+    pub publish: Option<String>,
 }
 
 /// Where a release's time went, in seconds: `cargo xtask bench` reports it beside a plain cargo
@@ -160,7 +164,34 @@ pub fn run(args: ReleaseArgs) -> Result<i32> {
     } else {
         eprintln!("wrote {}", release.dir.display());
     }
+    if let Some(url) = &args.publish {
+        publish(url, &release.dir)?;
+    }
     Ok(0)
+}
+
+/// Uploads the release with the deployer's own client, built from this workspace (it is the one
+/// client of the API; the deployer re-checks everything it receives).
+fn publish(url: &str, release: &std::path::Path) -> Result<()> {
+    let deployer = muscle_e2e::host_deployer(false)?;
+    let out = std::process::Command::new(&deployer)
+        .arg("--server")
+        .arg(url)
+        .arg("publish")
+        .arg(release)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", deployer.display()))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "publishing {} to {url} failed: {}",
+            release.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprintln!("{} ({url})", said.trim());
+    Ok(())
 }
 
 /// The spec to sign into the manifest; the binary it runs must be one this release ships.
