@@ -89,10 +89,39 @@ pub async fn serve(
             tokio::time::sleep(MIN_ENGINE_GAP).await;
         }
     });
+    let flusher = tokio::spawn(flush_checkins_every(
+        server.store.clone(),
+        CHECKIN_FLUSH_INTERVAL,
+    ));
+    let checkins = server.store.clone();
     listen::serve(listener, router(server), tls, limits, shutdown_signal()).await;
     engine.abort();
+    flusher.abort();
+    // Every check-in answered is written before the deployer stops.
+    flush_checkins(checkins).await;
     say!("stopped");
     Ok(())
+}
+
+/// How long a steady check-in (nothing changed but its times) waits in memory to be written
+/// with the others: what a crash loses of agents' last-seen times and health durations.
+pub const CHECKIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn flush_checkins_every(store: Arc<dyn Store>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        flush_checkins(store.clone()).await;
+    }
+}
+
+async fn flush_checkins(store: Arc<dyn Store>) {
+    match tokio::task::spawn_blocking(move || store.flush_checkins()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => say!("writing check-ins: {e}"),
+        Err(e) => say!("writing check-ins panicked: {e}"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -192,3 +192,60 @@ fn a_damaged_blob_is_found_by_fsck_never_served_and_repaired_by_republishing() -
     assert_eq!(muscle_protocol::sha256_hex(&served), sha);
     Ok(())
 }
+
+/// The agent's last-seen time as the store on disk has it.
+fn stored_last_seen(deployer: &Deployer, agent: &str) -> Result<i64> {
+    let db = rusqlite::Connection::open(deployer.data_dir.join("muscle.db"))?;
+    Ok(db.query_row(
+        "SELECT last_seen_ms FROM agents WHERE id = ?1",
+        [agent],
+        |r| r.get(0),
+    )?)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn steady_check_ins_are_written_in_batches_and_all_of_them_by_a_clean_shutdown() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("steady-checkins");
+    let mut d = Deployer::start(&b.deployer, &dir.join("data"))?;
+    // The first check-in is written at once; the same report again waits in memory and is
+    // written with the others every second.
+    check_in(&d.url())?;
+    let mut sent = now_ms();
+    let until = sent + 3_000;
+    while sent < until {
+        std::thread::sleep(Duration::from_millis(100));
+        sent = now_ms();
+        check_in(&d.url())?;
+    }
+    // SIGKILL: a crash loses at most the last flush interval (1 s) of last-seen times.
+    d.kill9();
+    let after_crash = stored_last_seen(&d, "probe")?;
+    assert!(
+        sent - after_crash <= 1_500,
+        "a crash lost more than the flush interval: stored {after_crash}, last sent {sent}"
+    );
+    d.restart()?;
+    check_in(&d.url())?;
+    std::thread::sleep(Duration::from_millis(50));
+    let sent = now_ms();
+    check_in(&d.url())?;
+    // SIGTERM right away: the answered check-in is on disk when the deployer has stopped.
+    let pid = d.pid().context("running")?;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    d.wait_exit(Duration::from_secs(30))?;
+    let stored = stored_last_seen(&d, "probe")?;
+    assert!(
+        stored >= sent,
+        "the last check-in before a clean shutdown was lost: stored {stored}, sent at {sent}"
+    );
+    Ok(())
+}

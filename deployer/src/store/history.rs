@@ -1,7 +1,7 @@
 //! Each agent's history: what changed in its reports from one check-in to the next (installs,
 //! rollbacks and refusals, health changes, removals) and refused answers, kept per agent.
 
-use muscle_protocol::{AppReport, Health};
+use muscle_protocol::{AppReport, CheckinRequest, Health};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
@@ -46,22 +46,31 @@ pub struct AgentEventRecord {
     pub event: AgentEvent,
 }
 
-/// A digest of what [`changes`] looks at in an agent's reports: a check-in with the same key as
-/// the last one changes nothing in its history (most do not), and is recorded without reading
-/// the old reports back.
-pub fn key(apps: &[AppReport]) -> String {
+/// A digest of everything a check-in records but what changes at each (its time, the clock
+/// skew, health durations and restart counts): a check-in with the same key as the agent's last
+/// changes nothing in its row that cannot wait, nor in its history.
+pub fn report_key(req: &CheckinRequest) -> String {
     fn name(n: &Option<muscle_protocol::Name>) -> &str {
         n.as_ref().map_or("", |n| n.as_str())
     }
-    let mut text = String::new();
-    for a in apps {
+    let mut text = format!(
+        "{}\0{}\0{}\0{}\0{:?}\n",
+        req.arch,
+        req.hostname,
+        req.agent_version,
+        req.interval_ms.unwrap_or(0),
+        req.labels
+    );
+    for a in &req.apps {
         text += &format!(
-            "{}\0{}\0{}\0{:?}\0{}\n",
+            "{}\0{}\0{}\0{}\0{:?}\0{}\0{}\n",
             a.app,
             name(&a.installed_version),
+            name(&a.running_version),
             name(&a.failed_version),
             a.health,
-            a.last_error.as_deref().unwrap_or("")
+            a.last_error.as_deref().unwrap_or(""),
+            a.log_tail.as_deref().unwrap_or("")
         );
     }
     muscle_protocol::sha256_hex(text.as_bytes())

@@ -33,7 +33,7 @@ pub struct Recorded {
 pub enum Previous {
     /// The agent's first check-in.
     New,
-    /// Nothing its history follows changed.
+    /// The report is the same but for its times.
     Same,
     Changed(Vec<AppReport>),
 }
@@ -170,7 +170,11 @@ pub trait Store: AccessStore + HistoryStore + JobStore + LogStore + Send + Sync 
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;
 
     /// Records a check-in and returns the agent's desired generation.
+    /// Records a check-in. One that changes nothing but the agent's last-seen time, clock skew
+    /// and health durations may be kept in memory until [`flush_checkins`](Self::flush_checkins).
     fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<Recorded>;
+    /// Writes the check-ins kept in memory; returns how many.
+    fn flush_checkins(&self) -> Result<usize>;
     fn agents(&self) -> Result<Vec<AgentRecord>>;
     /// The sha256 of an enrolled agent's credential.
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>>;

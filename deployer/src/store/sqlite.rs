@@ -1,5 +1,6 @@
 //! The embedded store: one SQLite database (WAL), shared by the server and the CLI.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -71,16 +72,27 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE audit (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, who TEXT NOT NULL,
         change TEXT NOT NULL);",
-    // 8: each agent's history, and a digest of what its history follows in its last reports.
+    // 8: each agent's history, and a digest of its last check-in but for what changes at each.
     "CREATE TABLE agent_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
         body TEXT NOT NULL);
      CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);
-     ALTER TABLE agents ADD COLUMN history_key TEXT;",
+     ALTER TABLE agents ADD COLUMN report_key TEXT;",
 ];
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Check-ins that changed nothing but their last-seen time, clock skew and health
+    /// durations, by agent: written together by [`Store::flush_checkins`] instead of one
+    /// write each.
+    steady: Mutex<HashMap<String, SteadyCheckin>>,
+}
+
+/// What a steady check-in changes in its agent's row.
+struct SteadyCheckin {
+    last_seen_ms: i64,
+    apps: String,
+    clock_skew_s: i64,
 }
 
 impl SqliteStore {
@@ -104,6 +116,7 @@ impl SqliteStore {
         migrate(&conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            steady: Mutex::default(),
         })
     }
 
@@ -149,7 +162,14 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            steady: Mutex::default(),
         })
+    }
+
+    fn steady_checkins(&self) -> std::sync::MutexGuard<'_, HashMap<String, SteadyCheckin>> {
+        self.steady
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(super) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -322,22 +342,44 @@ impl Store for SqliteStore {
     }
 
     fn record_checkin(&self, req: &CheckinRequest, now_ms: u64) -> Result<Recorded> {
-        // The hot path of every check-in: two cached statements on the primary key. The old
-        // reports are read back only when what the history follows in them changed.
-        let key = super::history::key(&req.apps);
+        // The hot path of every check-in: one read on the primary key. A steady check-in (the
+        // same report but for its times) is kept in memory and written with the others; the
+        // old reports are read back only when the report changed.
+        let key = super::history::report_key(req);
+        let apps = json(&req.apps);
+        let clock_skew_s = req
+            .clock_unix
+            .map_or(0, |t| t as i64 - (now_ms / 1000) as i64);
         let conn = self.conn();
-        let before: Option<(Option<String>, Option<String>)> = conn
+        let before: Option<(i64, Option<String>)> = conn
             .prepare_cached(
-                "SELECT history_key, CASE WHEN history_key IS ?2 THEN NULL ELSE apps END
+                "SELECT desired_generation, CASE WHEN report_key IS ?2 THEN NULL ELSE apps END
                  FROM agents WHERE id = ?1",
             )?
             .query_row(params![req.agent_id.as_str(), key], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
+        let steady = !req.changed && req.problem.is_none();
+        if let (Some((generation, None)), true) = (&before, steady) {
+            self.steady_checkins().insert(
+                req.agent_id.to_string(),
+                SteadyCheckin {
+                    last_seen_ms: now_ms as i64,
+                    apps,
+                    clock_skew_s,
+                },
+            );
+            return Ok(Recorded {
+                generation: *generation as u64,
+                previous: Previous::Same,
+            });
+        }
+        // Written now: a steady check-in kept from before is older, and dropped.
+        self.steady_checkins().remove(req.agent_id.as_str());
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s, history_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9, history_key = ?10
+            "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s, report_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9, report_key = ?10
              RETURNING desired_generation",
         )?;
         let generation: i64 = stmt.query_row(
@@ -348,10 +390,9 @@ impl Store for SqliteStore {
                 json(&req.labels),
                 req.agent_version,
                 now_ms as i64,
-                json(&req.apps),
+                apps,
                 req.interval_ms.unwrap_or(5000) as i64,
-                req.clock_unix
-                    .map_or(0, |t| t as i64 - (now_ms / 1000) as i64),
+                clock_skew_s,
                 key,
             ],
             |r| r.get(0),
@@ -368,6 +409,27 @@ impl Store for SqliteStore {
             generation: generation as u64,
             previous,
         })
+    }
+
+    fn flush_checkins(&self) -> Result<usize> {
+        let batch = std::mem::take(&mut *self.steady_checkins());
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            // A row written since (a changed check-in) is newer: the guard keeps it.
+            let mut stmt = tx.prepare_cached(
+                "UPDATE agents SET last_seen_ms = ?2, apps = ?3, clock_skew_s = ?4
+                 WHERE id = ?1 AND last_seen_ms <= ?2",
+            )?;
+            for (id, c) in &batch {
+                stmt.execute(params![id, c.last_seen_ms, c.apps, c.clock_skew_s])?;
+            }
+        }
+        tx.commit()?;
+        Ok(batch.len())
     }
 
     fn credential_sha256(&self, agent_id: &str) -> Result<Option<String>> {
@@ -690,6 +752,55 @@ mod tests {
         assert_eq!(undeploy(&["a1".into(), "a2".into()], &reporting), ["a2"]);
         assign(Some(&assignment));
         assert!(store.removals("a1").unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn steady_check_ins_wait_in_memory_and_never_overwrite_a_newer_row() {
+        let dir = std::env::temp_dir().join(format!("muscle-steady-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir).unwrap();
+        let mut req: CheckinRequest = serde_json::from_value(serde_json::json!({
+            "agent_id": "a1", "arch": "x86_64", "hostname": "h", "labels": {},
+            "agent_version": "0.1.0", "generation": 0,
+            "apps": [{"app": "web", "installed_version": "1.0.0", "running_version": "1.0.0",
+                      "health": "healthy", "healthy_for_ms": 1000, "failed_version": null,
+                      "last_error": null, "log_tail": null}],
+        }))
+        .unwrap();
+        let seen = |store: &SqliteStore| store.agents().unwrap()[0].last_seen_ms;
+        let healthy_for = |store: &SqliteStore| store.agents().unwrap()[0].apps[0].healthy_for_ms;
+        assert!(matches!(
+            store.record_checkin(&req, 10).unwrap().previous,
+            Previous::New
+        ));
+        // The same report but for its times: kept in memory, written by the flush.
+        req.apps[0].healthy_for_ms = 2000;
+        assert!(matches!(
+            store.record_checkin(&req, 20).unwrap().previous,
+            Previous::Same
+        ));
+        assert_eq!((seen(&store), healthy_for(&store)), (10, 1000));
+        assert_eq!(store.flush_checkins().unwrap(), 1);
+        assert_eq!((seen(&store), healthy_for(&store)), (20, 2000));
+        assert_eq!(store.flush_checkins().unwrap(), 0);
+        // A steady check-in, then a changed one written at once: the flush keeps the newer row.
+        store.record_checkin(&req, 30).unwrap();
+        req.apps[0].health = muscle_protocol::Health::Unhealthy;
+        assert!(matches!(
+            store.record_checkin(&req, 40).unwrap().previous,
+            Previous::Changed(_)
+        ));
+        store.flush_checkins().unwrap();
+        assert_eq!(seen(&store), 40);
+        assert_eq!(
+            store.agents().unwrap()[0].apps[0].health,
+            muscle_protocol::Health::Unhealthy
+        );
+        // A report that says it changed is written at once even when it looks the same.
+        req.changed = true;
+        store.record_checkin(&req, 50).unwrap();
+        assert_eq!(seen(&store), 50);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
