@@ -21,6 +21,11 @@ pub struct Cli {
     /// agent, rollout, undeploy, audit), with the token in $MUSCLE_TOKEN.
     #[arg(long, global = true, env = "MUSCLE_SERVER")]
     pub server: Option<String>,
+    /// Keep the records (releases, agents, rollouts, jobs, tokens, audit) in PostgreSQL instead
+    /// of the SQLite file in --data-dir: `postgres://USER@HOST:PORT/DB`. Several `serve`
+    /// replicas may share one database.
+    #[arg(long, global = true, env = "MUSCLE_DATABASE", value_parser = parse_database_url)]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -294,5 +299,18 @@ pub fn parse_host_name(s: &str) -> Result<String, String> {
         Err(format!(
             "{s:?}: expected a host name or an IP address (letters, digits, '-', '.', ':')"
         ))
+    }
+}
+
+/// A PostgreSQL URL: what else is given is said, not guessed at.
+fn parse_database_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "expected a PostgreSQL URL, postgres://USER@HOST:PORT/DB (SQLite, the default, \
+             needs no --database)"
+                .into(),
+        )
     }
 }

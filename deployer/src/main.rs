@@ -37,7 +37,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, LogFormat, RolloutCommand, ServeArgs, TlsCommand, TokenCommand};
-use crate::store::{FsBlobStore, SqliteStore, Store};
+use crate::store::{FsBlobStore, PgStore, SqliteStore, Store};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -75,14 +75,21 @@ fn run(cli: Cli) -> Result<()> {
         return commands::remote(cli.command, &client::Remote::new(url, token)?);
     }
     let dir = data_dir(cli.data_dir)?;
-    let store = open_store(&cli.command, &dir)?;
+    let (store, records): (Arc<dyn Store>, String) = match &cli.database {
+        Some(url) => {
+            let shown = store::redacted(url);
+            let store = PgStore::connect(url).with_context(|| format!("opening {shown}"))?;
+            (Arc::new(store), shown)
+        }
+        None => (open_store(&cli.command, &dir)?, dir.display().to_string()),
+    };
     match cli.command {
-        Command::Serve(args) => serve(args, store, &dir),
+        Command::Serve(args) => serve(args, store, &records, &dir),
         command => commands::local(command, store, &dir),
     }
 }
 
-/// The store in `dir`, read-only for commands that only read it.
+/// The SQLite store in `dir`, read-only for commands that only read it.
 fn open_store(command: &Command, dir: &Path) -> Result<Arc<dyn Store>> {
     // Only publish and serve make a store; anything else in a folder without one is a mistyped
     // --data-dir, not an empty fleet.
@@ -115,7 +122,7 @@ fn open_store(command: &Command, dir: &Path) -> Result<Arc<dyn Store>> {
 }
 
 /// `serve`: everything that can fail (TLS files, the port) fails before "serving on" is said.
-fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
+fn serve(args: ServeArgs, store: Arc<dyn Store>, records: &str, dir: &Path) -> Result<()> {
     muscle_logline::init("muscle-deploy", args.log_format == LogFormat::Json);
     if args.interval.is_some() {
         say!(
@@ -148,7 +155,7 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         say!(
-            "serving on {scheme}://{} (store {})",
+            "serving on {scheme}://{} (store {records}, blobs in {})",
             listener.local_addr()?,
             dir.display()
         );

@@ -18,6 +18,8 @@ pub struct Deployer {
     pub env: Vec<(String, String)>,
     /// Runs it under this open-file limit (soft and hard), with `prlimit`.
     pub open_file_limit: Option<u64>,
+    /// Its records in this PostgreSQL database (`--database`), for `serve` and the CLI alike.
+    pub database: Option<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -30,6 +32,17 @@ impl Deployer {
 
     /// Like [`start`](Self::start), with extra `serve` arguments.
     pub fn start_with(bin: &Path, data_dir: &Path, serve_args: &[&str]) -> Result<Deployer> {
+        Deployer::start_on(bin, data_dir, None, serve_args)
+    }
+
+    /// Like [`start_with`](Self::start_with), its records in the PostgreSQL database `url`
+    /// when given (blobs stay in `data_dir`).
+    pub fn start_on(
+        bin: &Path,
+        data_dir: &Path,
+        database: Option<&str>,
+        serve_args: &[&str],
+    ) -> Result<Deployer> {
         std::fs::create_dir_all(data_dir)?;
         let mut d = Deployer {
             bin: bin.to_owned(),
@@ -38,6 +51,7 @@ impl Deployer {
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             env: vec![],
             open_file_limit: None,
+            database: database.map(str::to_owned),
             child: None,
             log: data_dir.join("deployer.log"),
         };
@@ -61,6 +75,7 @@ impl Deployer {
         let child = command
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(self.database_args())
             .args([
                 "serve",
                 "--listen",
@@ -92,6 +107,13 @@ impl Deployer {
         )
     }
 
+    fn database_args(&self) -> Vec<&str> {
+        match &self.database {
+            Some(url) => vec!["--database", url],
+            None => vec![],
+        }
+    }
+
     fn tls(&self) -> bool {
         self.serve_args.iter().any(|a| a == "--tls-cert")
     }
@@ -106,6 +128,7 @@ impl Deployer {
         Command::new(&self.bin)
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(self.database_args())
             .args(args)
             .stdin(Stdio::null())
             .output()

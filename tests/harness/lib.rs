@@ -8,6 +8,7 @@
 mod build;
 mod deployer;
 mod fleet;
+mod postgres;
 mod scripted;
 mod wait;
 
@@ -18,6 +19,7 @@ pub use build::{
 };
 pub use deployer::Deployer;
 pub use fleet::{Agent, AgentOptions, Fleet};
+pub use postgres::Postgres;
 pub use scripted::{Blob, ScriptedServer};
 pub use wait::wait_until;
 

@@ -51,12 +51,43 @@ fn from_elsewhere_with_a_server_url_and_a_token_an_operator_publishes_rolls_out_
     let b = common::builds();
     let dir = common::scratch("remote");
     let deployer = Deployer::start(&b.deployer, &dir.join("data"))?;
+    operator_steers_from_elsewhere(deployer, &dir)
+}
+
+#[test]
+fn the_same_on_a_deployer_whose_records_are_in_postgresql() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("remote-postgresql");
+    let pg = muscle_e2e::Postgres::start(&dir.join("postgresql"))?;
+    let url = pg.database("muscle")?;
+    let deployer = Deployer::start_on(&b.deployer, &dir.join("data"), Some(&url), &[])?;
+    operator_steers_from_elsewhere(deployer, &dir)?;
+    // The records are where the deployer said: in PostgreSQL, none in a SQLite file.
+    let rows = pg.psql(
+        "muscle",
+        "SELECT (SELECT count(*) FROM audit) || ' ' || (SELECT count(*) FROM agents)",
+    )?;
+    ensure!(
+        rows.split_whitespace()
+            .map(|n| n.parse::<u32>().unwrap_or(0))
+            .all(|n| n >= 2),
+        "{rows}"
+    );
+    ensure!(
+        !dir.join("data/muscle.db").exists(),
+        "no SQLite store beside PostgreSQL"
+    );
+    Ok(())
+}
+
+fn operator_steers_from_elsewhere(deployer: Deployer, dir: &Path) -> Result<()> {
+    let b = common::builds();
     deployer.publish(&b.v1.dir)?;
     let arches = [
         (b.agent("x86_64"), "x86_64"),
         (b.agent("aarch64"), "aarch64"),
     ];
-    let fleet = Fleet::start(deployer, &arches, 1, &dir)?;
+    let fleet = Fleet::start(deployer, &arches, 1, dir)?;
     let d = &fleet.deployer;
     let token = |name: &str, role: &str| -> Result<String> {
         Ok(d.ok(&["token", "create", name, "--role", role])?

@@ -110,6 +110,11 @@ fn packages(
             missing.push(package.to_string());
         }
     }
+    // The store suite and the replica tests start a throwaway cluster of Debian's server, which
+    // lives off PATH in /usr/lib/postgresql/N/bin.
+    if !for_release && !postgres_server_installed() {
+        missing.push("postgresql".into());
+    }
     missing.sort();
     missing.dedup();
     if missing.is_empty() {
@@ -133,6 +138,14 @@ fn packages(
             .args(["-y", "-q", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+fn postgres_server_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|version| version.path().join("bin/postgres").is_file())
 }
 
 /// A command maker for what only root may do: the command itself as root, through `sudo -n`

@@ -112,7 +112,7 @@ pub trait AccessStore {
     fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>>;
 }
 
-fn role(text: &str) -> Result<Role> {
+pub(super) fn role(text: &str) -> Result<Role> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| StoreError::Corrupt(format!("unknown token role {text:?}")))
 }

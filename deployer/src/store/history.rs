@@ -140,7 +140,7 @@ impl HistoryStore for SqliteStore {
         for e in events {
             tx.execute(
                 "INSERT INTO agent_events (agent_id, at_ms, body) VALUES (?1, ?2, ?3)",
-                params![agent_id, at_ms as i64, super::sqlite::json(e)],
+                params![agent_id, at_ms as i64, super::json(e)],
             )?;
         }
         tx.execute(
@@ -167,7 +167,7 @@ impl HistoryStore for SqliteStore {
             .map(|(at, body)| {
                 Ok(AgentEventRecord {
                     at_ms: *at as u64,
-                    event: super::sqlite::parse("agent event", body)?,
+                    event: super::parse("agent event", body)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -97,7 +97,7 @@ pub trait JobStore {
 
 /// A `jobs` row as stored: id, created_ms, order_json, signature, selector, max_parallel,
 /// deadline_ms.
-type JobRow = (String, i64, String, Option<String>, String, i64, i64, i64);
+pub(super) type JobRow = (String, i64, String, Option<String>, String, i64, i64, i64);
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
     Ok((
@@ -112,7 +112,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
     ))
 }
 
-fn finish_job_row(row: JobRow) -> Result<JobRecord> {
+pub(super) fn job_record(row: JobRow) -> Result<JobRecord> {
     let (id, created_ms, order_json, signature, selector, max_parallel, deadline_ms, timeout_ms) =
         row;
     let id = JobId::try_from(id).map_err(StoreError::Corrupt)?;
@@ -140,7 +140,7 @@ type TargetRow = (
     Option<String>,
 );
 
-const JOB_COLUMNS: &str =
+pub(super) const JOB_COLUMNS: &str =
     "id, created_ms, order_json, signature, selector, max_parallel, deadline_ms, timeout_ms";
 
 /// Loses the targets of ended jobs, and those running past their timeout and slack.
@@ -259,7 +259,7 @@ impl JobStore for SqliteStore {
             ))?
             .query_map([], job_row)?
             .collect::<rusqlite::Result<_>>()?;
-        rows.into_iter().map(finish_job_row).collect()
+        rows.into_iter().map(job_record).collect()
     }
 
     fn job(&self, id: &str) -> Result<Option<(JobRecord, Vec<JobTarget>)>> {
@@ -274,7 +274,7 @@ impl JobStore for SqliteStore {
         else {
             return Ok(None);
         };
-        let job = finish_job_row(row)?;
+        let job = job_record(row)?;
         let rows: Vec<TargetRow> = conn
             .prepare(
                 "SELECT agent_id, arch, state, started_ms, finished_ms, report FROM job_targets
@@ -313,7 +313,7 @@ impl JobStore for SqliteStore {
     }
 }
 
-fn target_state(
+pub(super) fn target_state(
     state: &str,
     started: Option<i64>,
     finished: Option<i64>,

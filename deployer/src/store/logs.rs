@@ -49,7 +49,7 @@ pub trait LogStore {
     fn still_wanted(&self, id: &JobId, now_ms: u64) -> Result<()>;
 }
 
-fn state(text: &str, error: Option<String>) -> Result<LogState> {
+pub(super) fn log_state(text: &str, error: Option<String>) -> Result<LogState> {
     Ok(match text {
         "pending" => LogState::Pending,
         "streaming" => LogState::Streaming,
@@ -174,7 +174,7 @@ impl LogStore for SqliteStore {
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(LogProgress {
-            state: state(&text, error)?,
+            state: log_state(&text, error)?,
             lines,
             heard_ms: heard_ms as u64,
         })

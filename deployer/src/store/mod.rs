@@ -4,10 +4,14 @@
 
 mod access;
 mod blobs;
+mod checkins;
 mod history;
 mod jobs;
 mod logs;
+mod postgresql;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +23,7 @@ pub use blobs::FsBlobStore;
 pub use history::{changes, AgentEvent, AgentEventRecord, HistoryStore};
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
+pub use postgresql::{redacted, PgStore};
 pub use sqlite::SqliteStore;
 
 use crate::rollout::{Action, Request, Rollout};
@@ -42,6 +47,10 @@ pub enum Previous {
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {}", muscle_protocol::causes(.0))]
+    Postgres(#[from] postgres::Error),
+    #[error("PostgreSQL: no connection: {0}")]
+    Pool(#[from] r2d2_postgres::r2d2::Error),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -56,6 +65,16 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A record as stored: JSON text.
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialize")
+}
+
+/// A stored record read back; what fails to parse is named.
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
 
 /// A published release: the manifest exactly as signed, and its signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

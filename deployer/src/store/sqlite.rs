@@ -1,6 +1,5 @@
 //! The embedded store: one SQLite database (WAL), shared by the server and the CLI.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -8,9 +7,10 @@ use std::time::Duration;
 use muscle_protocol::CheckinRequest;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use super::checkins::{self, CheckinRow, SteadyCheckins};
 use super::{
-    AgentRecord, Assignment, Previous, PutOutcome, Recorded, ReleaseRecord, Result, Step, Store,
-    StoreError, Undeploy, Undeployed,
+    json, parse, AgentRecord, Assignment, Previous, PutOutcome, Recorded, ReleaseRecord, Result,
+    Step, Store, StoreError, Undeploy, Undeployed,
 };
 use crate::rollout::{Action, Request, Rollout};
 
@@ -82,17 +82,7 @@ const MIGRATIONS: &[&str] = &[
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
-    /// Check-ins that changed nothing but their last-seen time, clock skew and health
-    /// durations, by agent: written together by [`Store::flush_checkins`] instead of one
-    /// write each.
-    steady: Mutex<HashMap<String, SteadyCheckin>>,
-}
-
-/// What a steady check-in changes in its agent's row.
-struct SteadyCheckin {
-    last_seen_ms: i64,
-    apps: String,
-    clock_skew_s: i64,
+    steady: SteadyCheckins,
 }
 
 impl SqliteStore {
@@ -116,7 +106,7 @@ impl SqliteStore {
         migrate(&conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
-            steady: Mutex::default(),
+            steady: SteadyCheckins::default(),
         })
     }
 
@@ -162,14 +152,8 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
-            steady: Mutex::default(),
+            steady: SteadyCheckins::default(),
         })
-    }
-
-    fn steady_checkins(&self) -> std::sync::MutexGuard<'_, HashMap<String, SteadyCheckin>> {
-        self.steady
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(super) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -252,14 +236,6 @@ fn assign_in(
         params![agent_id, generation],
     )?;
     Ok(())
-}
-
-pub(super) fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("records serialize")
-}
-
-pub(super) fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
 fn release_row(row: &rusqlite::Row) -> rusqlite::Result<ReleaseRecord> {
@@ -345,38 +321,25 @@ impl Store for SqliteStore {
         // The hot path of every check-in: one read on the primary key. A steady check-in (the
         // same report but for its times) is kept in memory and written with the others; the
         // old reports are read back only when the report changed.
-        let key = super::history::report_key(req);
-        let apps = json(&req.apps);
-        let clock_skew_s = req
-            .clock_unix
-            .map_or(0, |t| t as i64 - (now_ms / 1000) as i64);
+        let row = CheckinRow::of(req, now_ms);
+        let id = req.agent_id.as_str();
         let conn = self.conn();
         let before: Option<(i64, Option<String>)> = conn
             .prepare_cached(
                 "SELECT desired_generation, CASE WHEN report_key IS ?2 THEN NULL ELSE apps END
                  FROM agents WHERE id = ?1",
             )?
-            .query_row(params![req.agent_id.as_str(), key], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(params![id, row.key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let steady = !req.changed && req.problem.is_none();
-        if let (Some((generation, None)), true) = (&before, steady) {
-            self.steady_checkins().insert(
-                req.agent_id.to_string(),
-                SteadyCheckin {
-                    last_seen_ms: now_ms as i64,
-                    apps,
-                    clock_skew_s,
-                },
-            );
+        if let (Some((generation, None)), true) = (&before, checkins::may_wait(req)) {
+            self.steady.keep(id, row);
             return Ok(Recorded {
                 generation: *generation as u64,
                 previous: Previous::Same,
             });
         }
         // Written now: a steady check-in kept from before is older, and dropped.
-        self.steady_checkins().remove(req.agent_id.as_str());
+        self.steady.forget(id);
         let mut stmt = conn.prepare_cached(
             "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s, report_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET arch = ?2, hostname = ?3, labels = ?4, agent_version = ?5, last_seen_ms = ?6, apps = ?7, interval_ms = ?8, clock_skew_s = ?9, report_key = ?10
@@ -384,35 +347,27 @@ impl Store for SqliteStore {
         )?;
         let generation: i64 = stmt.query_row(
             params![
-                req.agent_id.as_str(),
+                id,
                 req.arch,
                 req.hostname,
-                json(&req.labels),
+                row.labels,
                 req.agent_version,
-                now_ms as i64,
-                apps,
-                req.interval_ms.unwrap_or(5000) as i64,
-                clock_skew_s,
-                key,
+                row.last_seen_ms,
+                row.apps,
+                row.interval_ms,
+                row.clock_skew_s,
+                row.key,
             ],
             |r| r.get(0),
         )?;
-        let previous = match before {
-            None => Previous::New,
-            Some((_, None)) => Previous::Same,
-            // A report the store cannot read back is history lost, not a failed check-in.
-            Some((_, Some(apps))) => {
-                Previous::Changed(parse("agent apps", &apps).unwrap_or_default())
-            }
-        };
         Ok(Recorded {
             generation: generation as u64,
-            previous,
+            previous: checkins::previous(before.map(|(_, apps)| apps)),
         })
     }
 
     fn flush_checkins(&self) -> Result<usize> {
-        let batch = std::mem::take(&mut *self.steady_checkins());
+        let batch = self.steady.take();
         if batch.is_empty() {
             return Ok(0);
         }
@@ -678,7 +633,6 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     #[test]
     fn a_database_of_an_older_deployer_is_migrated_and_keeps_its_rows() {
@@ -707,100 +661,6 @@ mod tests {
         drop(store);
         // Opening again changes nothing.
         assert_eq!(SqliteStore::open(&dir).unwrap().agents().unwrap().len(), 1);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn taking_an_app_off_an_agent_leaves_a_tombstone_until_it_is_assigned_again() {
-        let dir = std::env::temp_dir().join(format!("muscle-tombstone-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = SqliteStore::open(&dir).unwrap();
-        let assignment = Assignment {
-            agent_id: "a1".into(),
-            app: "hello".into(),
-            version: "0.1.0".into(),
-            service: serde_json::from_str("{}").unwrap(),
-            rollout_id: None,
-        };
-        let assign = |a: Option<&Assignment>| {
-            let mut conn = store.conn();
-            let tx = conn.transaction().unwrap();
-            assign_in(&tx, "a1", "hello", a).unwrap();
-            tx.commit().unwrap();
-        };
-        assign(Some(&assignment));
-        assert!(store.removals("a1").unwrap().is_empty());
-        let none = BTreeSet::new();
-        let undeploy = |ids: &[String], reporting: &BTreeSet<String>| match store
-            .undeploy(&Undeploy {
-                app: "hello",
-                agent_ids: ids,
-                reporting,
-                withdraw_at_ms: None,
-            })
-            .unwrap()
-        {
-            Undeployed::From { agents, .. } => agents,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(undeploy(&["a1".into(), "a2".into()], &none), ["a1"]);
-        assert_eq!(store.removals("a1").unwrap(), ["hello"]);
-        assert!(store.assignment("a1", "hello").unwrap().is_none());
-        // Nothing left to take off, unless the agent still reports running it.
-        assert!(undeploy(&["a1".into()], &none).is_empty());
-        let reporting = BTreeSet::from(["a2".to_owned()]);
-        assert_eq!(undeploy(&["a1".into(), "a2".into()], &reporting), ["a2"]);
-        assign(Some(&assignment));
-        assert!(store.removals("a1").unwrap().is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn steady_check_ins_wait_in_memory_and_never_overwrite_a_newer_row() {
-        let dir = std::env::temp_dir().join(format!("muscle-steady-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = SqliteStore::open(&dir).unwrap();
-        let mut req: CheckinRequest = serde_json::from_value(serde_json::json!({
-            "agent_id": "a1", "arch": "x86_64", "hostname": "h", "labels": {},
-            "agent_version": "0.1.0", "generation": 0,
-            "apps": [{"app": "web", "installed_version": "1.0.0", "running_version": "1.0.0",
-                      "health": "healthy", "healthy_for_ms": 1000, "failed_version": null,
-                      "last_error": null, "log_tail": null}],
-        }))
-        .unwrap();
-        let seen = |store: &SqliteStore| store.agents().unwrap()[0].last_seen_ms;
-        let healthy_for = |store: &SqliteStore| store.agents().unwrap()[0].apps[0].healthy_for_ms;
-        assert!(matches!(
-            store.record_checkin(&req, 10).unwrap().previous,
-            Previous::New
-        ));
-        // The same report but for its times: kept in memory, written by the flush.
-        req.apps[0].healthy_for_ms = 2000;
-        assert!(matches!(
-            store.record_checkin(&req, 20).unwrap().previous,
-            Previous::Same
-        ));
-        assert_eq!((seen(&store), healthy_for(&store)), (10, 1000));
-        assert_eq!(store.flush_checkins().unwrap(), 1);
-        assert_eq!((seen(&store), healthy_for(&store)), (20, 2000));
-        assert_eq!(store.flush_checkins().unwrap(), 0);
-        // A steady check-in, then a changed one written at once: the flush keeps the newer row.
-        store.record_checkin(&req, 30).unwrap();
-        req.apps[0].health = muscle_protocol::Health::Unhealthy;
-        assert!(matches!(
-            store.record_checkin(&req, 40).unwrap().previous,
-            Previous::Changed(_)
-        ));
-        store.flush_checkins().unwrap();
-        assert_eq!(seen(&store), 40);
-        assert_eq!(
-            store.agents().unwrap()[0].apps[0].health,
-            muscle_protocol::Health::Unhealthy
-        );
-        // A report that says it changed is written at once even when it looks the same.
-        req.changed = true;
-        store.record_checkin(&req, 50).unwrap();
-        assert_eq!(seen(&store), 50);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
