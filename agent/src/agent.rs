@@ -17,7 +17,7 @@ use crate::state::{AgentState, StateStore};
 use crate::supervisor::Supervisor;
 
 pub struct Config {
-    pub server: String,
+    pub servers: crate::servers::Servers,
     pub state_dir: PathBuf,
     pub id: Option<Name>,
     pub labels: BTreeMap<Name, Name>,
@@ -204,10 +204,10 @@ impl Agent {
             env!("CARGO_PKG_VERSION"),
             muscle_inspect::host_arch(),
             self.id,
-            self.cfg.server
+            self.cfg.servers.all().join(", ")
         );
         crate::jobs::spawn(crate::jobs::JobRunner {
-            server: self.cfg.server.clone(),
+            servers: self.cfg.servers.clone(),
             state_dir: self.cfg.state_dir.clone(),
             agent_id: self.id.clone(),
             http: self.http.clone(),
@@ -281,9 +281,8 @@ impl Agent {
         body: &impl serde::Serialize,
     ) -> Result<Vec<u8>> {
         let body = serde_json::to_vec(body)?;
-        let answer = crate::http::post(
+        let answer = self.cfg.servers.post(
             &self.http,
-            &self.cfg.server,
             path,
             bearer,
             &body,

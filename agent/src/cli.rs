@@ -68,7 +68,8 @@ pub enum Supervisor {
 }
 
 pub struct RunArgs {
-    pub server: String,
+    /// One deployer, or several replicas of one (failed over in turn).
+    pub servers: Vec<String>,
     pub state_dir: PathBuf,
     pub id: Option<Name>,
     pub labels: Vec<(Name, Name)>,
@@ -209,9 +210,8 @@ fn help_or_unexpected(arg: lexopt::Arg, help: &str) -> Result<Command> {
 }
 
 fn run(p: &mut lexopt::Parser) -> Result<Command> {
-    let mut server = None;
     let mut a = RunArgs {
-        server: String::new(),
+        servers: vec![],
         state_dir: DEFAULT_STATE_DIR.into(),
         id: None,
         labels: vec![],
@@ -231,7 +231,9 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
     };
     while let Some(arg) = p.next()? {
         match arg {
-            Long("server") => server = Some(value(p, "server", muscle_protocol::parse_url)?),
+            Long("server") => a
+                .servers
+                .push(value(p, "server", muscle_protocol::parse_url)?),
             Long("state-dir") => a.state_dir = path(p)?,
             Long("id") => {
                 a.id = Some(value(p, "id", |s| {
@@ -263,7 +265,9 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
             other => return help_or_unexpected(other, RUN_HELP),
         }
     }
-    a.server = required(server, "server")?;
+    if a.servers.is_empty() {
+        return Err(usage("--server is required"));
+    }
     if a.enroll_token.is_none() {
         a.enroll_token = std::env::var("MUSCLE_ENROLL_TOKEN")
             .ok()
@@ -422,7 +426,8 @@ Check in with the server and keep this host's services at their desired versions
 Usage: muscle-agent run --server URL [OPTIONS]
 
 Options:
-  --server URL             The deployer's URL, e.g. http://127.0.0.1:7700
+  --server URL             The deployer's URL, e.g. http://127.0.0.1:7700; repeat it for
+                           replicas of one deployer: the next is asked when one fails
   --state-dir DIR          [default: /var/lib/muscle-agent]
   --id NAME                This agent's id (default: remembered in the state dir, first made
                            from the hostname)
@@ -516,7 +521,7 @@ mod tests {
         .unwrap() else {
             panic!("not run")
         };
-        assert_eq!(a.server, "http://d:7700");
+        assert_eq!(a.servers, ["http://d:7700"]);
         assert_eq!(a.labels.len(), 2);
         assert_eq!(a.interval, Duration::from_secs(2));
         assert_eq!(a.log_max_bytes, 64 * 1024);

@@ -52,7 +52,7 @@ impl Drop for Slot {
 }
 
 pub struct JobRunner {
-    pub server: String,
+    pub servers: crate::servers::Servers,
     pub state_dir: PathBuf,
     pub agent_id: Name,
     pub http: ureq::Agent,
@@ -153,9 +153,8 @@ impl JobRunner {
         deadline: Duration,
     ) -> Result<Vec<u8>, crate::http::PostError> {
         let bearer = self.credential();
-        crate::http::post(
+        self.servers.post(
             &self.http,
-            &self.server,
             path,
             bearer.as_deref(),
             body,
@@ -569,7 +568,7 @@ mod tests {
         let key = muscle_protocol::SigningKey::from_seed(&[3; 32]);
         let stranger = muscle_protocol::SigningKey::from_seed(&[4; 32]);
         let runner = JobRunner {
-            server: "http://127.0.0.1:9".into(),
+            servers: crate::servers::Servers::new(vec!["http://127.0.0.1:9".into()]),
             state_dir: dir.clone(),
             agent_id: agent(),
             http: ureq::agent(),

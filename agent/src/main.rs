@@ -22,6 +22,7 @@ mod reconcile;
 mod repair;
 mod seccomp;
 mod selfupdate;
+mod servers;
 mod state;
 mod supervisor;
 mod systemd;
@@ -90,7 +91,7 @@ fn run(args: RunArgs) -> Result<()> {
     let state_dir = absolute(&args.state_dir)?;
     let trusted_keys = trusted_keys(&args.trusted_keys, &state_dir)?;
     let cfg = agent::Config {
-        server: args.server,
+        servers: servers::Servers::new(args.servers),
         state_dir,
         id: args.id,
         labels: args.labels.into_iter().collect(),

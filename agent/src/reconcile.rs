@@ -201,7 +201,12 @@ impl Agent {
     }
 
     pub(crate) fn stage(&self, d: &DesiredApp) -> Result<PathBuf, InstallError> {
-        install::stage(&self.http, &self.cfg.server, &self.paths(&d.app), d)
+        install::stage(
+            &self.http,
+            self.cfg.servers.current(),
+            &self.paths(&d.app),
+            d,
+        )
     }
 
     /// Stops the old version, starts the new one, and keeps it only if it proves healthy.

@@ -76,7 +76,7 @@ impl Agent {
         let mut cmd = Command::new(new);
         cmd.arg("probe")
             .arg("--server")
-            .arg(&self.cfg.server)
+            .arg(self.cfg.servers.current())
             .arg("--state-dir")
             .arg(&self.cfg.state_dir);
         if let Some(ca) = &self.cfg.ca_file {

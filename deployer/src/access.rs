@@ -138,5 +138,6 @@ fn describe(change: &Change) -> String {
             format!("created token {name} ({})", role.as_str())
         }
         Change::TokenRevoke { name } => format!("revoked token {name}"),
+        Change::EngineTakeover { replica } => format!("replica {replica} runs the rollout engine"),
     }
 }

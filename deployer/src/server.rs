@@ -17,7 +17,7 @@ use muscle_protocol::{
 use crate::auth;
 pub use crate::auth::Auth;
 use crate::listen::{self, Limits};
-use crate::store::{BlobStore, FsBlobStore, Store};
+use crate::store::{AuditEntry, BlobStore, Change, EngineLease, FsBlobStore, Store};
 use crate::{engine, now_ms};
 use tokio_rustls::TlsAcceptor;
 
@@ -66,29 +66,15 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     limits: Limits,
 ) -> anyhow::Result<()> {
-    let store = server.store.clone();
-    let wake = server.engine_wake.clone();
-    let engine = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // A reported change (a member healthy, failed, rolled back) is judged at once; the
-            // tick covers deadlines and agents that stay silent.
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = wake.notified() => {}
-            }
-            let store = store.clone();
-            match tokio::task::spawn_blocking(move || engine::tick(store.as_ref(), now_ms())).await
-            {
-                Ok(Ok(log)) => log.iter().for_each(|line| say!("{line}")),
-                Ok(Err(e)) => say!("rollout engine: {e}"),
-                Err(e) => say!("rollout engine panicked: {e}"),
-            }
-            // However many agents report changes, the engine runs at most this often.
-            tokio::time::sleep(MIN_ENGINE_GAP).await;
-        }
-    });
+    // Named for the audit log: which host and port took the engine over.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let replica = format!("{}:{}", host.trim(), listener.local_addr()?.port());
+    let engine = tokio::spawn(run_engine(
+        server.store.clone(),
+        server.engine_wake.clone(),
+        tick,
+        replica,
+    ));
     let flusher = tokio::spawn(flush_checkins_every(
         server.store.clone(),
         CHECKIN_FLUSH_INTERVAL,
@@ -101,6 +87,65 @@ pub async fn serve(
     flush_checkins(checkins).await;
     say!("stopped");
     Ok(())
+}
+
+/// Advances rollouts every `tick`, and at once when a check-in reported a change, while this
+/// replica holds the engine lease.
+async fn run_engine(
+    store: Arc<dyn Store>,
+    wake: Arc<tokio::sync::Notify>,
+    tick: Duration,
+    replica: String,
+) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = false;
+    loop {
+        // A reported change (a member healthy, failed, rolled back) is judged at once; the
+        // tick covers deadlines and agents that stay silent.
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = wake.notified() => {}
+        }
+        let (store, replica) = (store.clone(), replica.clone());
+        let step = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+            match store.engine_lease()? {
+                EngineLease::Elsewhere => return Ok(None),
+                EngineLease::Held { taken: true } => store.record(&AuditEntry {
+                    at_ms: now_ms(),
+                    who: format!("replica:{replica}"),
+                    change: Change::EngineTakeover { replica },
+                })?,
+                EngineLease::Sole | EngineLease::Held { taken: false } => {}
+            }
+            engine::tick(store.as_ref(), now_ms()).map(Some)
+        })
+        .await;
+        let now_held = match step {
+            Ok(Ok(Some(log))) => {
+                log.iter().for_each(|line| say!("{line}"));
+                true
+            }
+            Ok(Ok(None)) => false,
+            Ok(Err(e)) => {
+                say!("rollout engine: {e}");
+                held
+            }
+            Err(e) => {
+                say!("rollout engine panicked: {e}");
+                held
+            }
+        };
+        if now_held != held {
+            match now_held {
+                true => say!("rollout engine: this replica runs rollouts"),
+                false => say!("rollout engine: another replica runs rollouts"),
+            }
+            held = now_held;
+        }
+        // However many agents report changes, the engine runs at most this often.
+        tokio::time::sleep(MIN_ENGINE_GAP).await;
+    }
 }
 
 /// How long a steady check-in (nothing changed but its times) waits in memory to be written

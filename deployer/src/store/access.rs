@@ -87,6 +87,11 @@ pub enum Change {
     TokenRevoke {
         name: String,
     },
+    /// A deployer replica took the rollout engine's lease (at its start, or from one that
+    /// died).
+    EngineTakeover {
+        replica: String,
+    },
 }
 
 /// One line of the audit log.

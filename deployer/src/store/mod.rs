@@ -226,6 +226,21 @@ pub trait Store: AccessStore + HistoryStore + JobStore + LogStore + Send + Sync 
     fn rollout_requests(&self) -> Result<Vec<(i64, Request)>>;
     fn rollout(&self, id: i64) -> Result<Option<Rollout>>;
     fn rollouts(&self) -> Result<Vec<Rollout>>;
+
+    /// Whether this process may run the rollout engine now. Replicas sharing a database hold
+    /// a lease in turn; one that dies loses it with its connection.
+    fn engine_lease(&self) -> Result<EngineLease>;
+}
+
+/// Who runs the rollout engine on this store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineLease {
+    /// This process alone serves the store (the embedded SQLite).
+    Sole,
+    /// This replica holds the lease; `taken` at this call.
+    Held { taken: bool },
+    /// Another replica holds it.
+    Elsewhere,
 }
 
 /// What putting a blob did.

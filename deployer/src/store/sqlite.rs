@@ -275,6 +275,10 @@ fn finish_agent((mut record, labels, apps): (AgentRecord, String, String)) -> Re
 }
 
 impl Store for SqliteStore {
+    fn engine_lease(&self) -> Result<super::EngineLease> {
+        Ok(super::EngineLease::Sole)
+    }
+
     fn put_release(&self, r: &ReleaseRecord) -> Result<PutOutcome> {
         let conn = self.conn();
         let existing: Option<String> = conn

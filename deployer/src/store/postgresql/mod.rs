@@ -11,8 +11,8 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::checkins::{self, CheckinRow, SteadyCheckins};
 use super::{
-    json, parse, AgentRecord, Assignment, Previous, PutOutcome, Recorded, ReleaseRecord, Result,
-    Step, Store, StoreError, Undeploy, Undeployed,
+    json, parse, AgentRecord, Assignment, EngineLease, Previous, PutOutcome, Recorded,
+    ReleaseRecord, Result, Step, Store, StoreError, Undeploy, Undeployed,
 };
 use crate::rollout::{Action, Request, Rollout};
 
@@ -21,6 +21,12 @@ use crate::rollout::{Action, Request, Rollout};
 const WRITE_LOCK: i64 = 0x6d75_7363_6c65_0001;
 /// The advisory lock of schema migrations.
 const MIGRATE_LOCK: i64 = 0x6d75_7363_6c65_0002;
+/// The engine lease: a session lock, held by one replica's own connection for as long as it
+/// lives.
+const ENGINE_LOCK: i64 = 0x6d75_7363_6c65_0003;
+
+/// How long the lease's connection may take to answer before the lease counts as lost.
+const LEASE_CHECK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Connections per deployer process: check-ins, long polls and the engine share them.
 const POOL_SIZE: u32 = 8;
@@ -82,6 +88,10 @@ type Manager = PostgresConnectionManager<NoTls>;
 pub struct PgStore {
     pool: Pool<Manager>,
     steady: SteadyCheckins,
+    config: postgres::Config,
+    /// The connection that holds (or asks for) the engine lease, outside the pool: the lease
+    /// lives exactly as long as it.
+    lease: std::sync::Mutex<Option<(postgres::Client, bool)>>,
 }
 
 impl PgStore {
@@ -95,10 +105,12 @@ impl PgStore {
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(std::time::Duration::from_secs(10))
-            .build(PostgresConnectionManager::new(config, NoTls))?;
+            .build(PostgresConnectionManager::new(config.clone(), NoTls))?;
         let store = PgStore {
             pool,
             steady: SteadyCheckins::default(),
+            config,
+            lease: Default::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -601,6 +613,32 @@ impl Store for PgStore {
                 .conn()?
                 .query_opt("SELECT body FROM rollouts WHERE id = $1", &[&id])?;
             row.map(|r| parse("rollout", r.get(0))).transpose()
+        })
+    }
+
+    fn engine_lease(&self) -> Result<EngineLease> {
+        off_async(|| {
+            let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+            // A connection that no longer answers took its lease with it (on the server too).
+            if let Some((client, _)) = lease.as_mut() {
+                if client.is_valid(LEASE_CHECK_DEADLINE).is_err() {
+                    *lease = None;
+                }
+            }
+            let (client, held) = match lease.as_mut() {
+                Some(l) => l,
+                None => lease.insert((self.config.connect(NoTls)?, false)),
+            };
+            if *held {
+                return Ok(EngineLease::Held { taken: false });
+            }
+            *held = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ENGINE_LOCK])?
+                .get(0);
+            Ok(match held {
+                true => EngineLease::Held { taken: true },
+                false => EngineLease::Elsewhere,
+            })
         })
     }
 

@@ -1,0 +1,99 @@
+//! Several deployer replicas on one PostgreSQL: any of them answers agents and the CLI, one at
+//! a time runs the rollout engine, and when that one dies (SIGKILL, in the middle of a rollout
+//! on a mixed-arch fleet) the other takes the engine over, the agents fail over to it, and the
+//! rollout completes.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use muscle_e2e::{wait_until, Deployer, Fleet, Postgres};
+
+#[test]
+fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_it() -> Result<()> {
+    let b = common::builds();
+    let dir = common::scratch("replicas");
+    let pg = Postgres::start(&dir.join("postgresql"))?;
+    let url = pg.database("muscle")?;
+    let first = Deployer::start_on(&b.deployer, &dir.join("first"), Some(&url), &[])?;
+    // The replicas share their blobs the way a shared filesystem would.
+    std::fs::create_dir_all(dir.join("second"))?;
+    std::os::unix::fs::symlink(dir.join("first/blobs"), dir.join("second/blobs"))?;
+    let second = Deployer::start_on(&b.deployer, &dir.join("second"), Some(&url), &[])?;
+    first.publish(&b.v1.dir)?;
+    let taken_by = |d: &Deployer| format!("replica {}:{} runs the rollout engine", host(), d.port);
+    wait_until(
+        "the first replica to take the engine",
+        Duration::from_secs(10),
+        || {
+            Ok(second
+                .ok(&["audit"])?
+                .contains(&taken_by(&first))
+                .then_some(()))
+        },
+    )?;
+
+    // Every agent knows both replicas; the first one it asks is the engine's.
+    let mut fleet = Fleet::start_with(
+        first,
+        &b.both_arches(),
+        2,
+        &dir,
+        &["--server", &second.url()],
+    )?;
+    let spec = common::service_spec();
+    let id = fleet.start_rollout(&[
+        "hello-service",
+        "0.1.0",
+        "--service",
+        &spec,
+        "--max-parallel",
+        "2",
+        "--min-healthy-time",
+        "3s",
+    ])?;
+    wait_until("the canary wave to pass", Duration::from_secs(120), || {
+        let r = second.rollout(Some(id))?;
+        Ok((r["current_wave"].as_u64() >= Some(1)).then_some(()))
+    })?;
+    fleet.deployer.kill9();
+    let killed = std::time::Instant::now();
+
+    let r = second.wait_rollout_end(id, Duration::from_secs(180))?;
+    ensure!(r["status"] == "succeeded", "{r:#}");
+    for agent in &fleet.agents {
+        ensure!(
+            agent.service_version()? == "0.1.0",
+            "{} serves 0.1.0",
+            agent.opts.id
+        );
+    }
+    // The agents moved to the replica left: it hears from every one of them.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(killed.elapsed()));
+    wait_until(
+        "every agent to check in with the second replica",
+        Duration::from_secs(30),
+        || {
+            let fleet = second.fleet()?;
+            let fresh = fleet
+                .iter()
+                .filter(|a| a["last_seen_s"].as_u64().is_some_and(|age| age <= 2))
+                .count();
+            Ok((fresh == 4).then_some(()))
+        },
+    )?;
+    let audit = second.ok(&["audit"])?;
+    let took_over = audit.find(&taken_by(&second));
+    let started = audit.find(&format!("started rollout {id}"));
+    ensure!(
+        took_over.is_some() && started < took_over,
+        "the second replica took the engine over after the rollout started:\n{audit}"
+    );
+    Ok(())
+}
+
+fn host() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    name.trim().to_owned()
+}
