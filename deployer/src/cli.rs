@@ -26,6 +26,11 @@ pub struct Cli {
     /// replicas may share one database.
     #[arg(long, global = true, env = "MUSCLE_DATABASE", value_parser = parse_database_url)]
     pub database: Option<String>,
+    /// Keep blobs (the releases' files) in an S3-compatible bucket instead of DATA_DIR/blobs:
+    /// `s3://BUCKET?endpoint=URL&region=REGION`, with $AWS_ACCESS_KEY_ID and
+    /// $AWS_SECRET_ACCESS_KEY. Replicas share it; each serves verified copies from its data dir.
+    #[arg(long, global = true, env = "MUSCLE_BLOB_STORE", value_parser = parse_blob_store_url)]
+    pub blob_store: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -310,6 +315,18 @@ fn parse_database_url(s: &str) -> Result<String, String> {
         Err(
             "expected a PostgreSQL URL, postgres://USER@HOST:PORT/DB (SQLite, the default, \
              needs no --database)"
+                .into(),
+        )
+    }
+}
+
+fn parse_blob_store_url(s: &str) -> Result<String, String> {
+    if s.starts_with("s3://") {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "expected s3://BUCKET?endpoint=URL&region=REGION (a directory, the default, needs \
+             no --blob-store)"
                 .into(),
         )
     }

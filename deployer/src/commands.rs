@@ -8,11 +8,17 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 use crate::control::{Control, Local};
-use crate::store::{FsBlobStore, Store};
+use crate::store::Store;
 use crate::{access, exec, fsck, service_logs, steer, views};
 
 /// A command on the store in `dir`.
-pub fn local(command: Command, store: Arc<dyn Store>, dir: &Path) -> Result<()> {
+/// A command on the records in `store` and the blobs at `blob_store` (or in `dir`).
+pub fn local(
+    command: Command,
+    store: Arc<dyn Store>,
+    blob_store: Option<&str>,
+    dir: &Path,
+) -> Result<()> {
     match command {
         Command::Exec(args) => {
             if !exec::exec(args, store.as_ref())? {
@@ -24,7 +30,8 @@ pub fn local(command: Command, store: Arc<dyn Store>, dir: &Path) -> Result<()> 
         Command::Logs(args) => service_logs::logs(args, store.as_ref()),
         Command::Token(cmd) => access::token_command(cmd, store.as_ref()),
         Command::Fsck { json } => {
-            let report = fsck::fsck(store.as_ref(), &FsBlobStore::open(dir)?)?;
+            let blobs = crate::store::open_blobs(blob_store, dir)?;
+            let report = fsck::fsck(store.as_ref(), blobs.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -41,6 +48,7 @@ pub fn local(command: Command, store: Arc<dyn Store>, dir: &Path) -> Result<()> 
         } => {
             let local = Local {
                 store,
+                blob_store: blob_store.map(str::to_owned),
                 dir: dir.to_owned(),
                 trusted_keys,
             };
@@ -50,6 +58,7 @@ pub fn local(command: Command, store: Arc<dyn Store>, dir: &Path) -> Result<()> 
         command => {
             let local = Local {
                 store,
+                blob_store: blob_store.map(str::to_owned),
                 dir: dir.to_owned(),
                 trusted_keys: Vec::new(),
             };

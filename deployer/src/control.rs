@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use crate::ops::{self, StartRequest, Started, UndeployRequest, Undeployed};
 use crate::publish::PublishOutcome;
 use crate::rollout::{Request, Rollout};
-use crate::store::{AuditEntry, FsBlobStore, Store};
+use crate::store::{AuditEntry, Store};
 use crate::views::{AgentDetail, FleetRow, ReleaseRow};
 use crate::{access, keys, now_ms, publish, views};
 
@@ -37,6 +37,8 @@ pub trait Control {
 /// The store in this host's data dir; changes are recorded as `local:<user>`'s.
 pub struct Local {
     pub store: Arc<dyn Store>,
+    /// `--blob-store`; blobs are in `dir` without it.
+    pub blob_store: Option<String>,
     pub dir: PathBuf,
     /// `publish --trusted-key`, beside DATA_DIR/trusted-keys.
     pub trusted_keys: Vec<String>,
@@ -44,12 +46,12 @@ pub struct Local {
 
 impl Control for Local {
     fn publish(&self, release: &Path) -> Result<PublishOutcome> {
-        let blobs = FsBlobStore::open(&self.dir)?;
+        let blobs = crate::store::open_blobs(self.blob_store.as_deref(), &self.dir)?;
         let keys = keys::load_keys(&self.trusted_keys, &self.dir)?;
         publish::publish_recorded(
             release,
             self.store.as_ref(),
-            &blobs,
+            blobs.as_ref(),
             &keys,
             &access::local_who(),
         )

@@ -37,7 +37,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, LogFormat, RolloutCommand, ServeArgs, TlsCommand, TokenCommand};
-use crate::store::{FsBlobStore, PgStore, SqliteStore, Store};
+use crate::store::{BlobStore, PgStore, SqliteStore, Store};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -84,8 +84,11 @@ fn run(cli: Cli) -> Result<()> {
         None => (open_store(&cli.command, &dir)?, dir.display().to_string()),
     };
     match cli.command {
-        Command::Serve(args) => serve(args, store, &records, &dir),
-        command => commands::local(command, store, &dir),
+        Command::Serve(args) => {
+            let blobs = store::open_blobs(cli.blob_store.as_deref(), &dir)?;
+            serve(args, store, blobs, &records, &dir)
+        }
+        command => commands::local(command, store, cli.blob_store.as_deref(), &dir),
     }
 }
 
@@ -122,7 +125,13 @@ fn open_store(command: &Command, dir: &Path) -> Result<Arc<dyn Store>> {
 }
 
 /// `serve`: everything that can fail (TLS files, the port) fails before "serving on" is said.
-fn serve(args: ServeArgs, store: Arc<dyn Store>, records: &str, dir: &Path) -> Result<()> {
+fn serve(
+    args: ServeArgs,
+    store: Arc<dyn Store>,
+    blobs: Arc<dyn BlobStore>,
+    records: &str,
+    dir: &Path,
+) -> Result<()> {
     muscle_logline::init("muscle-deploy", args.log_format == LogFormat::Json);
     if args.interval.is_some() {
         say!(
@@ -144,7 +153,6 @@ fn serve(args: ServeArgs, store: Arc<dyn Store>, records: &str, dir: &Path) -> R
         enroll_token: args.enroll_token,
         admin_token: args.admin_token,
     };
-    let blobs = Arc::new(FsBlobStore::open(dir)?);
     upload::clear(dir)?;
     // A bad key fails the start, not the first upload.
     keys::load_keys(&args.trusted_keys, dir)?;

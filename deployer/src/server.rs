@@ -17,14 +17,14 @@ use muscle_protocol::{
 use crate::auth;
 pub use crate::auth::Auth;
 use crate::listen::{self, Limits};
-use crate::store::{AuditEntry, BlobStore, Change, EngineLease, FsBlobStore, Store};
+use crate::store::{is_blob_name, AuditEntry, BlobStore, Change, EngineLease, Store};
 use crate::{engine, now_ms};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Clone)]
 pub struct Server {
     pub store: Arc<dyn Store>,
-    pub blobs: Arc<FsBlobStore>,
+    pub blobs: Arc<dyn BlobStore>,
     /// Where agents download blobs from, when not from this server (a CDN, nginx, ...).
     pub blob_base_url: Option<String>,
     pub auth: Auth,
@@ -544,7 +544,7 @@ fn desired_apps(
 }
 
 async fn blob(State(s): State<Server>, Path(hex): Path<String>, headers: HeaderMap) -> Response {
-    if s.blobs.path(&hex).is_none() {
+    if !is_blob_name(&hex) {
         return ApiError(
             StatusCode::BAD_REQUEST,
             format!("{hex:?} is not a sha256: expected 64 lowercase hex digits"),

@@ -8,6 +8,17 @@ use anyhow::{bail, Context, Result};
 
 use crate::{free_port, wait_until};
 
+/// Where a deployer keeps its records and blobs, when not in its data dir.
+#[derive(Debug, Clone, Default)]
+pub struct Backends {
+    /// `--database`: a PostgreSQL URL.
+    pub database: Option<String>,
+    /// `--blob-store`: an `s3://` URL.
+    pub blob_store: Option<String>,
+    /// Their credentials.
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Deployer {
     pub bin: PathBuf,
     pub data_dir: PathBuf,
@@ -18,8 +29,8 @@ pub struct Deployer {
     pub env: Vec<(String, String)>,
     /// Runs it under this open-file limit (soft and hard), with `prlimit`.
     pub open_file_limit: Option<u64>,
-    /// Its records in this PostgreSQL database (`--database`), for `serve` and the CLI alike.
-    pub database: Option<String>,
+    /// Where its records and blobs live, for `serve` and the CLI alike.
+    pub backends: Backends,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -32,15 +43,14 @@ impl Deployer {
 
     /// Like [`start`](Self::start), with extra `serve` arguments.
     pub fn start_with(bin: &Path, data_dir: &Path, serve_args: &[&str]) -> Result<Deployer> {
-        Deployer::start_on(bin, data_dir, None, serve_args)
+        Deployer::start_on(bin, data_dir, &Backends::default(), serve_args)
     }
 
-    /// Like [`start_with`](Self::start_with), its records in the PostgreSQL database `url`
-    /// when given (blobs stay in `data_dir`).
+    /// Like [`start_with`](Self::start_with), its records and blobs where `backends` say.
     pub fn start_on(
         bin: &Path,
         data_dir: &Path,
-        database: Option<&str>,
+        backends: &Backends,
         serve_args: &[&str],
     ) -> Result<Deployer> {
         std::fs::create_dir_all(data_dir)?;
@@ -51,7 +61,7 @@ impl Deployer {
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             env: vec![],
             open_file_limit: None,
-            database: database.map(str::to_owned),
+            backends: backends.clone(),
             child: None,
             log: data_dir.join("deployer.log"),
         };
@@ -75,7 +85,8 @@ impl Deployer {
         let child = command
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(self.database_args())
+            .args(self.backend_args())
+            .envs(self.backends.env.iter().map(|(k, v)| (k, v)))
             .args([
                 "serve",
                 "--listen",
@@ -107,11 +118,11 @@ impl Deployer {
         )
     }
 
-    fn database_args(&self) -> Vec<&str> {
-        match &self.database {
-            Some(url) => vec!["--database", url],
-            None => vec![],
-        }
+    fn backend_args(&self) -> Vec<&str> {
+        let b = &self.backends;
+        let database = b.database.iter().flat_map(|url| ["--database", url]);
+        let blobs = b.blob_store.iter().flat_map(|url| ["--blob-store", url]);
+        database.chain(blobs).collect()
     }
 
     fn tls(&self) -> bool {
@@ -128,7 +139,8 @@ impl Deployer {
         Command::new(&self.bin)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(self.database_args())
+            .args(self.backend_args())
+            .envs(self.backends.env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdin(Stdio::null())
             .output()

@@ -9,6 +9,7 @@ mod build;
 mod deployer;
 mod fleet;
 mod postgres;
+pub mod s3;
 mod scripted;
 mod wait;
 
@@ -17,9 +18,10 @@ pub use build::{
     release_hello, release_hello_with, release_lying_agent, target_dir, without_cargo_run_env,
     workspace_root, xtask, xtask_binary, xtask_release, Artifacts, HelloVersion,
 };
-pub use deployer::Deployer;
+pub use deployer::{Backends, Deployer};
 pub use fleet::{Agent, AgentOptions, Fleet};
 pub use postgres::Postgres;
+pub use s3::S3Server;
 pub use scripted::{Blob, ScriptedServer};
 pub use wait::wait_until;
 

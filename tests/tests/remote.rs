@@ -60,7 +60,11 @@ fn the_same_on_a_deployer_whose_records_are_in_postgresql() -> Result<()> {
     let dir = common::scratch("remote-postgresql");
     let pg = muscle_e2e::Postgres::start(&dir.join("postgresql"))?;
     let url = pg.database("muscle")?;
-    let deployer = Deployer::start_on(&b.deployer, &dir.join("data"), Some(&url), &[])?;
+    let backends = muscle_e2e::Backends {
+        database: Some(url),
+        ..Default::default()
+    };
+    let deployer = Deployer::start_on(&b.deployer, &dir.join("data"), &backends, &[])?;
     operator_steers_from_elsewhere(deployer, &dir)?;
     // The records are where the deployer said: in PostgreSQL, none in a SQLite file.
     let rows = pg.psql(

@@ -1,4 +1,5 @@
-//! Several deployer replicas on one PostgreSQL: any of them answers agents and the CLI, one at
+//! Several deployer replicas on one PostgreSQL and one S3 bucket (s3s-fs, which checks request
+//! signatures): any of them answers agents and the CLI, one at
 //! a time runs the rollout engine, and when that one dies (SIGKILL, in the middle of a rollout
 //! on a mixed-arch fleet) the other takes the engine over, the agents fail over to it, and the
 //! rollout completes.
@@ -8,20 +9,28 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use muscle_e2e::{wait_until, Deployer, Fleet, Postgres};
+use muscle_e2e::{wait_until, Backends, Deployer, Fleet, Postgres, S3Server};
 
 #[test]
 fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_it() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("replicas");
     let pg = Postgres::start(&dir.join("postgresql"))?;
-    let url = pg.database("muscle")?;
-    let first = Deployer::start_on(&b.deployer, &dir.join("first"), Some(&url), &[])?;
-    // The replicas share their blobs the way a shared filesystem would.
-    std::fs::create_dir_all(dir.join("second"))?;
-    std::os::unix::fs::symlink(dir.join("first/blobs"), dir.join("second/blobs"))?;
-    let second = Deployer::start_on(&b.deployer, &dir.join("second"), Some(&url), &[])?;
+    let s3 = S3Server::start(&dir, &["releases"])?;
+    let backends = Backends {
+        database: Some(pg.database("muscle")?),
+        blob_store: Some(s3.url("releases")),
+        env: s3.env(),
+    };
+    let first = Deployer::start_on(&b.deployer, &dir.join("first"), &backends, &[])?;
+    let second = Deployer::start_on(&b.deployer, &dir.join("second"), &backends, &[])?;
     first.publish(&b.v1.dir)?;
+    // The release's files went to the bucket; the second replica has none of its own yet.
+    let in_bucket = std::fs::read_dir(s3.root.join("releases/sha256"))?.count();
+    ensure!(in_bucket >= 2, "{in_bucket} blobs in the bucket");
+    ensure!(std::fs::read_dir(dir.join("second/blobs/sha256"))?
+        .next()
+        .is_none());
     let taken_by = |d: &Deployer| format!("replica {}:{} runs the rollout engine", host(), d.port);
     wait_until(
         "the first replica to take the engine",

@@ -43,6 +43,7 @@ pub fn run(args: SetupArgs) -> Result<i32> {
     zig(&all, args.check, &mut todo)?;
     if !args.for_release {
         fuzzing(args.check, &mut todo)?;
+        s3_server(args.check, &mut todo)?;
     }
     if !args.for_release {
         binfmt(&all, args.check, &mut todo)?;
@@ -201,6 +202,31 @@ fn fuzzing(check: bool, todo: &mut Vec<String>) -> Result<()> {
         install(check, todo, "cargo", &cargo_fuzz)?;
     }
     Ok(())
+}
+
+/// The S3-compatible server the blob store tests run against (it checks request signatures).
+/// 0.14.1: later versions need a newer rustc than this toolchain.
+fn s3_server(check: bool, todo: &mut Vec<String>) -> Result<()> {
+    if util::have("s3s-fs") || cargo_bin("s3s-fs").is_file() {
+        return Ok(());
+    }
+    let s3s = [
+        "install",
+        "s3s-fs@0.14.1",
+        "--features",
+        "binary",
+        "--locked",
+    ];
+    install(check, todo, "cargo", &s3s)
+}
+
+/// Where `cargo install` puts `name`: $CARGO_HOME/bin, else ~/.cargo/bin.
+pub fn cargo_bin(name: &str) -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_default();
+    home.join("bin").join(name)
 }
 
 /// Registers qemu-user with binfmt_misc so foreign binaries exec like native ones: that is how

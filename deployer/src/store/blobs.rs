@@ -57,6 +57,15 @@ fn hash_reader(mut reader: impl Read) -> std::io::Result<String> {
     Ok(hasher.finish_hex())
 }
 
+/// Whether `sha256` can name a blob: exactly 64 lowercase hex digits, so that a request can
+/// never name a path (or key) outside the store.
+pub fn is_blob_name(sha256: &str) -> bool {
+    sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl FsBlobStore {
     pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
         let dir = data_dir.join("blobs").join("sha256");
@@ -71,11 +80,7 @@ impl FsBlobStore {
     /// The file of a blob; `None` unless `sha256` is exactly 64 lowercase hex digits, so a
     /// request can never name a path outside the store.
     pub fn path(&self, sha256: &str) -> Option<PathBuf> {
-        let valid = sha256.len() == 64
-            && sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        valid.then(|| self.dir.join(sha256))
+        is_blob_name(sha256).then(|| self.dir.join(sha256))
     }
 
     /// Opens a blob's file: a regular file only, never through a symlink planted in the store.

@@ -9,6 +9,7 @@ mod history;
 mod jobs;
 mod logs;
 mod postgresql;
+mod s3;
 mod sqlite;
 #[cfg(test)]
 mod suite;
@@ -19,11 +20,12 @@ use muscle_protocol::{AppReport, CheckinRequest, ServiceSpec};
 use serde::{Deserialize, Serialize};
 
 pub use access::{AccessStore, AuditEntry, Change, Permission, Role};
-pub use blobs::FsBlobStore;
+pub use blobs::{is_blob_name, FsBlobStore};
 pub use history::{changes, AgentEvent, AgentEventRecord, HistoryStore};
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
 pub use postgresql::{redacted, PgStore};
+pub use s3::S3BlobStore;
 pub use sqlite::SqliteStore;
 
 use crate::rollout::{Action, Request, Rollout};
@@ -58,6 +60,8 @@ pub enum StoreError {
     },
     #[error("{path} is read-only for this user: this command changes the store (fleet, releases, rollout status and fsck need only read access)")]
     ReadOnly { path: String },
+    #[error("blob store: {0}")]
+    Blobs(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("blob sha256:{sha256} is damaged in the store (its content no longer hashes to its name); `muscle-deploy fsck` lists the releases that hold it, and re-publishing one repairs it")]
@@ -65,6 +69,29 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Runs `f`, which blocks on a client that drives its own async runtime (PostgreSQL's, S3's):
+/// such a runtime may not start on a thread that drives the server's async tasks, so there
+/// tokio is told first that this thread blocks. Elsewhere (`spawn_blocking`, the CLI) nothing
+/// is needed.
+fn off_async<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The blob store: `s3://...` when given, else the directory in `data_dir`.
+pub fn open_blobs(
+    url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn BlobStore>> {
+    Ok(match url {
+        Some(url) => std::sync::Arc::new(S3BlobStore::open(url, data_dir)?),
+        None => std::sync::Arc::new(FsBlobStore::open(data_dir)?),
+    })
+}
 
 /// A record as stored: JSON text.
 fn json<T: Serialize>(value: &T) -> String {

@@ -10,6 +10,7 @@ use r2d2_postgres::r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::checkins::{self, CheckinRow, SteadyCheckins};
+use super::off_async;
 use super::{
     json, parse, AgentRecord, Assignment, EngineLease, Previous, PutOutcome, Recorded,
     ReleaseRecord, Result, Step, Store, StoreError, Undeploy, Undeployed,
@@ -649,16 +650,5 @@ impl Store for PgStore {
                     .query("SELECT body FROM rollouts ORDER BY id", &[])?,
             )
         })
-    }
-}
-
-/// Runs `f`, which blocks on PostgreSQL: the synchronous client drives its own runtime, which
-/// may not start on a thread that drives the server's async tasks; there tokio is told first
-/// that this thread blocks (elsewhere, as in `spawn_blocking` or the CLI, nothing is needed).
-fn off_async<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }

@@ -3,7 +3,7 @@
 
 use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
-use super::{lock_writes, off_async, PgStore};
+use super::{lock_writes, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
 use crate::store::jobs::{
@@ -14,6 +14,7 @@ use crate::store::logs::{
     log_state, LogProgress, LogStore, FOLLOW_UNWANTED_AFTER_MS, LOG_REQUESTS_KEPT_MS,
     MAX_LINES_PER_REQUEST,
 };
+use crate::store::off_async;
 use crate::store::{json, parse, Result, Role, StoreError};
 
 /// Bumped by every job and log request made, so that another replica's long polls look again
