@@ -51,6 +51,19 @@ impl PostError {
             PostError::TooLarge { .. } => false,
         }
     }
+
+    /// The request never reached the deployer (no address, no connection): asking another one
+    /// at once cannot do the same thing twice.
+    pub fn is_unsent(&self) -> bool {
+        match self {
+            PostError::Transport { source, .. } => matches!(
+                source.as_ref(),
+                ureq::Error::Transport(t)
+                    if matches!(t.kind(), ureq::ErrorKind::Dns | ureq::ErrorKind::ConnectionFailed)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// POSTs `body` (JSON) to `path` on `server` with `bearer`, within `deadline` for the whole

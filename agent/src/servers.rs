@@ -1,5 +1,7 @@
 //! The deployers an agent speaks to: one `--server`, or several replicas of one deployer. One
-//! is in use at a time; when it does not answer (or answers 5xx) the next is asked at once.
+//! is in use at a time. A request that could not reach it goes to the next at once; one that
+//! failed after it was sent (no answer in time, a 5xx) is not sent twice, but the next request
+//! goes to the next replica.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,9 +34,8 @@ impl Servers {
         &self.urls
     }
 
-    /// POSTs `body` to `path` on the server in use (see [`crate::http::post`]); after a passing
-    /// failure, to each other one in turn, keeping the first that answers. Returns the last
-    /// failure when none does.
+    /// POSTs `body` to `path` on the server in use (see [`crate::http::post`]); when it could
+    /// not be sent there, to each other one in turn, keeping the first that answers.
     pub fn post(
         &self,
         http: &ureq::Agent,
@@ -60,7 +61,10 @@ impl Servers {
                     );
                     if moved.is_ok() {
                         let next = &self.urls[next % self.urls.len()];
-                        say!("{url} failed ({e}); asking {next}");
+                        say!("{url} failed ({e}); next: {next}");
+                    }
+                    if !e.is_unsent() {
+                        return Err(e);
                     }
                     last = Some(e);
                 }

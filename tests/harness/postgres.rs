@@ -73,6 +73,10 @@ impl Postgres {
         pg.server = Some(server);
         let port = pg.port.to_string();
         let ready = || {
+            // Ours, not another cluster that took the port first.
+            if let Some(status) = pg.server.as_mut().and_then(|s| s.try_wait().transpose()) {
+                bail!("postgres exited ({}): {}", status?, pg.log());
+            }
             let out = pg
                 .command("pg_isready")
                 .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])

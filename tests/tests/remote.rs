@@ -71,10 +71,12 @@ fn the_same_on_a_deployer_whose_records_are_in_postgresql() -> Result<()> {
         "muscle",
         "SELECT (SELECT count(*) FROM audit) || ' ' || (SELECT count(*) FROM agents)",
     )?;
+    let counts: Vec<u32> = rows
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
     ensure!(
-        rows.split_whitespace()
-            .map(|n| n.parse::<u32>().unwrap_or(0))
-            .all(|n| n >= 2),
+        counts.len() == 2 && counts.iter().all(|&n| n >= 2),
         "{rows}"
     );
     ensure!(

@@ -64,9 +64,17 @@ fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_
     ])?;
     wait_until("the canary wave to pass", Duration::from_secs(120), || {
         let r = second.rollout(Some(id))?;
+        ensure!(
+            r["status"] == "running",
+            "the rollout ended before the kill: {r:#}"
+        );
         Ok((r["current_wave"].as_u64() >= Some(1)).then_some(()))
     })?;
     fleet.deployer.kill9();
+    ensure!(
+        !second.ok(&["audit"])?.contains(&taken_by(&second)),
+        "the engine ran on one replica until then"
+    );
     let killed = std::time::Instant::now();
 
     let r = second.wait_rollout_end(id, Duration::from_secs(180))?;
@@ -96,7 +104,7 @@ fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_
     let took_over = audit.find(&taken_by(&second));
     let started = audit.find(&format!("started rollout {id}"));
     ensure!(
-        took_over.is_some() && started < took_over,
+        matches!((started, took_over), (Some(s), Some(t)) if s < t),
         "the second replica took the engine over after the rollout started:\n{audit}"
     );
     Ok(())

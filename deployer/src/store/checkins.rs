@@ -2,7 +2,7 @@
 //! the steady ones (the same report as the agent's last but for its times) kept in memory until
 //! the next flush.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use muscle_protocol::CheckinRequest;
@@ -55,19 +55,21 @@ pub fn previous(before: Option<Option<String>>) -> Previous {
     }
 }
 
-/// What a steady check-in changes in its agent's row.
+/// What a steady check-in changes in its agent's row, and the report key it was steady for.
 pub struct Steady {
     pub last_seen_ms: i64,
     pub apps: String,
     pub clock_skew_s: i64,
+    pub key: String,
 }
 
-/// Steady check-ins by agent, written together by `flush_checkins` instead of one write each.
+/// Steady check-ins by agent, written together by `flush_checkins` instead of one write each
+/// (in the agents' order).
 #[derive(Default)]
-pub struct SteadyCheckins(Mutex<HashMap<String, Steady>>);
+pub struct SteadyCheckins(Mutex<BTreeMap<String, Steady>>);
 
 impl SteadyCheckins {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Steady>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Steady>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -80,6 +82,7 @@ impl SteadyCheckins {
                 last_seen_ms: row.last_seen_ms,
                 apps: row.apps,
                 clock_skew_s: row.clock_skew_s,
+                key: row.key,
             },
         );
     }
@@ -89,7 +92,7 @@ impl SteadyCheckins {
         self.lock().remove(agent_id);
     }
 
-    pub fn take(&self) -> HashMap<String, Steady> {
+    pub fn take(&self) -> BTreeMap<String, Steady> {
         std::mem::take(&mut *self.lock())
     }
 }

@@ -381,10 +381,10 @@ impl Store for SqliteStore {
             // A row written since (a changed check-in) is newer: the guard keeps it.
             let mut stmt = tx.prepare_cached(
                 "UPDATE agents SET last_seen_ms = ?2, apps = ?3, clock_skew_s = ?4
-                 WHERE id = ?1 AND last_seen_ms <= ?2",
+                 WHERE id = ?1 AND report_key = ?5 AND last_seen_ms <= ?2",
             )?;
             for (id, c) in &batch {
-                stmt.execute(params![id, c.last_seen_ms, c.apps, c.clock_skew_s])?;
+                stmt.execute(params![id, c.last_seen_ms, c.apps, c.clock_skew_s, c.key])?;
             }
         }
         tx.commit()?;

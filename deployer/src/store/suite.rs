@@ -53,6 +53,52 @@ fn the_store_suite_passes_on_postgresql() {
     // A second deployer on the same database finds its schema in place.
     let url = pg.url("releases");
     assert!(PgStore::connect(&url).unwrap().releases().unwrap().len() == 2);
+    two_replicas_on_one_database(&pg.database("replicas").unwrap());
+}
+
+/// What replicas sharing a database rely on: one engine at a time, taken over when its holder
+/// goes; a flush never overwrites a report another replica wrote; job slots shared.
+fn two_replicas_on_one_database(url: &str) {
+    let first = PgStore::connect(url).unwrap();
+    let second = PgStore::connect(url).unwrap();
+    assert_eq!(
+        first.engine_lease().unwrap(),
+        EngineLease::Held { taken: true }
+    );
+    assert_eq!(
+        first.engine_lease().unwrap(),
+        EngineLease::Held { taken: false }
+    );
+    assert_eq!(second.engine_lease().unwrap(), EngineLease::Elsewhere);
+
+    // first keeps a steady check-in; second then writes a changed report (its clock behind).
+    let mut req = checkin("a1");
+    first.record_checkin(&req, 100).unwrap();
+    first.record_checkin(&req, 200).unwrap();
+    req.apps[0].health = Health::Unhealthy;
+    second.record_checkin(&req, 150).unwrap();
+    first.flush_checkins().unwrap();
+    assert_eq!(first.agents().unwrap()[0].apps[0].health, Health::Unhealthy);
+
+    let targets = [
+        ("a1".to_owned(), "x86_64".to_owned()),
+        ("a2".into(), "x86_64".into()),
+    ];
+    first.create_job(&job(JOB, 1000, 1), &targets).unwrap();
+    let taken =
+        first.claim_jobs("a1", 1001).unwrap().len() + second.claim_jobs("a2", 1001).unwrap().len();
+    assert_eq!(taken, 1, "max_parallel holds across replicas");
+
+    drop(first);
+    let mut lease = EngineLease::Elsewhere;
+    for _ in 0..50 {
+        lease = second.engine_lease().unwrap();
+        if lease != EngineLease::Elsewhere {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lease, EngineLease::Held { taken: true }, "taken over");
 }
 
 fn release(version: &str, manifest: &str, published_ms: u64) -> ReleaseRecord {

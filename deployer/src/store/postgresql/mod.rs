@@ -99,9 +99,10 @@ impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`, or any form libpq takes) and brings
     /// the schema to this deployer's version.
     pub fn connect(url: &str) -> Result<PgStore> {
-        let config: postgres::Config = url
+        let mut config: postgres::Config = url
             .parse()
-            .map_err(|e| StoreError::Corrupt(format!("--database {url:?}: {e}")))?;
+            .map_err(|e| StoreError::Corrupt(format!("--database {}: {e}", redacted(url))))?;
+        bounded(&mut config);
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
@@ -125,6 +126,13 @@ impl PgStore {
     /// together apply each step once.
     fn migrate(&self) -> Result<()> {
         let mut conn = self.conn()?;
+        // Current already: nothing is written (a read-only role can run `fleet`).
+        let current = conn.query_opt("SELECT version FROM muscle_schema", &[]);
+        if let Ok(Some(row)) = current {
+            if row.get::<_, i64>(0) == MIGRATIONS.len() as i64 {
+                return Ok(());
+            }
+        }
         let mut tx = conn.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS muscle_schema (version BIGINT NOT NULL)")?;
@@ -154,17 +162,45 @@ impl PgStore {
     }
 }
 
+/// Every wait on the database ends: a replica frozen in a transaction, or gone without
+/// closing its connection (a partition, a paused VM), cannot hold the write lock or the engine
+/// lease for more than seconds. Settings given in the URL's `options` are kept after these.
+fn bounded(config: &mut postgres::Config) {
+    let ours = "-c lock_timeout=15s -c statement_timeout=60s \
+                -c idle_in_transaction_session_timeout=30s -c tcp_keepalives_idle=5 \
+                -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 -c tcp_user_timeout=10000";
+    let theirs = config.get_options().unwrap_or_default().to_owned();
+    config
+        .options(format!("{ours} {theirs}").trim())
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .keepalives_idle(std::time::Duration::from_secs(5));
+}
+
 /// `url` with its password, if any, left out: for messages and logs.
 pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    // `?password=` too.
+    let rest = match rest.split_once('?') {
+        Some((base, query)) if query.contains("password") => format!("{base}?..."),
+        _ => rest.to_owned(),
+    };
+    match rest.rsplit_once('@') {
         Some((user, host)) => {
             let user = user.split_once(':').map_or(user, |(name, _)| name);
             format!("{scheme}://{user}@{host}")
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+/// Text from agents as a TEXT column can hold it: PostgreSQL refuses NUL, which becomes U+FFFD
+/// (SQLite keeps it; JSON columns escape it).
+fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.contains('\0') {
+        true => s.replace('\0', "\u{fffd}").into(),
+        false => s.into(),
     }
 }
 
@@ -335,10 +371,10 @@ impl Store for PgStore {
                      RETURNING desired_generation",
                     &[
                         &id,
-                        &req.arch,
-                        &req.hostname,
+                        &text(&req.arch),
+                        &text(&req.hostname),
                         &row.labels,
-                        &req.agent_version,
+                        &text(&req.agent_version),
                         &row.last_seen_ms,
                         &row.apps,
                         &row.interval_ms,
@@ -362,13 +398,20 @@ impl Store for PgStore {
             }
             let mut conn = self.conn()?;
             let mut tx = conn.transaction()?;
-            // A row written since (a changed check-in, on any replica) is newer: the guard keeps it.
+            // Serialised with steps and undeploys (which lock agent rows in their own order):
+            // no deadlock between them, nor between two replicas' flushes.
+            lock_writes(&mut tx)?;
+            // A changed report written since, on any replica, has another key: the guard keeps
+            // it (a time would compare two replicas' clocks).
             let update = tx.prepare(
                 "UPDATE agents SET last_seen_ms = $2, apps = $3, clock_skew_s = $4
-                 WHERE id = $1 AND last_seen_ms <= $2",
+                 WHERE id = $1 AND report_key = $5 AND last_seen_ms <= $2",
             )?;
             for (id, c) in &batch {
-                tx.execute(&update, &[id, &c.last_seen_ms, &c.apps, &c.clock_skew_s])?;
+                tx.execute(
+                    &update,
+                    &[id, &c.last_seen_ms, &c.apps, &c.clock_skew_s, &c.key],
+                )?;
             }
             tx.commit()?;
             Ok(batch.len())

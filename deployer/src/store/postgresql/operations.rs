@@ -3,7 +3,7 @@
 
 use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
-use super::{lock_writes, PgStore};
+use super::{lock_writes, text, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
 use crate::store::jobs::{
@@ -270,7 +270,9 @@ impl JobStore for PgStore {
 
     fn finish_job(&self, report: &JobReport, now_ms: u64) -> Result<bool> {
         off_async(|| {
-            let changed = self.conn()?.execute(
+            let mut conn = self.conn()?;
+            let mut tx = conn.transaction()?;
+            let changed = tx.execute(
                 "UPDATE job_targets SET state = 'done', finished_ms = $3, report = $4
                  WHERE job_id = $1 AND agent_id = $2 AND state = 'running'",
                 &[
@@ -280,6 +282,9 @@ impl JobStore for PgStore {
                     &json(report),
                 ],
             )?;
+            // A slot freed: polls held on other replicas look again.
+            bump_offers(&mut tx)?;
+            tx.commit()?;
             Ok(changed == 1)
         })
     }
@@ -401,11 +406,11 @@ impl LogStore for PgStore {
         off_async(|| {
             let mut conn = self.conn()?;
             let mut tx = conn.transaction()?;
-            lock_writes(&mut tx)?;
             let id = batch.request_id.as_str();
+            // The request's row lock orders its batches (one stream, one writer at a time).
             let Some(found) = tx.query_opt(
                 "SELECT wanted_ms FROM log_requests
-                 WHERE id = $1 AND agent_id = $2 AND state = 'streaming'",
+                 WHERE id = $1 AND agent_id = $2 AND state = 'streaming' FOR UPDATE",
                 &[&id, &batch.agent_id.as_str()],
             )?
             else {
@@ -418,12 +423,13 @@ impl LogStore for PgStore {
                     &[&id],
                 )?
                 .get(0);
-            for (i, line) in batch.lines.iter().enumerate() {
-                tx.execute(
-                    "INSERT INTO log_lines (request_id, seq, line) VALUES ($1, $2, $3)",
-                    &[&id, &(next + 1 + i as i64), line],
-                )?;
-            }
+            // One statement for the batch; NUL, which TEXT cannot hold, as U+FFFD.
+            let lines: Vec<String> = batch.lines.iter().map(|l| text(l).into_owned()).collect();
+            tx.execute(
+                "INSERT INTO log_lines (request_id, seq, line)
+                 SELECT $1, $2 + n, line FROM unnest($3::text[]) WITH ORDINALITY AS t(line, n)",
+                &[&id, &next, &lines],
+            )?;
             let wanted = wanted_ms as u64 + FOLLOW_UNWANTED_AFTER_MS > now_ms
                 && next + (batch.lines.len() as i64) < MAX_LINES_PER_REQUEST;
             let end = match (&batch.error, batch.done || !wanted) {
@@ -433,7 +439,7 @@ impl LogStore for PgStore {
             };
             tx.execute(
                 "UPDATE log_requests SET state = coalesce($2, state), error = $3, heard_ms = $4 WHERE id = $1",
-                &[&id, &end, &batch.error, &(now_ms as i64)],
+                &[&id, &end, &batch.error.as_deref().map(text), &(now_ms as i64)],
             )?;
             tx.commit()?;
             Ok(Some(end.is_none()))
