@@ -157,7 +157,12 @@ fn serve(
     // A bad key fails the start, not the first upload.
     keys::load_keys(&args.trusted_keys, dir)?;
     let listen = args.listen;
-    let runtime = tokio::runtime::Runtime::new()?;
+    // Store calls block (SQLite, PostgreSQL's client): a bounded pool of threads for them, not
+    // tokio's 512, each of which would keep its own malloc arena.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the figures users compare, each beside a baseline measured in the same
 //! run on the same machine, as a ratio. Nothing here asserts a time: benchmarks report, tests test.
 
+mod fleet_load;
 mod measure;
 mod scenarios;
 
@@ -24,6 +25,10 @@ pub struct BenchArgs {
     /// every minute, and report the slope: memory that grows over time shows here.
     #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "60")]
     pub soak: Option<u64>,
+    /// Only these scenarios (repeatable): release, verify, agent-size, agent-idle, checkins,
+    /// transfer, convergence, fleet-load.
+    #[arg(long, value_name = "SCENARIO")]
+    pub only: Vec<String>,
 }
 
 /// One figure: the median of its samples and their spread.
@@ -86,6 +91,14 @@ pub struct Settings {
     pub dir: PathBuf,
     /// Repetitions per timed figure.
     pub reps: usize,
+    /// `--only`: empty for every scenario.
+    pub only: Vec<String>,
+}
+
+impl Settings {
+    pub fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<i32> {
@@ -100,6 +113,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         soak_minutes: args.soak,
         reps: if args.quick { 3 } else { 7 },
         dir: dir.clone(),
+        only: args.only,
     };
     let rows = scenarios::all(&settings)?;
     let report = Report {

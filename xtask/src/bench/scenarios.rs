@@ -34,20 +34,37 @@ pub fn all(s: &Settings) -> Result<Vec<Row>> {
         &dist,
     )?;
     let mut rows = Vec::new();
-    eprintln!("bench: release overhead");
-    rows.extend(release_overhead(s, &dist)?);
-    eprintln!("bench: verification");
-    rows.extend(verification(s, &agents, &hello)?);
-    eprintln!("bench: agent size");
-    rows.extend(agent_size(s, &agents)?);
-    eprintln!("bench: agent idle footprint");
-    rows.extend(agent_idle(s, &deployer, &agents, &hello)?);
-    eprintln!("bench: check-in throughput");
-    rows.push(checkin_throughput(s, &deployer)?);
-    eprintln!("bench: artifact transfer");
-    rows.push(artifact_transfer(s, &deployer, &agents, &hello)?);
-    eprintln!("bench: rollout convergence");
-    rows.push(rollout_convergence(s, &deployer, &agents, &hello)?);
+    if s.wants("release") {
+        eprintln!("bench: release overhead");
+        rows.extend(release_overhead(s, &dist)?);
+    }
+    if s.wants("verify") {
+        eprintln!("bench: verification");
+        rows.extend(verification(s, &agents, &hello)?);
+    }
+    if s.wants("agent-size") {
+        eprintln!("bench: agent size");
+        rows.extend(agent_size(s, &agents)?);
+    }
+    if s.wants("agent-idle") {
+        eprintln!("bench: agent idle footprint");
+        rows.extend(agent_idle(s, &deployer, &agents, &hello)?);
+    }
+    if s.wants("checkins") {
+        eprintln!("bench: check-in throughput");
+        rows.push(checkin_throughput(s, &deployer)?);
+    }
+    if s.wants("transfer") {
+        eprintln!("bench: artifact transfer");
+        rows.push(artifact_transfer(s, &deployer, &agents, &hello)?);
+    }
+    if s.wants("convergence") {
+        eprintln!("bench: rollout convergence");
+        rows.push(rollout_convergence(s, &deployer, &agents, &hello)?);
+    }
+    if s.wants("fleet-load") {
+        rows.extend(super::fleet_load::rows(s, &deployer, &hello)?);
+    }
     Ok(rows)
 }
 
@@ -55,7 +72,7 @@ fn xtask() -> Result<Command> {
     Ok(Command::new(std::env::current_exe()?))
 }
 
-fn service_spec() -> String {
+pub(super) fn service_spec() -> String {
     util::muscle_root()
         .join("examples/hello-service/service.toml")
         .display()
