@@ -70,11 +70,11 @@ fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_
         );
         Ok((r["current_wave"].as_u64() >= Some(1)).then_some(()))
     })?;
-    fleet.deployer.kill9();
     ensure!(
         !second.ok(&["audit"])?.contains(&taken_by(&second)),
-        "the engine ran on one replica until then"
+        "the engine runs on one replica until the kill"
     );
+    fleet.deployer.kill9();
     let killed = std::time::Instant::now();
 
     let r = second.wait_rollout_end(id, Duration::from_secs(180))?;
@@ -106,6 +106,18 @@ fn the_replica_running_the_engine_is_killed_mid_rollout_and_the_other_completes_
     ensure!(
         matches!((started, took_over), (Some(s), Some(t)) if s < t),
         "the second replica took the engine over after the rollout started:\n{audit}"
+    );
+    // A clean stop with PostgreSQL and S3 behind it: check-ins written, exit 0.
+    let mut second = second;
+    let pid = second.pid().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?;
+    let status = second.wait_exit(Duration::from_secs(30))?;
+    ensure!(
+        status.success() && second.log().contains("stopped"),
+        "{status}: {}",
+        second.log()
     );
     Ok(())
 }

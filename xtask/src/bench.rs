@@ -27,7 +27,10 @@ pub struct BenchArgs {
     pub soak: Option<u64>,
     /// Only these scenarios (repeatable): release, verify, agent-size, agent-idle, checkins,
     /// transfer, convergence, fleet-load.
-    #[arg(long, value_name = "SCENARIO")]
+    #[arg(long, value_name = "SCENARIO", value_parser = [
+        "release", "verify", "agent-size", "agent-idle", "checkins", "transfer", "convergence",
+        "fleet-load",
+    ])]
     pub only: Vec<String>,
 }
 

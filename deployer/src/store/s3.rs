@@ -19,8 +19,21 @@ pub struct S3BlobStore {
     bucket: String,
     /// Verified local copies: what the server streams to agents.
     cache: FsBlobStore,
-    /// Drives the object store's async client for this store's synchronous callers.
-    runtime: tokio::runtime::Runtime,
+    /// Drives the object store's async client for this store's synchronous callers (taken
+    /// out on drop).
+    runtime: Option<tokio::runtime::Runtime>,
+    /// One fetch from the bucket at a time: a wave of agents asking a replica for a blob it has
+    /// not cached waits for one download, not one each.
+    fetching: std::sync::Mutex<()>,
+}
+
+impl Drop for S3BlobStore {
+    fn drop(&mut self) {
+        // Dropped inside the server's runtime at shutdown, where a runtime may not block.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 fn s3_error(what: String) -> impl FnOnce(object_store::Error) -> StoreError {
@@ -72,12 +85,14 @@ impl S3BlobStore {
             s3,
             bucket,
             cache: FsBlobStore::open(data_dir)?,
-            runtime,
+            runtime: Some(runtime),
+            fetching: std::sync::Mutex::new(()),
         })
     }
 
     fn block<F: Future>(&self, f: F) -> F::Output {
-        super::off_async(|| self.runtime.block_on(f))
+        let runtime = self.runtime.as_ref().expect("only taken on drop");
+        super::off_async(|| runtime.block_on(f))
     }
 
     fn key(sha256: &str) -> Key {
@@ -85,11 +100,11 @@ impl S3BlobStore {
     }
 
     /// The object's bytes, `None` when there is no such object.
-    fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+    fn get(&self, sha256: &str) -> Result<Option<bytes::Bytes>> {
         let what = format!("reading s3://{}/sha256/{sha256}", self.bucket);
         self.block(async {
             match self.s3.get(&Self::key(sha256)).await {
-                Ok(got) => Ok(Some(got.bytes().await.map_err(s3_error(what))?.to_vec())),
+                Ok(got) => Ok(Some(got.bytes().await.map_err(s3_error(what))?)),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(s3_error(what)(e)),
             }
@@ -124,11 +139,19 @@ impl BlobStore for S3BlobStore {
         if !is_blob_name(sha256) {
             return Ok(None);
         }
-        match self.cache.open(sha256) {
-            Ok(Some(file)) => return Ok(Some(file)),
+        let cached = || match self.cache.open(sha256) {
+            Ok(Some(file)) => Ok(Some(file)),
             // Not here yet, or damaged here: the bucket's copy replaces it.
-            Ok(None) | Err(StoreError::Damaged { .. }) => {}
-            Err(e) => return Err(e),
+            Ok(None) | Err(StoreError::Damaged { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Some(file) = cached()? {
+            return Ok(Some(file));
+        }
+        let _one_fetch = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // Fetched by the one this waited for?
+        if let Some(file) = cached()? {
+            return Ok(Some(file));
         }
         let Some(bytes) = self.get(sha256)? else {
             return Ok(None);

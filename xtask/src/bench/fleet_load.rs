@@ -336,7 +336,8 @@ fn connection(url: &str, mut agents: Vec<SimAgent>, tally: &Mutex<Tally>, stop: 
         let now = Instant::now();
         let next = match answer {
             Ok(resp) => {
-                let ms = (now - sent).as_secs_f32() * 1000.0;
+                // From when it was due: a check-in held up behind a slow one counts its wait.
+                let ms = (now - at.min(sent)).as_secs_f32() * 1000.0;
                 tally
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

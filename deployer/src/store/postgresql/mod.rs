@@ -264,6 +264,22 @@ fn assign_all(tx: &mut Transaction, actions: &[Action]) -> Result<()> {
     if actions.is_empty() {
         return Ok(());
     }
+    // Two actions on one agent's app are applied in their order, one by one.
+    let mut seen = std::collections::HashSet::new();
+    let repeated = actions.iter().any(|Action::Assign { agent_id, app, .. }| {
+        !seen.insert((agent_id.as_str(), app.as_str()))
+    });
+    if repeated {
+        for Action::Assign {
+            agent_id,
+            app,
+            assignment,
+        } in actions
+        {
+            assign_in(tx, agent_id, app, assignment.as_ref())?;
+        }
+        return Ok(());
+    }
     let (mut set, mut taken_off) = ((vec![], vec![], vec![]), (vec![], vec![]));
     for Action::Assign {
         agent_id,
@@ -283,12 +299,9 @@ fn assign_all(tx: &mut Transaction, actions: &[Action]) -> Result<()> {
             }
         }
     }
-    // Later actions for the same agent and app win, as they would one by one.
     tx.execute(
         "INSERT INTO assignments (agent_id, app, body)
-         SELECT DISTINCT ON (agent_id, app) agent_id, app, body
-         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(agent_id, app, body, n)
-         ORDER BY agent_id, app, n DESC
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
          ON CONFLICT (agent_id, app) DO UPDATE SET body = EXCLUDED.body",
         &[&set.0, &set.1, &set.2],
     )?;
