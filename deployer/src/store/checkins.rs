@@ -10,11 +10,11 @@ use muscle_protocol::CheckinRequest;
 use super::history::report_key;
 use super::Previous;
 
-/// The agent row a check-in writes, its columns as stored.
+/// What every check-in writes to its agent's row, its columns as stored (the rest, written only
+/// when the report changed, is serialised then).
 pub struct CheckinRow {
     /// [`report_key`] of the check-in: equal to the stored one when nothing but times changed.
     pub key: String,
-    pub labels: String,
     pub apps: String,
     pub last_seen_ms: i64,
     pub interval_ms: i64,
@@ -25,7 +25,6 @@ impl CheckinRow {
     pub fn of(req: &CheckinRequest, now_ms: u64) -> CheckinRow {
         CheckinRow {
             key: report_key(req),
-            labels: super::json(&req.labels),
             apps: super::json(&req.apps),
             last_seen_ms: now_ms as i64,
             interval_ms: req.interval_ms.unwrap_or(5000) as i64,

@@ -49,6 +49,23 @@ pub trait LogStore {
     fn still_wanted(&self, id: &JobId, now_ms: u64) -> Result<()>;
 }
 
+/// The state a request ends in with `batch` (`None`: it goes on): failed on the agent's error,
+/// done when the agent says so, when nobody reads any more, or at the line cap.
+pub(super) fn batch_end(
+    batch: &LogBatch,
+    wanted_ms: u64,
+    lines_before: i64,
+    now_ms: u64,
+) -> Option<&'static str> {
+    let wanted = wanted_ms + FOLLOW_UNWANTED_AFTER_MS > now_ms
+        && lines_before + (batch.lines.len() as i64) < MAX_LINES_PER_REQUEST;
+    match (&batch.error, batch.done || !wanted) {
+        (Some(_), _) => Some("failed"),
+        (None, true) => Some("done"),
+        (None, false) => None,
+    }
+}
+
 pub(super) fn log_state(text: &str, error: Option<String>) -> Result<LogState> {
     Ok(match text {
         "pending" => LogState::Pending,
@@ -140,13 +157,7 @@ impl LogStore for SqliteStore {
                 params![batch.request_id.as_str(), next + 1 + i as i64, line],
             )?;
         }
-        let wanted = wanted_ms as u64 + FOLLOW_UNWANTED_AFTER_MS > now_ms
-            && next + (batch.lines.len() as i64) < MAX_LINES_PER_REQUEST;
-        let end = match (&batch.error, batch.done || !wanted) {
-            (Some(_), _) => Some("failed"),
-            (None, true) => Some("done"),
-            (None, false) => None,
-        };
+        let end = batch_end(batch, wanted_ms as u64, next, now_ms);
         tx.execute(
             "UPDATE log_requests SET state = coalesce(?2, state), error = ?3, heard_ms = ?4 WHERE id = ?1",
             params![batch.request_id.as_str(), end, batch.error, now_ms as i64],

@@ -197,6 +197,32 @@ pub enum Undeployed {
     },
 }
 
+impl Undeploy<'_> {
+    /// The app's rollout in progress, which would assign it again: nothing is taken off then.
+    pub fn blocked_by(rollouts: &[Rollout]) -> Option<Undeployed> {
+        let active = rollouts.iter().find(|r| r.status.is_active())?;
+        Some(Undeployed::RolloutInProgress {
+            id: active.id,
+            status: active.status,
+        })
+    }
+
+    /// Marks the app's standing rollouts withdrawn (every one: were an older one left
+    /// standing, new agents would get its version); returns them, to be saved.
+    pub fn withdraw<'r>(&self, rollouts: &'r mut [Rollout]) -> Vec<&'r Rollout> {
+        let Some(at_ms) = self.withdraw_at_ms else {
+            return vec![];
+        };
+        let mut withdrawn = vec![];
+        for standing in rollouts.iter_mut().filter(|r| r.is_standing()) {
+            standing.withdrawn_ms = Some(at_ms);
+            standing.message = format!("{} (withdrawn by undeploy)", standing.message);
+            withdrawn.push(&*standing);
+        }
+        withdrawn
+    }
+}
+
 /// What one engine step changes; see [`Store::commit_step`].
 pub struct Step<'a> {
     pub rollout: &'a Rollout,

@@ -354,7 +354,7 @@ impl Store for SqliteStore {
                 id,
                 req.arch,
                 req.hostname,
-                row.labels,
+                json(&req.labels),
                 req.agent_version,
                 row.last_seen_ms,
                 row.apps,
@@ -492,11 +492,8 @@ impl Store for SqliteStore {
                 .map(|b| parse("rollout", b))
                 .collect::<Result<_>>()?
         };
-        if let Some(active) = rollouts.iter().find(|r| r.status.is_active()) {
-            return Ok(Undeployed::RolloutInProgress {
-                id: active.id,
-                status: active.status,
-            });
+        if let Some(blocked) = Undeploy::blocked_by(&rollouts) {
+            return Ok(blocked);
         }
         let mut removed = vec![];
         for agent_id in u.agent_ids {
@@ -511,17 +508,12 @@ impl Store for SqliteStore {
             }
         }
         let mut withdrawn = vec![];
-        if let Some(at_ms) = u.withdraw_at_ms {
-            // Every one: were an older one left standing, new agents would get its version.
-            for standing in rollouts.iter_mut().filter(|r| r.is_standing()) {
-                standing.withdrawn_ms = Some(at_ms);
-                standing.message = format!("{} (withdrawn by undeploy)", standing.message);
-                tx.execute(
-                    "UPDATE rollouts SET body = ?2 WHERE id = ?1",
-                    params![standing.id, json(standing)],
-                )?;
-                withdrawn.push(standing.id);
-            }
+        for standing in u.withdraw(&mut rollouts) {
+            tx.execute(
+                "UPDATE rollouts SET body = ?2 WHERE id = ?1",
+                params![standing.id, json(standing)],
+            )?;
+            withdrawn.push(standing.id);
         }
         tx.commit()?;
         Ok(Undeployed::From {

@@ -211,52 +211,6 @@ fn lock_writes(tx: &mut Transaction) -> Result<()> {
     Ok(())
 }
 
-/// Sets (or removes) one assignment inside `tx`, bumping the agent's desired generation.
-fn assign_in(
-    tx: &mut Transaction,
-    agent_id: &str,
-    app: &str,
-    assignment: Option<&Assignment>,
-) -> Result<()> {
-    match assignment {
-        Some(a) => {
-            tx.execute(
-                "INSERT INTO assignments (agent_id, app, body) VALUES ($1, $2, $3)
-                 ON CONFLICT (agent_id, app) DO UPDATE SET body = $3",
-                &[&agent_id, &app, &json(a)],
-            )?;
-            tx.execute(
-                "DELETE FROM removals WHERE agent_id = $1 AND app = $2",
-                &[&agent_id, &app],
-            )?;
-        }
-        // A tombstone, not just a missing row: the agent must stop what it runs.
-        None => {
-            tx.execute(
-                "DELETE FROM assignments WHERE agent_id = $1 AND app = $2",
-                &[&agent_id, &app],
-            )?;
-            tx.execute(
-                "INSERT INTO removals (agent_id, app) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&agent_id, &app],
-            )?;
-        }
-    }
-    // A fleet-wide counter, so an agent's generation never repeats, even across deletes.
-    let generation: i64 = tx
-        .query_one(
-            "INSERT INTO counters (name, value) VALUES ('generation', 1)
-             ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value",
-            &[],
-        )?
-        .get(0);
-    tx.execute(
-        "UPDATE agents SET desired_generation = $2 WHERE id = $1",
-        &[&agent_id, &generation],
-    )?;
-    Ok(())
-}
-
 /// Every assignment of one step in a few statements (a wave of thousands would otherwise be
 /// thousands of round trips under the write lock); the agents it changes get one new
 /// generation.
@@ -270,13 +224,8 @@ fn assign_all(tx: &mut Transaction, actions: &[Action]) -> Result<()> {
         !seen.insert((agent_id.as_str(), app.as_str()))
     });
     if repeated {
-        for Action::Assign {
-            agent_id,
-            app,
-            assignment,
-        } in actions
-        {
-            assign_in(tx, agent_id, app, assignment.as_ref())?;
+        for action in actions {
+            assign_all(tx, std::slice::from_ref(action))?;
         }
         return Ok(());
     }
@@ -446,7 +395,7 @@ impl Store for PgStore {
             }
             self.steady.forget(id);
             let (arch, hostname) = (text(&req.arch), text(&req.hostname));
-            let agent_version = text(&req.agent_version);
+            let (agent_version, labels) = (text(&req.agent_version), json(&req.labels));
             let generation: i64 = conn
                 .query_typed_one(
                     "INSERT INTO agents (id, arch, hostname, labels, agent_version, last_seen_ms, apps, interval_ms, clock_skew_s, report_key)
@@ -457,7 +406,7 @@ impl Store for PgStore {
                         (&id, Type::TEXT),
                         (&arch, Type::TEXT),
                         (&hostname, Type::TEXT),
-                        (&row.labels, Type::TEXT),
+                        (&labels, Type::TEXT),
                         (&agent_version, Type::TEXT),
                         (&row.last_seen_ms, Type::INT8),
                         (&row.apps, Type::TEXT),
@@ -611,11 +560,8 @@ impl Store for PgStore {
                 &[&u.app],
             )?;
             let mut rollouts = rollout_bodies(rows)?;
-            if let Some(active) = rollouts.iter().find(|r| r.status.is_active()) {
-                return Ok(Undeployed::RolloutInProgress {
-                    id: active.id,
-                    status: active.status,
-                });
+            if let Some(blocked) = Undeploy::blocked_by(&rollouts) {
+                return Ok(blocked);
             }
             let mut removed = vec![];
             for agent_id in u.agent_ids {
@@ -626,22 +572,25 @@ impl Store for PgStore {
                     )?
                     .get(0);
                 if assigned || u.reporting.contains(agent_id) {
-                    assign_in(&mut tx, agent_id, u.app, None)?;
                     removed.push(agent_id.clone());
                 }
             }
+            let tombstones: Vec<Action> = removed
+                .iter()
+                .map(|agent_id| Action::Assign {
+                    agent_id: agent_id.clone(),
+                    app: u.app.to_owned(),
+                    assignment: None,
+                })
+                .collect();
+            assign_all(&mut tx, &tombstones)?;
             let mut withdrawn = vec![];
-            if let Some(at_ms) = u.withdraw_at_ms {
-                // Every one: were an older one left standing, new agents would get its version.
-                for standing in rollouts.iter_mut().filter(|r| r.is_standing()) {
-                    standing.withdrawn_ms = Some(at_ms);
-                    standing.message = format!("{} (withdrawn by undeploy)", standing.message);
-                    tx.execute(
-                        "UPDATE rollouts SET body = $2 WHERE id = $1",
-                        &[&standing.id, &json(standing)],
-                    )?;
-                    withdrawn.push(standing.id);
-                }
+            for standing in u.withdraw(&mut rollouts) {
+                tx.execute(
+                    "UPDATE rollouts SET body = $2 WHERE id = $1",
+                    &[&standing.id, &json(standing)],
+                )?;
+                withdrawn.push(standing.id);
             }
             tx.commit()?;
             Ok(Undeployed::From {

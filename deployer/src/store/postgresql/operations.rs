@@ -11,8 +11,7 @@ use crate::store::jobs::{
     REPORT_SLACK_MS,
 };
 use crate::store::logs::{
-    log_state, LogProgress, LogStore, FOLLOW_UNWANTED_AFTER_MS, LOG_REQUESTS_KEPT_MS,
-    MAX_LINES_PER_REQUEST,
+    batch_end, log_state, LogProgress, LogStore, FOLLOW_UNWANTED_AFTER_MS, LOG_REQUESTS_KEPT_MS,
 };
 use crate::store::off_async;
 use crate::store::{json, parse, Result, Role, StoreError};
@@ -430,13 +429,7 @@ impl LogStore for PgStore {
                  SELECT $1, $2 + n, line FROM unnest($3::text[]) WITH ORDINALITY AS t(line, n)",
                 &[&id, &next, &lines],
             )?;
-            let wanted = wanted_ms as u64 + FOLLOW_UNWANTED_AFTER_MS > now_ms
-                && next + (batch.lines.len() as i64) < MAX_LINES_PER_REQUEST;
-            let end = match (&batch.error, batch.done || !wanted) {
-                (Some(_), _) => Some("failed"),
-                (None, true) => Some("done"),
-                (None, false) => None,
-            };
+            let end = batch_end(batch, wanted_ms as u64, next, now_ms);
             tx.execute(
                 "UPDATE log_requests SET state = coalesce($2, state), error = $3, heard_ms = $4 WHERE id = $1",
                 &[&id, &end, &batch.error.as_deref().map(text), &(now_ms as i64)],
