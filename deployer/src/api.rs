@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use crate::ops::{self, OpError, StartRequest, Started, UndeployRequest, Undeployed};
 use crate::publish::PublishOutcome;
 use crate::rollout::{Request, Rollout};
-use crate::server::{check_access, identify, internal, ApiError, Server};
+use crate::server::{blocking, check_access, identify, internal, ApiError, Server};
 use crate::store::{AuditEntry, Permission, Role};
 use crate::upload::{Staging, MAX_RELEASE_UPLOAD};
 use crate::views::{AgentDetail, FleetRow, ReleaseRow};
@@ -53,13 +53,6 @@ impl From<OpError> for ApiError {
         };
         ApiError(status, e.to_string())
     }
-}
-
-/// Runs `f` with the store off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
 async fn fleet(
@@ -152,19 +145,22 @@ async fn steer_rollout(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let who = check_access(&s, &headers, Permission::Steer)?;
-    let what: Request = match request.parse() {
-        Ok(Request::Supersede) | Err(_) => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("{request:?}: expected pause, resume, abort or rollback"),
-            ))
-        }
-        Ok(what) => what,
-    };
+    let what = operator_request(&request)?;
     let store = s.store.clone();
     blocking(move || Ok(ops::ask(store.as_ref(), id, what, &who)?)).await?;
     s.engine_wake.notify_one();
     Ok(StatusCode::ACCEPTED)
+}
+
+/// A request an operator may make of a rollout (superseding is the engine's own).
+pub(crate) fn operator_request(text: &str) -> Result<Request, ApiError> {
+    match text.parse() {
+        Ok(Request::Supersede) | Err(_) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{text:?}: expected pause, resume, abort or rollback"),
+        )),
+        Ok(what) => Ok(what),
+    }
 }
 
 async fn undeploy(

@@ -11,6 +11,7 @@ mod certs;
 mod cli;
 mod client;
 mod commands;
+mod console;
 mod control;
 mod engine;
 mod exec;
@@ -183,6 +184,8 @@ fn serve(
                 data_dir: dir.to_owned(),
                 trusted_keys: args.trusted_keys,
                 uploads: Arc::new(tokio::sync::Semaphore::new(2)),
+                tls: tls.is_some(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             },
             listener,
             args.tick,

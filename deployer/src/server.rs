@@ -38,6 +38,10 @@ pub struct Server {
     pub trusted_keys: Vec<String>,
     /// Release uploads staged at once.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Served over TLS: the console's cookies are marked Secure.
+    pub tls: bool,
+    /// Cancelled when the server stops: endless answers (the console's live pages) end with it.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(server: Server) -> Router {
@@ -49,6 +53,7 @@ pub fn router(server: Server) -> Router {
         .route("/v1/logs/batch", post(crate::job_api::log_batch))
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .merge(crate::api::routes())
+        .merge(crate::console::routes(&server))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))
         .layer(axum::middleware::from_fn(request_deadline))
@@ -80,7 +85,12 @@ pub async fn serve(
         CHECKIN_FLUSH_INTERVAL,
     ));
     let checkins = server.store.clone();
-    listen::serve(listener, router(server), tls, limits, shutdown_signal()).await;
+    let stopping = server.stopping.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        stopping.cancel();
+    };
+    listen::serve(listener, router(server), tls, limits, shutdown).await;
     engine.abort();
     flusher.abort();
     // Every check-in answered is written before the deployer stops.
@@ -210,6 +220,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Runs `f` with the store off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
 pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
@@ -311,8 +328,15 @@ pub(crate) fn identify(
     s: &Server,
     headers: &HeaderMap,
 ) -> Result<(String, crate::store::Role), ApiError> {
+    identify_token(s, auth::bearer(headers))
+}
+
+/// [`identify`] for a token however it came (the console's comes in a cookie).
+pub(crate) fn identify_token(
+    s: &Server,
+    bearer: Option<&str>,
+) -> Result<(String, crate::store::Role), ApiError> {
     use crate::store::Role;
-    let bearer = auth::bearer(headers);
     if let (Some(b), Some(admin)) = (bearer, &s.auth.admin_token) {
         if auth::same_secret(b, admin) {
             return Ok(("token:admin".into(), Role::Operator));
@@ -341,6 +365,15 @@ pub(crate) fn check_access(
     need: crate::store::Permission,
 ) -> Result<String, ApiError> {
     let (who, role) = identify(s, headers)?;
+    may(who, role, need)
+}
+
+/// `who`, if `role` grants `need`.
+pub(crate) fn may(
+    who: String,
+    role: crate::store::Role,
+    need: crate::store::Permission,
+) -> Result<String, ApiError> {
     if role.grants(need) {
         Ok(who)
     } else {

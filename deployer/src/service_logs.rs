@@ -74,3 +74,51 @@ pub fn logs(args: LogsArgs, store: &dyn Store) -> Result<()> {
         std::thread::sleep(READ_EVERY);
     }
 }
+
+/// The lines of a tail, and why they are not all of them when they are not.
+pub struct Tail {
+    pub lines: Vec<String>,
+    pub problem: Option<String>,
+}
+
+/// Asks `agent_id` for the last `tail` lines of `app`'s log and waits up to `deadline` for them.
+pub fn read_tail(
+    store: &dyn Store,
+    agent_id: &str,
+    app: muscle_protocol::Name,
+    tail: u32,
+    deadline: Duration,
+) -> Result<Tail> {
+    let request = LogRequest {
+        id: crate::auth::new_id().context("reading /dev/urandom")?,
+        app,
+        tail,
+        since_unix: None,
+        follow: false,
+    };
+    store.create_log_request(agent_id, &request, now_ms())?;
+    let asked = Instant::now();
+    let mut lines = Vec::new();
+    let mut after = 0;
+    loop {
+        let progress = store.log_lines(&request.id, after)?;
+        for (seq, line) in progress.lines {
+            lines.push(line);
+            after = seq;
+        }
+        let problem = match progress.state {
+            LogState::Done => None,
+            LogState::Failed(why) => Some(why),
+            _ if asked.elapsed() > deadline => Some(format!(
+                "agent {agent_id} did not send the whole tail within {} s: it is offline or busy",
+                deadline.as_secs()
+            )),
+            _ => {
+                store.still_wanted(&request.id, now_ms())?;
+                std::thread::sleep(READ_EVERY);
+                continue;
+            }
+        };
+        return Ok(Tail { lines, problem });
+    }
+}

@@ -199,7 +199,7 @@ pub fn agent_detail(d: AgentDetail) -> String {
     )
 }
 
-fn describe_event(e: &AgentEvent) -> String {
+pub fn describe_event(e: &AgentEvent) -> String {
     let health = |h: &muscle_protocol::Health| {
         serde_json::to_value(h)
             .ok()

@@ -33,6 +33,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("systemd-analyze", "systemd"),
     ("openssl", "openssl"),
+    // The console's browser tests drive Debian's Chromium through its WebDriver.
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
 ];
 
 pub fn run(args: SetupArgs) -> Result<i32> {
