@@ -186,6 +186,7 @@ fn serve(
                 uploads: Arc::new(tokio::sync::Semaphore::new(2)),
                 tls: tls.is_some(),
                 stopping: tokio_util::sync::CancellationToken::new(),
+                console: console::Shared::default(),
             },
             listener,
             args.tick,

@@ -42,6 +42,8 @@ pub struct Server {
     pub tls: bool,
     /// Cancelled when the server stops: endless answers (the console's live pages) end with it.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// What the console's pages share: their live streams' slots, the fleet's snapshot.
+    pub console: crate::console::Shared,
 }
 
 pub fn router(server: Server) -> Router {
@@ -331,25 +333,28 @@ pub(crate) fn identify(
     identify_token(s, auth::bearer(headers))
 }
 
+/// Who calls an open deployer (no admin token, no stored token).
+pub(crate) const ANONYMOUS: &str = "anonymous";
+
 /// [`identify`] for a token however it came (the console's comes in a cookie).
 pub(crate) fn identify_token(
     s: &Server,
-    bearer: Option<&str>,
+    token: Option<&str>,
 ) -> Result<(String, crate::store::Role), ApiError> {
     use crate::store::Role;
-    if let (Some(b), Some(admin)) = (bearer, &s.auth.admin_token) {
-        if auth::same_secret(b, admin) {
+    if let (Some(t), Some(admin)) = (token, &s.auth.admin_token) {
+        if auth::same_secret(t, admin) {
             return Ok(("token:admin".into(), Role::Operator));
         }
     }
-    let token = match bearer {
-        Some(b) => s.store.token(&sha256_hex(b.as_bytes())).map_err(internal)?,
+    let stored = match token {
+        Some(t) => s.store.token(&sha256_hex(t.as_bytes())).map_err(internal)?,
         None => None,
     };
-    match token {
+    match stored {
         Some((name, role)) => Ok((format!("token:{name}"), role)),
         None if s.auth.admin_token.is_none() && s.store.tokens().map_err(internal)?.is_empty() => {
-            Ok(("anonymous".into(), Role::Operator))
+            Ok((ANONYMOUS.into(), Role::Operator))
         }
         None => Err(unauthorized(
             "this endpoint needs `Authorization: Bearer <token>`: the admin token or one made by \

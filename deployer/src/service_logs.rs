@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use muscle_protocol::LogRequest;
+use muscle_protocol::{JobId, LogRequest};
 
 use crate::cli::LogsArgs;
 use crate::now_ms;
@@ -81,14 +81,13 @@ pub struct Tail {
     pub problem: Option<String>,
 }
 
-/// Asks `agent_id` for the last `tail` lines of `app`'s log and waits up to `deadline` for them.
-pub fn read_tail(
+/// Asks `agent_id` for the last `tail` lines of `app`'s log; [`await_tail`] reads them.
+pub fn ask_tail(
     store: &dyn Store,
     agent_id: &str,
     app: muscle_protocol::Name,
     tail: u32,
-    deadline: Duration,
-) -> Result<Tail> {
+) -> Result<JobId> {
     let request = LogRequest {
         id: crate::auth::new_id().context("reading /dev/urandom")?,
         app,
@@ -97,11 +96,16 @@ pub fn read_tail(
         follow: false,
     };
     store.create_log_request(agent_id, &request, now_ms())?;
+    Ok(request.id)
+}
+
+/// The tail asked for as `id`, waiting up to [`ANSWER_DEADLINE`] for the agent to send it.
+pub fn await_tail(store: &dyn Store, agent_id: &str, id: &JobId) -> Result<Tail> {
     let asked = Instant::now();
     let mut lines = Vec::new();
     let mut after = 0;
     loop {
-        let progress = store.log_lines(&request.id, after)?;
+        let progress = store.log_lines(id, after)?;
         for (seq, line) in progress.lines {
             lines.push(line);
             after = seq;
@@ -109,12 +113,12 @@ pub fn read_tail(
         let problem = match progress.state {
             LogState::Done => None,
             LogState::Failed(why) => Some(why),
-            _ if asked.elapsed() > deadline => Some(format!(
+            _ if asked.elapsed() > ANSWER_DEADLINE => Some(format!(
                 "agent {agent_id} did not send the whole tail within {} s: it is offline or busy",
-                deadline.as_secs()
+                ANSWER_DEADLINE.as_secs()
             )),
             _ => {
-                store.still_wanted(&request.id, now_ms())?;
+                store.still_wanted(id, now_ms())?;
                 std::thread::sleep(READ_EVERY);
                 continue;
             }

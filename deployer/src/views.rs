@@ -31,6 +31,29 @@ pub struct AppCell {
     pub error: Option<String>,
 }
 
+/// A unit enum's name as the JSON views spell it (`crash_loop`, `rolled_back`).
+pub fn snake(value: impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl FleetRow {
+    /// When the agent last checked in, as `fleet` and the console say it: `12s ago`, stale and
+    /// a clock far off the deployer's marked.
+    pub fn seen(&self) -> String {
+        let mut seen = format!("{}s ago", self.last_seen_s);
+        if self.stale {
+            seen += " (stale)";
+        }
+        if self.clock_skew_s.abs() > CLOCK_SKEW_FLAGGED_S {
+            seen += &format!(" (clock {:+}s off)", self.clock_skew_s);
+        }
+        seen
+    }
+}
+
 pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
     agents
         .iter()
@@ -57,10 +80,7 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                         health: if stale {
                             "unknown".to_owned()
                         } else {
-                            serde_json::to_value(r.health)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default()
+                            snake(r.health)
                         },
                         error: r.last_error.clone(),
                     })
@@ -91,14 +111,7 @@ pub fn fleet_table(fleet: Vec<FleetRow>) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let mut seen = if r.stale {
-                format!("{}s ago (stale)", r.last_seen_s)
-            } else {
-                format!("{}s ago", r.last_seen_s)
-            };
-            if r.clock_skew_s.abs() > CLOCK_SKEW_FLAGGED_S {
-                seen += &format!(" (clock {:+}s off)", r.clock_skew_s);
-            }
+            let seen = r.seen();
             let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             vec![
                 r.id,
@@ -200,12 +213,7 @@ pub fn agent_detail(d: AgentDetail) -> String {
 }
 
 pub fn describe_event(e: &AgentEvent) -> String {
-    let health = |h: &muscle_protocol::Health| {
-        serde_json::to_value(h)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
-    };
+    let health = |h: &muscle_protocol::Health| snake(h);
     match e {
         AgentEvent::Joined {
             arch,
@@ -248,10 +256,7 @@ pub fn rollout_summary(r: &Rollout) -> String {
             .members
             .iter()
             .map(|m| {
-                let state = serde_json::to_value(m.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                let state = snake(m.state);
                 match (&m.error, m.state) {
                     (Some(e), MemberState::Failed) => {
                         let mut text = format!("{} [{}] {state}: {e}", m.agent_id, m.arch);

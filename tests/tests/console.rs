@@ -311,15 +311,26 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
             .is_empty(),
         "no steering buttons for a read-only token"
     );
-    let status = post_from_page(c, &format!("/ui/rollouts/{id}/resume"), true).await?;
-    ensure!(status == 403, "a read-only token may not resume: {status}");
+    for request in ["pause", "resume", "abort"] {
+        let status = post_from_page(c, &format!("/ui/rollouts/{id}/{request}"), true).await?;
+        ensure!(
+            status == 403,
+            "a read-only token may not {request}: {status}"
+        );
+    }
     ensure!(
         cli_status(d, id)? == "paused",
         "and the rollout stays paused"
     );
+    let status = post_from_page(c, "/ui/agents/x86_64-1/logs/hello-service", true).await?;
+    ensure!(
+        status == 403,
+        "no log tails for a read-only token: {status}"
+    );
 
-    d.ok(&["rollout", "resume", &id.to_string()])?;
+    c.goto(&format!("{base}/ui/rollouts/{id}")).await?;
     c.execute("window.muscleMark = 1;", vec![]).await?;
+    d.ok(&["rollout", "resume", &id.to_string()])?;
     eventually(
         "the page to show the rollout succeeded",
         Duration::from_secs(180),
@@ -333,6 +344,26 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
     ensure!(cli_status(d, id)? == "succeeded");
     screenshot(c, "rollout-succeeded").await?;
 
+    // A link to the rollout followed from another site (a chat, a ticket) lands on it, though
+    // the browser does not send the Strict cookie with such a navigation.
+    let elsewhere = format!("data:text/html,<a id=go href='{base}/ui/rollouts/{id}'>rollout</a>");
+    c.goto(&elsewhere).await?;
+    c.find(Locator::Id("go")).await?.click().await?;
+    let landed = format!("/ui/rollouts/{id}");
+    eventually(
+        "the linked rollout page",
+        Duration::from_secs(10),
+        async || {
+            let path = path_of(c).await.unwrap_or_default();
+            ensure!(
+                path != "/ui/login",
+                "a signed-in browser was asked to sign in again"
+            );
+            Ok((path == landed).then_some(()))
+        },
+    )
+    .await?;
+
     // An agent's page: its history, and for operators a fresh tail of its service's log.
     c.goto(&format!("{base}/ui/agents/aarch64-1")).await?;
     let history = c.find(Locator::Css("table.history")).await?.text().await?;
@@ -341,7 +372,7 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
         "{history}"
     );
     ensure!(
-        c.find_all(Locator::Css("a[href*='/logs/']"))
+        c.find_all(Locator::Css("form[action*='/logs/']"))
             .await?
             .is_empty(),
         "no log tails for a read-only token"
@@ -350,7 +381,7 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
     ensure!(sign_in(c, &base, ops).await?);
     c.goto(&format!("{base}/ui/agents/aarch64-1")).await?;
     screenshot(c, "agent").await?;
-    c.find(Locator::Css("a[href*='/logs/hello-service']"))
+    c.find(Locator::Css("form[action*='/logs/hello-service'] button"))
         .await?
         .click()
         .await?;

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the figures users compare, each beside a baseline measured in the same
 //! run on the same machine, as a ratio. Nothing here asserts a time: benchmarks report, tests test.
 
+mod console;
 mod fleet_load;
 mod measure;
 mod scenarios;

@@ -1,9 +1,7 @@
 //! An agent's page: what it runs, its history (installs, rollbacks, refusals, health changes),
 //! the log lines it sent with failures, and, for operators, a fresh tail of each app's log.
 
-use std::fmt::Write;
-
-use super::html::{esc, table, url_part, when};
+use super::html::{csrf_field, esc, table, url_part, when};
 use super::session::Session;
 use crate::rollout::Rollout;
 use crate::service_logs::Tail;
@@ -17,11 +15,6 @@ pub fn page(d: &AgentDetail, rollouts: &[Rollout], session: &Session) -> String 
         .iter()
         .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
         .collect();
-    let seen = if a.stale {
-        format!("{} s ago (stale)", a.last_seen_s)
-    } else {
-        format!("{} s ago", a.last_seen_s)
-    };
     let mut out = format!(
         "<dl class=\"facts\" data-agent=\"{id}\"><dt>Arch</dt><dd>{arch}</dd><dt>Hostname</dt><dd>{host}</dd>\
          <dt>Labels</dt><dd>{labels}</dd><dt>Agent version</dt><dd>{version}</dd>\
@@ -32,17 +25,21 @@ pub fn page(d: &AgentDetail, rollouts: &[Rollout], session: &Session) -> String 
         labels = labels.join(", "),
         version = esc(&a.agent_version),
         skew = a.clock_skew_s,
+        seen = esc(&a.seen()),
     );
     let steer = session.may(Permission::Steer);
     let apps: Vec<String> = a
         .apps
         .iter()
         .map(|c| {
+            // A form: asking an agent for its log is work, not a view.
             let tail = if steer {
                 format!(
-                    "<a href=\"/ui/agents/{}/logs/{}\">log tail</a>",
+                    "<form method=\"post\" action=\"/ui/agents/{}/logs/{}\">{}\
+                     <button class=\"log-tail\">Log tail</button></form>",
                     url_part(&a.id),
-                    url_part(&c.app)
+                    url_part(&c.app),
+                    csrf_field(&session.csrf)
                 )
             } else {
                 String::new()
@@ -89,18 +86,13 @@ fn failure_logs(agent: &str, rollouts: &[Rollout]) -> String {
             .members()
             .filter(|m| m.agent_id == agent && m.error.is_some())
         {
-            let lines: Vec<String> = m.log.iter().map(|l| esc(l)).collect();
-            let _ = write!(
-                out,
-                "<div class=\"failure\"><p><a href=\"/ui/rollouts/{}\">rollout {}</a> ({} {}): {}</p>\
-                 <pre class=\"log\">{}</pre></div>",
-                r.id,
-                r.id,
+            let heading = format!(
+                "<a href=\"/ui/rollouts/{id}\">rollout {id}</a> ({} {})",
                 esc(&r.app),
                 esc(&r.version),
-                esc(m.error.as_deref().unwrap_or_default()),
-                lines.join("\n")
+                id = r.id,
             );
+            out += &super::rollouts::failure(&heading, m);
         }
     }
     if out.is_empty() {

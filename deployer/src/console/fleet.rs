@@ -42,6 +42,8 @@ impl FleetQuery {
         let health = match self.health.as_str() {
             "" => true,
             "stale" => row.stale,
+            // Healthy is every app; a trouble is any one.
+            "healthy" => !row.apps.is_empty() && row.apps.iter().all(|a| a.health == "healthy"),
             h => row.apps.iter().any(|a| a.health == h),
         };
         let label = match self.label.split_once('=') {
@@ -65,7 +67,11 @@ impl FleetQuery {
 
 /// The filter form and the live table.
 pub fn page(rows: &[FleetRow], q: &FleetQuery) -> String {
+    // The one asked for stays offered (and shown chosen) when no agent has it any more.
     let mut arches: Vec<&str> = rows.iter().map(|r| r.arch.as_str()).collect();
+    if !q.arch.is_empty() {
+        arches.push(&q.arch);
+    }
     arches.sort_unstable();
     arches.dedup();
     let select = |name: &str, any: &str, options: &[&str], chosen: &str| {
@@ -73,7 +79,11 @@ pub fn page(rows: &[FleetRow], q: &FleetQuery) -> String {
             format!("<label>{name} <select name=\"{name}\"><option value=\"\">{any}</option>");
         for o in options {
             let selected = if *o == chosen { " selected" } else { "" };
-            let _ = write!(out, "<option{selected}>{}</option>", esc(o));
+            let _ = write!(
+                out,
+                "<option value=\"{o}\"{selected}>{o}</option>",
+                o = esc(o)
+            );
         }
         out + "</select></label>"
     };
@@ -98,7 +108,7 @@ pub fn fragment(rows: &[FleetRow], q: &FleetQuery) -> String {
     }
     let stale = rows.iter().filter(|r| r.stale).count();
     let matching: Vec<&FleetRow> = rows.iter().filter(|r| q.matches(r)).collect();
-    let first = (q.page * PAGE_ROWS).min(matching.len());
+    let first = q.page.saturating_mul(PAGE_ROWS).min(matching.len());
     let shown = &matching[first..(first + PAGE_ROWS).min(matching.len())];
     let arches: Vec<String> = per_arch
         .iter()
@@ -174,14 +184,7 @@ fn row(r: &FleetRow) -> String {
             )
         })
         .collect();
-    let (class, seen) = if r.stale {
-        (
-            " class=\"stale\"",
-            format!("{} s ago (stale)", r.last_seen_s),
-        )
-    } else {
-        ("", format!("{} s ago", r.last_seen_s))
-    };
+    let class = if r.stale { " class=\"stale\"" } else { "" };
     format!(
         "<tr data-agent=\"{id}\" data-arch=\"{arch}\"{class}><td><a href=\"/ui/agents/{link}\">{id}</a></td>\
          <td>{arch}</td><td>{host}</td><td>{labels}</td><td>{apps}</td><td>{version}</td>\
@@ -191,6 +194,7 @@ fn row(r: &FleetRow) -> String {
         arch = esc(&r.arch),
         host = esc(&r.hostname),
         version = esc(&r.agent_version),
+        seen = esc(&r.seen()),
     )
 }
 
@@ -267,5 +271,10 @@ mod tests {
             },
         );
         assert!(past_the_end.contains("showing 0–0"), "{past_the_end}");
+        let farthest = FleetQuery {
+            page: usize::MAX,
+            ..Default::default()
+        };
+        assert!(fragment(&rows, &farthest).contains("showing 0–0"));
     }
 }

@@ -52,8 +52,8 @@ pub fn page(title: &str, active: &str, session: Option<&Session>, body: &str) ->
         let _ = write!(nav, "<a href=\"{path}\"{current}>{label}</a>");
     }
     let (who, csrf) = match session {
-        Some(s) => (who_box(s), s.csrf.as_str()),
-        None => (String::new(), ""),
+        Some(s) => (who_box(s), esc(&s.csrf)),
+        None => (String::new(), String::new()),
     };
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\

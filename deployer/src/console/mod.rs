@@ -11,36 +11,69 @@ mod rollouts;
 mod session;
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::{Extension, Form, Router};
 use futures_util::Stream;
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::server::{blocking, identify_token, internal, may, ApiError, Server};
+use crate::rollout::{Request, Rollout};
+use crate::server::{blocking, identify_token, internal, may, ApiError, Server, ANONYMOUS};
 use crate::store::Permission;
-use crate::{now_ms, ops, views};
+use crate::views::FleetRow;
+use crate::{engine, now_ms, ops, views};
 use fleet::FleetQuery;
-use session::{check_form, session, set_cookie, PageError, Session, TOKEN_COOKIE};
+use session::{
+    back_to, check_form, session, set_cookie, BrowserSecret, PageError, Session, MAX_TOKEN_LEN,
+    TOKEN_COOKIE,
+};
 
 /// How often a live page looks for changes.
 const LIVE_EVERY: Duration = Duration::from_secs(1);
 
 /// A live page's stream ends after this long (the browser reconnects at once): no answer is
-/// endless, and a revoked token stops being served.
+/// endless.
 const LIVE_FOR: Duration = Duration::from_secs(300);
 
-/// How long an agent has to send a log tail the console asked for.
-const TAIL_DEADLINE: Duration = Duration::from_secs(15);
+/// Live pages open at once: each holds a connection the agents also need.
+const LIVE_STREAMS: usize = 32;
+
+/// Log tails asked at once: each waits for its agent on a blocking thread.
+const TAILS: usize = 4;
 
 /// The lines a log tail asks for.
 const TAIL_LINES: u32 = 200;
+
+/// How long the fleet as read is shown to every page and stream before it is read again.
+const FLEET_FRESH: Duration = Duration::from_secs(1);
+
+/// What the console's requests share.
+#[derive(Clone)]
+pub struct Shared {
+    streams: Arc<Semaphore>,
+    tails: Arc<Semaphore>,
+    fleet: Arc<Mutex<Option<FleetSnapshot>>>,
+}
+
+/// The fleet as last read, and when.
+type FleetSnapshot = (Instant, Arc<Vec<FleetRow>>);
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            streams: Arc::new(Semaphore::new(LIVE_STREAMS)),
+            tails: Arc::new(Semaphore::new(TAILS)),
+            fleet: Arc::default(),
+        }
+    }
+}
 
 pub fn routes(server: &Server) -> Router<Server> {
     Router::new()
@@ -55,7 +88,7 @@ pub fn routes(server: &Server) -> Router<Server> {
         .route("/ui/rollouts/{id}/live", get(rollout_live))
         .route("/ui/rollouts/{id}/{request}", post(steer))
         .route("/ui/agents/{id}", get(agent_page))
-        .route("/ui/agents/{id}/logs/{app}", get(log_tail))
+        .route("/ui/agents/{id}/logs/{app}", post(log_tail))
         .route("/ui/releases", get(releases_page))
         .route("/ui/assets/console.css", get(css))
         .route("/ui/assets/console.js", get(js))
@@ -89,6 +122,14 @@ struct LoginForm {
     token: String,
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
+    next: String,
+}
+
+#[derive(Deserialize)]
+struct NextQuery {
+    #[serde(default)]
+    next: String,
 }
 
 #[derive(Deserialize)]
@@ -97,79 +138,105 @@ struct CsrfForm {
     csrf: String,
 }
 
-fn login_body(csrf: &str, problem: Option<&str>) -> String {
+fn login_page(csrf: &str, next: &str, problem: Option<&str>) -> String {
     let problem = problem
         .map(|p| format!("<p class=\"error\">{}</p>", html::esc(p)))
         .unwrap_or_default();
-    format!(
+    let body = format!(
         "{problem}<form class=\"login\" method=\"post\" action=\"/ui/login\">{}\
+         <input type=\"hidden\" name=\"next\" value=\"{}\">\
          <label>Token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" \
          autofocus required></label><button>Sign in</button></form>\
          <p class=\"hint\">A token made by <code>muscle-deploy token create NAME --role ROLE</code>, \
          or the deployer's admin token. It is kept in a cookie only this console's pages send.</p>",
-        html::csrf_field(csrf)
-    )
+        html::csrf_field(csrf),
+        html::esc(back_to(next)),
+    );
+    html::page("Sign in", "", None, &body)
 }
 
-async fn login_form(headers: HeaderMap) -> Html<String> {
-    let csrf = session::cookie(&headers, session::CSRF_COOKIE).unwrap_or_default();
-    Html(html::page("Sign in", "", None, &login_body(&csrf, None)))
+async fn login_form(
+    Extension(secret): Extension<BrowserSecret>,
+    Query(q): Query<NextQuery>,
+) -> Html<String> {
+    Html(login_page(&secret.csrf(None), &q.next, None))
 }
 
 async fn login(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, PageError> {
-    check_form(&headers, &form.csrf)?;
+    check_form(&headers, &secret.csrf(None), &form.csrf)?;
     let token = form.token.trim().to_owned();
-    let known = blocking({
+    let who = if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        None
+    } else {
         let s = s.clone();
         let token = token.clone();
-        move || Ok(identify_token(&s, Some(&token)))
-    })
-    .await?;
-    if known.is_err() || token.is_empty() {
-        let body = login_body(&form.csrf, Some("This deployer knows no such token."));
-        return Ok((
-            StatusCode::UNAUTHORIZED,
-            Html(html::page("Sign in", "", None, &body)),
-        )
-            .into_response());
+        blocking(move || Ok(identify_token(&s, Some(&token)).ok())).await?
+    };
+    let next = back_to(&form.next);
+    match who {
+        None => {
+            let page = login_page(&form.csrf, next, Some("This deployer knows no such token."));
+            Ok((StatusCode::UNAUTHORIZED, Html(page)).into_response())
+        }
+        // An open deployer takes anyone: there is nothing to sign in with.
+        Some((who, _)) if who == ANONYMOUS => Ok(Redirect::to(next).into_response()),
+        Some(_) => {
+            let cookie = set_cookie(TOKEN_COOKIE, &token, "Strict", s.tls, None);
+            Ok(([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response())
+        }
     }
-    let cookie = set_cookie(TOKEN_COOKIE, &token, s.tls, None);
-    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/ui/fleet")).into_response())
 }
 
 async fn logout(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, PageError> {
-    check_form(&headers, &form.csrf)?;
-    let cookie = set_cookie(TOKEN_COOKIE, "", s.tls, Some(0));
+    let session = viewer(&s, &headers, &secret).await?;
+    check_form(&headers, &session.csrf, &form.csrf)?;
+    let cookie = set_cookie(TOKEN_COOKIE, "", "Strict", s.tls, Some(0));
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/ui/login")).into_response())
 }
 
 /// The session of a page's request, checked off the async threads (it reads the store).
-async fn viewer(s: &Server, headers: HeaderMap) -> Result<Session, PageError> {
-    let s = s.clone();
-    tokio::task::spawn_blocking(move || session(&s, &headers))
+async fn viewer(
+    s: &Server,
+    headers: &HeaderMap,
+    secret: &BrowserSecret,
+) -> Result<Session, PageError> {
+    let (s, headers, secret) = (s.clone(), headers.clone(), secret.clone());
+    tokio::task::spawn_blocking(move || session(&s, &headers, &secret))
         .await
         .map_err(|e| PageError::from(internal(e)))?
 }
 
-fn fleet_rows(s: &Server) -> Result<Vec<views::FleetRow>, ApiError> {
+/// The fleet, read at most once a second for every page and stream together.
+fn fleet_rows(s: &Server) -> Result<Arc<Vec<FleetRow>>, ApiError> {
+    let mut cached = s.console.fleet.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, rows)) = &*cached {
+        if at.elapsed() < FLEET_FRESH {
+            return Ok(rows.clone());
+        }
+    }
     let agents = s.store.agents().map_err(internal)?;
-    Ok(views::fleet_rows(&agents, now_ms()))
+    let rows = Arc::new(views::fleet_rows(&agents, now_ms()));
+    *cached = Some((Instant::now(), rows.clone()));
+    Ok(rows)
 }
 
 async fn fleet_page(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
     Query(q): Query<FleetQuery>,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
     let rows = blocking(move || fleet_rows(&s)).await?;
     Ok(page(
         "Fleet",
@@ -181,20 +248,22 @@ async fn fleet_page(
 
 async fn fleet_live(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
     Query(q): Query<FleetQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError> {
-    let session = viewer(&s, headers).await?;
-    Ok(live(s, session, move |s, _| {
+    let session = viewer(&s, &headers, &secret).await?;
+    live(s, session, move |s, _| {
         Ok(fleet::fragment(&fleet_rows(s)?, &q))
-    }))
+    })
 }
 
 async fn rollouts_page(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
     let all = blocking(move || s.store.rollouts().map_err(internal)).await?;
     Ok(page(
         "Rollouts",
@@ -204,49 +273,57 @@ async fn rollouts_page(
     ))
 }
 
-fn rollout(s: &Server, id: i64) -> Result<crate::rollout::Rollout, ApiError> {
-    s.store
+/// Rollout `id`, and the newer rollout of its app that forbids rolling it back, if any.
+fn rollout(s: &Server, id: i64) -> Result<(Rollout, Option<i64>), ApiError> {
+    let r = s
+        .store
         .rollout(id)
         .map_err(internal)?
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("there is no rollout {id}")))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("there is no rollout {id}")))?;
+    // Only asked when a rollback is otherwise possible: it reads every rollout.
+    let newer = match r.check_request(Request::Rollback) {
+        Ok(()) => engine::newer_rollout(s.store.as_ref(), &r).map_err(internal)?,
+        Err(_) => None,
+    };
+    Ok((r, newer))
 }
 
 async fn rollout_page(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     Path(id): Path<i64>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
-    let r = blocking(move || rollout(&s, id)).await?;
+    let session = viewer(&s, &headers, &secret).await?;
+    let (r, newer) = blocking(move || rollout(&s, id)).await?;
     let title = format!("Rollout {id}");
-    Ok(page(
-        &title,
-        "/ui/rollouts",
-        &session,
-        &rollouts::page(&r, &session),
-    ))
+    let body = rollouts::page(&r, newer, &session);
+    Ok(page(&title, "/ui/rollouts", &session, &body))
 }
 
 async fn rollout_live(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     Path(id): Path<i64>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError> {
-    let session = viewer(&s, headers).await?;
-    Ok(live(s, session, move |s, session| {
-        Ok(rollouts::fragment(&rollout(s, id)?, session))
-    }))
+    let session = viewer(&s, &headers, &secret).await?;
+    live(s, session, move |s, session| {
+        let (r, newer) = rollout(s, id)?;
+        Ok(rollouts::fragment(&r, newer, session))
+    })
 }
 
 /// `POST /ui/rollouts/{id}/{pause|resume|abort|rollback}` from the rollout page's buttons.
 async fn steer(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     Path((id, request)): Path<(i64, String)>,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, PageError> {
-    check_form(&headers, &form.csrf)?;
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
+    check_form(&headers, &session.csrf, &form.csrf)?;
     let who = may(session.who, session.role, Permission::Steer)?;
     let what = crate::api::operator_request(&request)?;
     let store = s.store.clone();
@@ -257,10 +334,11 @@ async fn steer(
 
 async fn agent_page(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
     let title = format!("Agent {id}");
     let (detail, all) = blocking(move || {
         let detail = crate::control::agent_detail(s.store.as_ref(), &id).map_err(internal)?;
@@ -269,40 +347,48 @@ async fn agent_page(
         Ok((detail, s.store.rollouts().map_err(internal)?))
     })
     .await?;
-    Ok(page(
-        &title,
-        "/ui/fleet",
-        &session,
-        &agents::page(&detail, &all, &session),
-    ))
+    let body = agents::page(&detail, &all, &session);
+    Ok(page(&title, "/ui/fleet", &session, &body))
 }
 
-/// A fresh tail of an app's log, asked of the agent over its own connection.
+/// `POST /ui/agents/{id}/logs/{app}`: a fresh tail of an app's log, asked of the agent over its
+/// own connection.
 async fn log_tail(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     Path((id, app)): Path<(String, String)>,
     headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
+    check_form(&headers, &session.csrf, &form.csrf)?;
     may(session.who.clone(), session.role, Permission::Steer)?;
+    let _slot = s.console.tails.clone().try_acquire_owned().map_err(|_| {
+        let why = "other log tails are being read: try again in a few seconds";
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into())
+    })?;
     let name = muscle_protocol::Name::parse(&app)
         .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{app:?}: {e}")))?;
-    let agent = id.clone();
+    let (store, agent) = (s.store.clone(), id.clone());
+    let (asked, known) = {
+        let s = s.clone();
+        blocking(move || {
+            if !fleet_rows(&s)?.iter().any(|a| a.id == agent) {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("there is no agent {agent:?}"),
+                ));
+            }
+            let asked = crate::service_logs::ask_tail(s.store.as_ref(), &agent, name, TAIL_LINES)
+                .map_err(internal)?;
+            Ok((asked, agent))
+        })
+        .await?
+    };
+    // The agent's held job poll learns of it now, not when the poll ends.
+    s.job_wake.bump();
     let tail = blocking(move || {
-        let known = s
-            .store
-            .agents()
-            .map_err(internal)?
-            .iter()
-            .any(|a| a.id == agent);
-        if !known {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("there is no agent {agent:?}"),
-            ));
-        }
-        crate::service_logs::read_tail(s.store.as_ref(), &agent, name, TAIL_LINES, TAIL_DEADLINE)
-            .map_err(internal)
+        crate::service_logs::await_tail(store.as_ref(), &known, &asked).map_err(internal)
     })
     .await?;
     let title = format!("{app} on {id}");
@@ -316,9 +402,10 @@ async fn log_tail(
 
 async fn releases_page(
     State(s): State<Server>,
+    Extension(secret): Extension<BrowserSecret>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, headers).await?;
+    let session = viewer(&s, &headers, &secret).await?;
     let all = blocking(move || s.store.releases().map_err(internal)).await?;
     Ok(page(
         "Releases",
@@ -328,46 +415,75 @@ async fn releases_page(
     ))
 }
 
+/// Where a live stream is.
+struct Streaming {
+    last: String,
+    /// Told the page its session is gone: the next step ends the stream.
+    ended: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// A stream of `render`'s output, sent each time it changes, while the session's token is
-/// still good, for at most [`LIVE_FOR`] and never past the server's stop.
+/// still good (checked at every step; a page whose token was revoked is told `gone`), for at
+/// most [`LIVE_FOR`] and never past the server's stop. At most [`LIVE_STREAMS`] at once.
+#[allow(clippy::type_complexity)]
 fn live<F>(
     s: Server,
     session: Session,
     render: F,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError>
 where
     F: Fn(&Server, &Session) -> Result<String, ApiError> + Send + Sync + 'static,
 {
+    let slot = s.console.streams.clone().try_acquire_owned().map_err(|_| {
+        let why = format!("{LIVE_STREAMS} live pages are open already: reload this one later");
+        PageError::Refused(StatusCode::SERVICE_UNAVAILABLE, why)
+    })?;
     let render = Arc::new(render);
     let session = Arc::new(session);
     let until = tokio::time::Instant::now() + LIVE_FOR;
-    let stream = futures_util::stream::unfold(String::new(), move |last| {
+    let start = Streaming {
+        last: String::new(),
+        ended: false,
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(start, move |mut state| {
         let (s, render, session) = (s.clone(), render.clone(), session.clone());
         async move {
-            loop {
-                if tokio::time::Instant::now() >= until || s.stopping.is_cancelled() {
-                    return None;
-                }
-                let html = blocking({
+            while !state.ended && !s.stopping.is_cancelled() && tokio::time::Instant::now() < until
+            {
+                let step = {
                     let (s, render, session) = (s.clone(), render.clone(), session.clone());
-                    move || {
-                        // A token revoked since the page opened stops its updates.
-                        identify_token(&s, session.token.as_deref())?;
-                        render(&s, &session)
+                    blocking(move || {
+                        if identify_token(&s, session.token.as_deref()).is_err() {
+                            return Ok(None);
+                        }
+                        render(&s, &session).map(Some)
+                    })
+                    .await
+                };
+                match step {
+                    Ok(Some(html)) if html != state.last => {
+                        let event = Event::default().retry(Duration::from_secs(2)).data(&html);
+                        state.last = html;
+                        return Some((Ok(event), state));
                     }
-                })
-                .await
-                .ok()?;
-                if html != last {
-                    let event = Event::default().retry(Duration::from_secs(2)).data(&html);
-                    return Some((Ok(event), html));
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        state.ended = true;
+                        let gone = Event::default().event("gone").data("signed out");
+                        return Some((Ok(gone), state));
+                    }
+                    // The browser reconnects and tries again.
+                    Err(_) => return None,
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(LIVE_EVERY) => {}
                     _ = s.stopping.cancelled() => return None,
                 }
             }
+            None
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -7,8 +7,9 @@ use std::fmt::Write;
 
 use super::html::{csrf_field, esc, table, url_part, when};
 use super::session::Session;
-use crate::rollout::{Member, MemberState, Request, Rollout, Status, Wave};
+use crate::rollout::{Member, MemberState, Request, Rollout, Wave};
 use crate::store::Permission;
+use crate::views::snake;
 
 /// The requests the console offers, in the order of their buttons.
 const REQUESTS: &[(Request, &str)] = &[
@@ -17,20 +18,6 @@ const REQUESTS: &[(Request, &str)] = &[
     (Request::Abort, "Abort"),
     (Request::Rollback, "Roll back"),
 ];
-
-fn status_name(status: Status) -> String {
-    serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-fn state_name(state: MemberState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
 
 /// Every rollout, newest first.
 pub fn list(rollouts: &[Rollout]) -> String {
@@ -41,7 +28,7 @@ pub fn list(rollouts: &[Rollout]) -> String {
         .iter()
         .rev()
         .map(|r| {
-            let status = status_name(r.status);
+            let status = snake(r.status);
             format!(
                 "<tr data-rollout=\"{id}\"><td><a href=\"/ui/rollouts/{id}\">{id}</a></td><td>{app}</td>\
                  <td>{version}</td><td><span class=\"status status-{status}\">{status}</span></td>\
@@ -80,18 +67,22 @@ fn wave_position(r: &Rollout) -> String {
     }
 }
 
-/// One rollout, live.
-pub fn page(r: &Rollout, session: &Session) -> String {
+/// The most members a wave lists, and the most failures shown: a rollout to 10,000 agents stays
+/// a page (`muscle-deploy rollout status ID` lists them all).
+const LISTED: usize = 200;
+
+/// One rollout, live. `newer`: the newer rollout of its app, which alone may be rolled back.
+pub fn page(r: &Rollout, newer: Option<i64>, session: &Session) -> String {
     format!(
         "<div id=\"rollout\" data-live=\"/ui/rollouts/{}/live\">{}</div>",
         r.id,
-        fragment(r, session)
+        fragment(r, newer, session)
     )
 }
 
 /// What live updates replace: status, buttons, waves and failures.
-pub fn fragment(r: &Rollout, session: &Session) -> String {
-    let status = status_name(r.status);
+pub fn fragment(r: &Rollout, newer: Option<i64>, session: &Session) -> String {
+    let status = snake(r.status);
     let mut out = format!(
         "<p class=\"status-line\"><strong>{app} {version}</strong> · \
          <span class=\"status status-{status}\" data-status=\"{status}\">{status}</span> · \
@@ -101,7 +92,7 @@ pub fn fragment(r: &Rollout, session: &Session) -> String {
         created = when(r.created_ms),
         message = esc(&r.message),
     );
-    out += &buttons(r, session);
+    out += &buttons(r, newer, session);
     out += &overall(r);
     for (i, w) in r.waves.iter().enumerate() {
         out += &wave(w, i, i == r.current_wave && r.status.is_active());
@@ -110,13 +101,15 @@ pub fn fragment(r: &Rollout, session: &Session) -> String {
     out
 }
 
-fn buttons(r: &Rollout, session: &Session) -> String {
+fn buttons(r: &Rollout, newer: Option<i64>, session: &Session) -> String {
     if !session.may(Permission::Steer) {
         return String::new();
     }
     let mut out = String::from("<div class=\"buttons\">");
     for (request, label) in REQUESTS {
-        if r.check_request(*request).is_err() {
+        let allowed = r.check_request(*request).is_ok()
+            && r.check_rollback_is_newest(*request, newer).is_ok();
+        if !allowed {
             continue;
         }
         let confirm = match request {
@@ -126,7 +119,7 @@ fn buttons(r: &Rollout, session: &Session) -> String {
         let _ = write!(
             out,
             "<form method=\"post\" action=\"/ui/rollouts/{id}/{name}\"{confirm}>{csrf}\
-             <button name=\"request\" value=\"{name}\" class=\"request-{name}\">{label}</button></form>",
+             <button class=\"request-{name}\">{label}</button></form>",
             id = r.id,
             name = request.as_str(),
             csrf = csrf_field(&session.csrf),
@@ -209,13 +202,20 @@ fn wave(w: &Wave, index: usize, current: bool) -> String {
     );
     out += &arch_bars(w.members.iter());
     out += "<div class=\"members\">";
-    for m in &w.members {
-        let state = state_name(m.state);
+    for m in w.members.iter().take(LISTED) {
+        let state = snake(m.state);
         let _ = write!(
             out,
             "<a class=\"member state-{state}\" href=\"/ui/agents/{}\" title=\"{state}\">{}</a>",
             url_part(&m.agent_id),
             esc(&m.agent_id)
+        );
+    }
+    if w.members.len() > LISTED {
+        let _ = write!(
+            out,
+            "<span class=\"more\">and {} more</span>",
+            w.members.len() - LISTED
         );
     }
     out + "</div></section>"
@@ -262,23 +262,41 @@ fn failures(r: &Rollout) -> String {
     if failed.is_empty() {
         return String::new();
     }
-    let mut out = String::from("<section class=\"failures\"><h2>Failures</h2>");
-    for m in failed {
-        let _ = write!(
-            out,
-            "<div class=\"failure\" data-agent=\"{id}\"><p><a href=\"/ui/agents/{link}\">{id}</a> \
-             [{arch}] {state}: {error}</p>",
+    let mut out = format!(
+        "<section class=\"failures\"><h2>Failures ({})</h2>",
+        failed.len()
+    );
+    for m in failed.iter().take(LISTED) {
+        let heading = format!(
+            "<a href=\"/ui/agents/{link}\">{id}</a> [{arch}] {state}",
             id = esc(&m.agent_id),
             link = url_part(&m.agent_id),
             arch = esc(&m.arch),
-            state = state_name(m.state),
-            error = esc(m.error.as_deref().unwrap_or_default()),
+            state = snake(m.state),
         );
-        if !m.log.is_empty() {
-            let lines: Vec<String> = m.log.iter().map(|l| esc(l)).collect();
-            let _ = write!(out, "<pre class=\"log\">{}</pre>", lines.join("\n"));
-        }
-        out += "</div>";
+        out += &failure(&heading, m);
+    }
+    if failed.len() > LISTED {
+        let _ = write!(
+            out,
+            "<p>and {} more: <code>muscle-deploy rollout status {}</code> lists them all</p>",
+            failed.len() - LISTED,
+            r.id
+        );
     }
     out + "</section>"
+}
+
+/// One member's failure under `heading` (markup): its error and the log lines its agent sent.
+pub(super) fn failure(heading: &str, m: &Member) -> String {
+    let mut out = format!(
+        "<div class=\"failure\" data-agent=\"{}\"><p>{heading}: {}</p>",
+        esc(&m.agent_id),
+        esc(m.error.as_deref().unwrap_or_default()),
+    );
+    if !m.log.is_empty() {
+        let lines: Vec<String> = m.log.iter().map(|l| esc(l)).collect();
+        let _ = write!(out, "<pre class=\"log\">{}</pre>", lines.join("\n"));
+    }
+    out + "</div>"
 }

@@ -2,24 +2,28 @@
 //!
 //! The console signs in with the API's tokens: the token is kept in a cookie marked HttpOnly
 //! (no script reads it), SameSite=Strict (no other site's request carries it) and Secure when
-//! served over TLS. A form that changes anything also carries the browser's CSRF secret, a
-//! random value this console set in a cookie of its own and wrote into its pages (a
-//! double-submit: another site can neither read nor set it), and must not come from another
-//! origin when the browser says where it came from.
+//! served over TLS. A form that changes anything carries a CSRF token derived from the signed-in
+//! token and a random per-browser secret (a cookie of its own): whoever can plant cookies on
+//! this host (a service on another port, a sibling domain) still cannot make one without the
+//! token. The form must also not come from another origin or site when the browser says.
 
 use axum::extract::{Request, State};
-use axum::http::header::{COOKIE, HOST, ORIGIN, SET_COOKIE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::header::{COOKIE, HOST, LOCATION, ORIGIN, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
+use super::html;
 use crate::auth;
 use crate::server::{identify_token, ApiError, Server};
 use crate::store::{Permission, Role};
 
 pub const TOKEN_COOKIE: &str = "muscle_token";
-pub const CSRF_COOKIE: &str = "muscle_csrf";
+pub const SECRET_COOKIE: &str = "muscle_browser";
+
+/// The longest token the sign-in form takes (the API's are 64 characters).
+pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// What every console answer says to the browser: run only this console's own script and
 /// style, in no frame, and keep no copy.
@@ -34,13 +38,26 @@ const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("cache-control", "no-store"),
 ];
 
+/// This browser's random secret (from its cookie, or made for it by [`guard`]).
+#[derive(Clone)]
+pub struct BrowserSecret(pub String);
+
+impl BrowserSecret {
+    /// The CSRF token of forms shown to whoever holds `token` (none: the sign-in form, or an
+    /// open deployer).
+    pub fn csrf(&self, token: Option<&str>) -> String {
+        let bound = format!("muscle console csrf\n{}\n{}", self.0, token.unwrap_or(""));
+        muscle_protocol::sha256_hex(bound.as_bytes())
+    }
+}
+
 /// The person at the browser, as this deployer knows them.
 pub struct Session {
     pub who: String,
     pub role: Role,
-    /// Signed in with a token, rather than an open deployer's anonymous operator.
+    /// Signed in with a token this deployer knows (not an open deployer's anonymous operator).
     pub signed_in: bool,
-    /// This browser's CSRF secret, written into every form.
+    /// The CSRF token of this session's forms.
     pub csrf: String,
     /// The token the session stands on, to check again on a long-lived answer.
     pub token: Option<String>,
@@ -68,33 +85,40 @@ impl From<ApiError> for PageError {
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         match self {
+            // `guard` says where to come back to.
             PageError::SignIn => Redirect::to("/ui/login").into_response(),
             PageError::Refused(status, why) => {
-                let body = format!("<p class=\"error\">{}</p>", super::html::esc(&why));
+                let body = format!("<p class=\"error\">{}</p>", html::esc(&why));
                 let title = status.canonical_reason().unwrap_or("Refused");
-                (status, Html(super::html::page(title, "", None, &body))).into_response()
+                (status, Html(html::page(title, "", None, &body))).into_response()
             }
         }
     }
 }
 
-/// The value of cookie `name`, decoded.
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The values of cookie `name`, decoded, in the order the browser sent them.
+fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = String> + 'h {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .and_then(|(_, v)| percent_decode_str(v).decode_utf8().ok())
+        .filter(move |(k, _)| *k == name)
+        .filter_map(|(_, v)| percent_decode_str(v).decode_utf8().ok())
         .map(|v| v.into_owned())
 }
 
 /// Who the browser is: the token in its cookie (or an `Authorization` header), else an open
 /// deployer's anonymous operator; [`PageError::SignIn`] when it must sign in first.
-pub fn session(s: &Server, headers: &HeaderMap) -> Result<Session, PageError> {
-    let token = cookie(headers, TOKEN_COOKIE).or_else(|| auth::bearer(headers).map(str::to_owned));
+pub fn session(
+    s: &Server,
+    headers: &HeaderMap,
+    secret: &BrowserSecret,
+) -> Result<Session, PageError> {
+    let token = cookies(headers, TOKEN_COOKIE)
+        .next()
+        .or_else(|| auth::bearer(headers).map(str::to_owned));
     let (who, role) = identify_token(s, token.as_deref()).map_err(|e| {
         if e.0 == StatusCode::UNAUTHORIZED {
             PageError::SignIn
@@ -102,18 +126,20 @@ pub fn session(s: &Server, headers: &HeaderMap) -> Result<Session, PageError> {
             e.into()
         }
     })?;
+    let signed_in = token.is_some() && who != crate::server::ANONYMOUS;
+    let token = token.filter(|_| signed_in);
     Ok(Session {
+        csrf: secret.csrf(token.as_deref()),
         who,
         role,
-        signed_in: token.is_some(),
-        csrf: cookie(headers, CSRF_COOKIE).unwrap_or_default(),
+        signed_in,
         token,
     })
 }
 
-/// A state-changing form is this console's: from this origin (when the browser says) and
-/// carrying this browser's CSRF secret.
-pub fn check_form(headers: &HeaderMap, form_csrf: &str) -> Result<(), PageError> {
+/// A state-changing form is this console's: not from another origin or site (when the browser
+/// says) and carrying the CSRF token `expected`.
+pub fn check_form(headers: &HeaderMap, expected: &str, form_csrf: &str) -> Result<(), PageError> {
     let refused = |why: String| Err(PageError::Refused(StatusCode::FORBIDDEN, why));
     if let Some(site) = headers.get("sec-fetch-site") {
         if site != "same-origin" {
@@ -123,24 +149,25 @@ pub fn check_form(headers: &HeaderMap, form_csrf: &str) -> Result<(), PageError>
             ));
         }
     }
-    if let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok()) {
+    if let Some(origin) = headers.get(ORIGIN) {
         let host = headers
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
+        let origin = String::from_utf8_lossy(origin.as_bytes());
         let from = origin
             .strip_prefix("https://")
             .or_else(|| origin.strip_prefix("http://"));
         if from != Some(host) {
             return refused(format!(
-                "the form was sent from {origin}, not from this console ({host})"
+                "the form was sent from {origin}, not from this console ({host}); behind a \
+                 proxy, keep the Host header"
             ));
         }
     }
-    let expected = cookie(headers, CSRF_COOKIE).unwrap_or_default();
-    if expected.is_empty() || !auth::same_secret(form_csrf, &expected) {
+    if !auth::same_secret(form_csrf, expected) {
         return refused(
-            "the form does not carry this browser's CSRF token: reload the page and try again"
+            "the form does not carry this session's CSRF token: reload the page and try again"
                 .into(),
         );
     }
@@ -148,9 +175,15 @@ pub fn check_form(headers: &HeaderMap, form_csrf: &str) -> Result<(), PageError>
 }
 
 /// A `Set-Cookie` value for the console's paths.
-pub fn set_cookie(name: &str, value: &str, tls: bool, max_age_s: Option<u64>) -> HeaderValue {
+pub fn set_cookie(
+    name: &str,
+    value: &str,
+    same_site: &str,
+    tls: bool,
+    max_age_s: Option<u64>,
+) -> HeaderValue {
     let value = utf8_percent_encode(value, NON_ALPHANUMERIC);
-    let mut cookie = format!("{name}={value}; Path=/ui; HttpOnly; SameSite=Strict");
+    let mut cookie = format!("{name}={value}; Path=/ui; HttpOnly; SameSite={same_site}");
     if tls {
         cookie.push_str("; Secure");
     }
@@ -160,31 +193,89 @@ pub fn set_cookie(name: &str, value: &str, tls: bool, max_age_s: Option<u64>) ->
     HeaderValue::from_str(&cookie).expect("percent-encoded: visible ASCII only")
 }
 
-/// Gives a browser without one its CSRF secret (seen by this request's handler already), and
-/// every answer the console's security headers.
+fn is_secret(value: &str) -> bool {
+    value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Around every console request: hands the handler this browser's secret (making one for a
+/// browser without), sends a page asked for without a session back to sign in with the way
+/// back, and gives every answer the console's security headers.
 pub async fn guard(State(s): State<Server>, mut request: Request, next: Next) -> Response {
-    let fresh = match cookie(request.headers(), CSRF_COOKIE) {
-        Some(c) if c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()) => None,
-        _ => match auth::new_credential() {
-            Ok(c) => Some(c),
+    let found = cookies(request.headers(), SECRET_COOKIE).find(|c| is_secret(c));
+    let (secret, fresh) = match found {
+        Some(c) => (c, false),
+        None => match auth::new_credential() {
+            Ok(c) => (c, true),
             Err(e) => {
                 return ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
             }
         },
     };
-    if let Some(c) = &fresh {
-        let value = HeaderValue::from_str(&format!("{CSRF_COOKIE}={c}")).expect("hex");
-        request.headers_mut().append(COOKIE, value);
-    }
+    request
+        .extensions_mut()
+        .insert(BrowserSecret(secret.clone()));
+    let wanted = (request.method() == Method::GET)
+        .then(|| {
+            request
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+        })
+        .flatten();
+    let cross_site = request
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v == "cross-site");
     let mut response = next.run(request).await;
+    let to_sign_in = response.status() == StatusCode::SEE_OTHER
+        && response
+            .headers()
+            .get(LOCATION)
+            .is_some_and(|l| l == "/ui/login");
+    if let (true, Some(wanted)) = (to_sign_in, wanted) {
+        response = sign_in_first(&wanted, cross_site);
+    }
     let headers = response.headers_mut();
-    if let Some(c) = fresh {
-        headers.append(SET_COOKIE, set_cookie(CSRF_COOKIE, &c, s.tls, None));
+    if fresh {
+        // Lax: a link from elsewhere keeps it, and other tabs' forms stay good.
+        headers.append(
+            SET_COOKIE,
+            set_cookie(SECRET_COOKIE, &secret, "Lax", s.tls, None),
+        );
     }
     for (name, value) in SECURITY_HEADERS {
         headers.insert(*name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// The answer to a page asked for without a session. A link followed from another site comes
+/// without the Strict cookie even when this browser is signed in: a same-origin step, which
+/// carries it, is tried first.
+fn sign_in_first(wanted: &str, cross_site: bool) -> Response {
+    if cross_site {
+        let url = html::esc(wanted);
+        let body = format!(
+            "<!doctype html><meta http-equiv=\"refresh\" content=\"0;url={url}\">\
+             <a href=\"{url}\">Continue to the console</a>"
+        );
+        return Html(body).into_response();
+    }
+    let next = html::url_part(wanted);
+    Redirect::to(&format!("/ui/login?next={next}")).into_response()
+}
+
+/// Where to go after signing in: a console page, never anywhere else.
+pub fn back_to(next: &str) -> &str {
+    let ours = next.starts_with("/ui/")
+        && !next.starts_with("/ui/login")
+        && !next.contains(['\\', '\r', '\n'])
+        && !next.contains("//");
+    if ours {
+        next
+    } else {
+        "/ui/fleet"
+    }
 }
 
 #[cfg(test)]
@@ -205,10 +296,10 @@ mod tests {
     #[test]
     fn cookies_are_found_across_headers_and_decoded() {
         let h = headers(&[("cookie", "a=1; muscle_token=x%3By"), ("cookie", "b=2")]);
-        assert_eq!(cookie(&h, TOKEN_COOKIE).as_deref(), Some("x;y"));
-        assert_eq!(cookie(&h, "b").as_deref(), Some("2"));
-        assert_eq!(cookie(&h, "muscle"), None);
-        let set = set_cookie(TOKEN_COOKIE, "x;y", true, None);
+        assert_eq!(cookies(&h, TOKEN_COOKIE).next().as_deref(), Some("x;y"));
+        assert_eq!(cookies(&h, "b").next().as_deref(), Some("2"));
+        assert_eq!(cookies(&h, "muscle").next(), None);
+        let set = set_cookie(TOKEN_COOKIE, "x;y", "Strict", true, None);
         assert_eq!(
             set.to_str().unwrap(),
             "muscle_token=x%3By; Path=/ui; HttpOnly; SameSite=Strict; Secure"
@@ -216,30 +307,63 @@ mod tests {
     }
 
     #[test]
-    fn a_form_needs_this_browsers_secret_and_no_foreign_origin() {
-        let secret = "ab".repeat(32);
-        let cookie = format!("{CSRF_COOKIE}={secret}");
-        let ok = headers(&[
-            ("cookie", &cookie),
-            ("host", "d:8080"),
-            ("origin", "http://d:8080"),
-        ]);
-        assert!(check_form(&ok, &secret).is_ok());
-        assert!(check_form(&ok, "00").is_err(), "wrong secret");
-        assert!(check_form(&ok, "").is_err(), "no secret");
-        let no_cookie = headers(&[("host", "d:8080")]);
-        assert!(
-            check_form(&no_cookie, "").is_err(),
-            "empty equals empty is no proof"
+    fn a_forms_token_is_bound_to_the_browser_and_the_signed_in_token() {
+        let browser = BrowserSecret("ab".repeat(32));
+        let mine = browser.csrf(Some("operator-token"));
+        assert_ne!(mine, browser.csrf(Some("other-token")));
+        assert_ne!(mine, browser.csrf(None));
+        assert_ne!(
+            mine,
+            BrowserSecret("cd".repeat(32)).csrf(Some("operator-token"))
         );
+        // A secret planted by whoever can set cookies here gives them nothing without the token.
+        let planted = BrowserSecret("00".repeat(32));
+        assert_ne!(planted.csrf(None), planted.csrf(Some("operator-token")));
+    }
+
+    #[test]
+    fn a_form_needs_its_token_and_no_foreign_origin() {
+        let ok = headers(&[("host", "d:8080"), ("origin", "http://d:8080")]);
+        assert!(check_form(&ok, "t", "t").is_ok());
+        assert!(check_form(&ok, "t", "u").is_err(), "wrong token");
+        assert!(check_form(&ok, "t", "").is_err(), "no token");
         for (name, value) in [
             ("origin", "http://evil.example"),
             ("origin", "null"),
+            ("origin", "http://d:8080.evil.example"),
             ("sec-fetch-site", "cross-site"),
             ("sec-fetch-site", "same-site"),
         ] {
-            let h = headers(&[("cookie", &cookie), ("host", "d:8080"), (name, value)]);
-            assert!(check_form(&h, &secret).is_err(), "{name}: {value}");
+            let h = headers(&[("host", "d:8080"), (name, value)]);
+            assert!(check_form(&h, "t", "t").is_err(), "{name}: {value}");
+        }
+        let mut odd = headers(&[("host", "d:8080")]);
+        odd.insert(
+            ORIGIN,
+            HeaderValue::from_bytes(b"http://d:8080\xff").unwrap(),
+        );
+        assert!(
+            check_form(&odd, "t", "t").is_err(),
+            "an origin that is not UTF-8"
+        );
+    }
+
+    #[test]
+    fn sign_in_only_leads_back_into_the_console() {
+        assert_eq!(back_to("/ui/rollouts/5"), "/ui/rollouts/5");
+        assert_eq!(
+            back_to("/ui/fleet?arch=x86_64&page=2"),
+            "/ui/fleet?arch=x86_64&page=2"
+        );
+        for elsewhere in [
+            "https://evil",
+            "//evil",
+            "/ui//evil",
+            "/ui/\\evil",
+            "/v1/fleet",
+            "/ui/login",
+        ] {
+            assert_eq!(back_to(elsewhere), "/ui/fleet", "{elsewhere}");
         }
     }
 }

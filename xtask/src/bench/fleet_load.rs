@@ -135,17 +135,21 @@ fn scenario(
         r["message"]
     );
     let waves = r["waves"].as_array().map_or(0, Vec::len) as f64;
+    // The console while every agent still checks in.
+    let console = super::console::rows(&urls[0], agents, &dir)?;
     fleet.stop();
 
     let name = setup.name();
     let offered = agents as f64 / INTERVAL.as_secs_f64();
-    Ok(vec![
+    let mut rows = vec![
         Row::new(format!("{agents} simulated agents, {name}: check-ins/s sustained"), "req/s", one(steady.rate), format!("offered: {agents} agents every {}s", INTERVAL.as_secs()), one(offered)),
         Row::new("  check-in latency p50", "ms", one(steady.p50_ms), "goal (p99)", one(50.0)),
         Row::new("  check-in latency p99", "ms", one(steady.p99_ms), "goal", one(50.0)),
         Row::new("  deployer RSS (largest replica)", "MiB", one(rss_mib), "goal", one(64.0)),
         Row::new(format!("  rollout to all {agents}, {waves:.0} waves (canary per arch, batches of {max_parallel})"), "s", one(converged), format!("floor: waves x (interval {}s + min_healthy_time 1s)", INTERVAL.as_secs()), one(waves * (INTERVAL + MIN_HEALTHY).as_secs_f64())),
-    ])
+    ];
+    rows.extend(console);
+    Ok(rows)
 }
 
 /// What a steady window measured.

@@ -2,13 +2,32 @@
 // before the buttons that cannot be taken back.
 "use strict";
 
+// Says on the page that what it shows no longer updates.
+function stopped(why) {
+  if (document.querySelector(".live-stopped")) return;
+  const note = document.createElement("p");
+  note.className = "live-stopped";
+  note.textContent = why;
+  document.querySelector("main").prepend(note);
+}
+
 // Each [data-live] element is replaced by what the deployer sends on its event stream, whenever
-// what it shows changes. The browser reconnects by itself when a stream ends.
+// what it shows changes. The browser reconnects by itself when a stream ends; a stream that
+// says "gone" (the session ended) reloads the page, which then asks to sign in.
 for (const element of document.querySelectorAll("[data-live]")) {
   const source = new EventSource(element.dataset.live);
   source.onmessage = (event) => {
     element.innerHTML = event.data;
     document.body.dataset.updated = String(Date.now());
+  };
+  source.addEventListener("gone", () => {
+    source.close();
+    location.reload();
+  });
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) {
+      stopped("Live updates stopped: reload the page to see the latest.");
+    }
   };
 }
 
