@@ -186,7 +186,7 @@ fn serve(
                 uploads: Arc::new(tokio::sync::Semaphore::new(2)),
                 tls: tls.is_some(),
                 stopping: tokio_util::sync::CancellationToken::new(),
-                console: console::Shared::default(),
+                console: console::Shared::new(limits.max_connections),
             },
             listener,
             args.tick,

@@ -99,8 +99,13 @@ pub fn ask_tail(
     Ok(request.id)
 }
 
-/// The tail asked for as `id`, waiting up to [`ANSWER_DEADLINE`] for the agent to send it.
-pub fn await_tail(store: &dyn Store, agent_id: &str, id: &JobId) -> Result<Tail> {
+/// The tail asked for as `id`, waiting up to `deadline` for the agent to send it.
+pub fn await_tail(
+    store: &dyn Store,
+    agent_id: &str,
+    id: &JobId,
+    deadline: Duration,
+) -> Result<Tail> {
     let asked = Instant::now();
     let mut lines = Vec::new();
     let mut after = 0;
@@ -113,9 +118,9 @@ pub fn await_tail(store: &dyn Store, agent_id: &str, id: &JobId) -> Result<Tail>
         let problem = match progress.state {
             LogState::Done => None,
             LogState::Failed(why) => Some(why),
-            _ if asked.elapsed() > ANSWER_DEADLINE => Some(format!(
+            _ if asked.elapsed() > deadline => Some(format!(
                 "agent {agent_id} did not send the whole tail within {} s: it is offline or busy",
-                ANSWER_DEADLINE.as_secs()
+                deadline.as_secs()
             )),
             _ => {
                 store.still_wanted(id, now_ms())?;

@@ -16,6 +16,9 @@ pub struct FleetRow {
     pub agent_version: String,
     pub apps: Vec<AppCell>,
     pub last_seen_s: u64,
+    /// When, in ms since the epoch (the deployer's clock).
+    #[serde(default)]
+    pub last_seen_ms: u64,
     /// The agent's own check-in interval: it is stale after a few of them.
     pub interval_ms: u64,
     /// The agent's clock minus the deployer's.
@@ -86,6 +89,7 @@ pub fn fleet_rows(agents: &[AgentRecord], now_ms: u64) -> Vec<FleetRow> {
                     })
                     .collect(),
                 last_seen_s: age / 1000,
+                last_seen_ms: a.last_seen_ms,
                 interval_ms: a.interval_ms,
                 clock_skew_s: a.clock_skew_s,
                 stale,

@@ -140,22 +140,24 @@ async fn sign_out(c: &Client) -> Result<()> {
     .await
 }
 
-/// The status of a POST the page's own script makes to `path`, with this page's CSRF token
-/// or without one.
-async fn post_from_page(c: &Client, path: &str, with_csrf: bool) -> Result<u64> {
+/// The status and body of a POST the page's own script makes to `path`, with this page's CSRF
+/// token or without one. A redirect (what a taken request answers) reads as status 0.
+async fn post_from_page(c: &Client, path: &str, with_csrf: bool) -> Result<(u64, String)> {
     let script = r#"
         const [path, withCsrf, done] = arguments;
         const csrf = document.querySelector('meta[name=csrf]').content;
         const body = new URLSearchParams(withCsrf ? {csrf} : {});
         fetch(path, {method: 'POST', body, redirect: 'manual'})
-            .then(r => done(r.status), e => done(String(e)));
+            .then(async r => done([r.status, r.type === 'opaqueredirect' ? '' : await r.text()]),
+                  e => done([-1, String(e)]));
     "#;
-    let status = c
+    let answer = c
         .execute_async(script, vec![json!(path), json!(with_csrf)])
         .await?;
-    status
+    let status = answer[0]
         .as_u64()
-        .with_context(|| format!("POST {path} from the page: {status}"))
+        .with_context(|| format!("POST {path} from the page: {answer}"))?;
+    Ok((status, answer[1].as_str().unwrap_or_default().to_owned()))
 }
 
 /// Healthy and all members of the rollout on the page, its status, and whether the page is
@@ -246,7 +248,7 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
         "--service",
         &spec,
         "--min-healthy-time",
-        "4s",
+        "6s",
         "--max-parallel",
         "1",
     ])?;
@@ -268,16 +270,25 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
     screenshot(c, "rollout").await?;
 
     let steer = format!("/ui/rollouts/{id}/pause");
-    let status = post_from_page(c, &steer, false).await?;
+    let (status, body) = post_from_page(c, &steer, false).await?;
     ensure!(
-        status == 403,
-        "a form without the CSRF token is refused: {status}"
+        status == 403 && body.contains("CSRF"),
+        "a form without the CSRF token is refused: {status} {body}"
     );
     ensure!(cli_status(d, id)? == "running");
-    c.find(Locator::Css("button.request-pause"))
-        .await?
-        .click()
-        .await?;
+    // The button lives in what live updates replace: find it again if it was replaced.
+    eventually(
+        "a click on the pause button",
+        Duration::from_secs(10),
+        async || {
+            let clicked = match c.find(Locator::Css("button.request-pause")).await {
+                Ok(button) => button.click().await.is_ok(),
+                Err(_) => false,
+            };
+            Ok(clicked.then_some(()))
+        },
+    )
+    .await?;
     eventually(
         "the CLI to see the rollout paused",
         Duration::from_secs(30),
@@ -301,36 +312,51 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
         "a paused rollout offers resume, not pause"
     );
 
-    // A read-only token sees no buttons, and is refused when it posts anyway.
+    // A read-only token sees no buttons, and is refused for its role when it posts anyway.
     sign_out(c).await?;
     ensure!(sign_in(c, &base, viewer).await?);
     c.goto(&format!("{base}/ui/rollouts/{id}")).await?;
+    c.find(Locator::Css("#rollout [data-status]")).await?;
     ensure!(
-        c.find_all(Locator::Css(".buttons form, button[name=request]"))
-            .await?
-            .is_empty(),
+        c.find_all(Locator::Css(".buttons form")).await?.is_empty(),
         "no steering buttons for a read-only token"
     );
     for request in ["pause", "resume", "abort"] {
-        let status = post_from_page(c, &format!("/ui/rollouts/{id}/{request}"), true).await?;
+        let (status, body) =
+            post_from_page(c, &format!("/ui/rollouts/{id}/{request}"), true).await?;
         ensure!(
-            status == 403,
-            "a read-only token may not {request}: {status}"
+            status == 403 && body.contains("read-only"),
+            "a read-only token may not {request}: {status} {body}"
         );
     }
     ensure!(
         cli_status(d, id)? == "paused",
         "and the rollout stays paused"
     );
-    let status = post_from_page(c, "/ui/agents/x86_64-1/logs/hello-service", true).await?;
+    c.goto(&format!("{base}/ui/agents/aarch64-1")).await?;
+    c.find(Locator::Css("table.history")).await?;
     ensure!(
-        status == 403,
-        "no log tails for a read-only token: {status}"
+        c.find_all(Locator::Css("form[action*='/logs/']"))
+            .await?
+            .is_empty(),
+        "no log tails for a read-only token"
+    );
+    let (status, body) = post_from_page(c, "/ui/agents/x86_64-1/logs/hello-service", true).await?;
+    ensure!(
+        status == 403 && body.contains("read-only"),
+        "no log tails for a read-only token: {status} {body}"
     );
 
+    // The same request from the operator's page is taken: the refusals above were the role's.
+    sign_out(c).await?;
+    ensure!(sign_in(c, &base, ops).await?);
     c.goto(&format!("{base}/ui/rollouts/{id}")).await?;
     c.execute("window.muscleMark = 1;", vec![]).await?;
-    d.ok(&["rollout", "resume", &id.to_string()])?;
+    let (status, body) = post_from_page(c, &format!("/ui/rollouts/{id}/resume"), true).await?;
+    ensure!(
+        status == 0,
+        "the operator's resume is taken: {status} {body}"
+    );
     eventually(
         "the page to show the rollout succeeded",
         Duration::from_secs(180),
@@ -349,20 +375,24 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
     let elsewhere = format!("data:text/html,<a id=go href='{base}/ui/rollouts/{id}'>rollout</a>");
     c.goto(&elsewhere).await?;
     c.find(Locator::Id("go")).await?.click().await?;
-    let landed = format!("/ui/rollouts/{id}");
     eventually(
         "the linked rollout page",
         Duration::from_secs(10),
         async || {
-            let path = path_of(c).await.unwrap_or_default();
+            let shown = !c
+                .find_all(Locator::Css("#rollout [data-status]"))
+                .await?
+                .is_empty();
+            let asked_to_sign_in = !c.find_all(Locator::Css("form.login")).await?.is_empty();
             ensure!(
-                path != "/ui/login",
+                !asked_to_sign_in,
                 "a signed-in browser was asked to sign in again"
             );
-            Ok((path == landed).then_some(()))
+            Ok(shown.then_some(()))
         },
     )
     .await?;
+    ensure!(path_of(c).await? == format!("/ui/rollouts/{id}"));
 
     // An agent's page: its history, and for operators a fresh tail of its service's log.
     c.goto(&format!("{base}/ui/agents/aarch64-1")).await?;
@@ -371,15 +401,6 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
         history.contains("hello-service 0.2.0 installed"),
         "{history}"
     );
-    ensure!(
-        c.find_all(Locator::Css("form[action*='/logs/']"))
-            .await?
-            .is_empty(),
-        "no log tails for a read-only token"
-    );
-    sign_out(c).await?;
-    ensure!(sign_in(c, &base, ops).await?);
-    c.goto(&format!("{base}/ui/agents/aarch64-1")).await?;
     screenshot(c, "agent").await?;
     c.find(Locator::Css("form[action*='/logs/hello-service'] button"))
         .await?

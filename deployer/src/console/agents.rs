@@ -25,7 +25,7 @@ pub fn page(d: &AgentDetail, rollouts: &[Rollout], session: &Session) -> String 
         labels = labels.join(", "),
         version = esc(&a.agent_version),
         skew = a.clock_skew_s,
-        seen = esc(&a.seen()),
+        seen = super::html::seen(a),
     );
     let steer = session.may(Permission::Steer);
     let apps: Vec<String> = a

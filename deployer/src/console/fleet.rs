@@ -74,6 +74,10 @@ pub fn page(rows: &[FleetRow], q: &FleetQuery) -> String {
     }
     arches.sort_unstable();
     arches.dedup();
+    let mut health_filters = HEALTH_FILTERS.to_vec();
+    if !q.health.is_empty() && !health_filters.contains(&q.health.as_str()) {
+        health_filters.push(&q.health);
+    }
     let select = |name: &str, any: &str, options: &[&str], chosen: &str| {
         let mut out =
             format!("<label>{name} <select name=\"{name}\"><option value=\"\">{any}</option>");
@@ -93,7 +97,7 @@ pub fn page(rows: &[FleetRow], q: &FleetQuery) -> String {
          <button>Filter</button></form>\n\
          <div id=\"fleet\" data-live=\"/ui/fleet/live?{}\">{}</div>",
         select("arch", "any arch", &arches, &q.arch),
-        select("health", "any health", HEALTH_FILTERS, &q.health),
+        select("health", "any health", &health_filters, &q.health),
         esc(&q.label),
         esc(&q.to_query(q.page)),
         fragment(rows, q)
@@ -112,14 +116,14 @@ pub fn fragment(rows: &[FleetRow], q: &FleetQuery) -> String {
     let shown = &matching[first..(first + PAGE_ROWS).min(matching.len())];
     let arches: Vec<String> = per_arch
         .iter()
-        .map(|(a, n)| format!("{n} {}", esc(a)))
+        .map(|(a, n)| format!(" {n} {}", esc(a)))
         .collect();
     let mut out = format!(
-        "<p class=\"summary\" data-agents=\"{}\">{} agents: {} · {stale} stale · {} matching, \
+        "<p class=\"summary\" data-agents=\"{}\">{} agents:{} · {stale} stale · {} matching, \
          showing {}–{}</p>",
         rows.len(),
         rows.len(),
-        arches.join(", "),
+        arches.join(","),
         matching.len(),
         if shown.is_empty() { 0 } else { first + 1 },
         if shown.is_empty() {
@@ -194,7 +198,7 @@ fn row(r: &FleetRow) -> String {
         arch = esc(&r.arch),
         host = esc(&r.hostname),
         version = esc(&r.agent_version),
-        seen = esc(&r.seen()),
+        seen = super::html::seen(r),
     )
 }
 
@@ -217,6 +221,7 @@ mod tests {
                 error: Some("<script>x</script>".into()),
             }],
             last_seen_s: 3,
+            last_seen_ms: 1_000,
             interval_ms: 5_000,
             clock_skew_s: 0,
             stale,

@@ -98,6 +98,23 @@ pub fn when(ms: u64) -> String {
     muscle_logline::utc(ms / 1000)
 }
 
+/// When an agent last checked in: a time the page's script shows as "12 s ago" (so that a live
+/// fragment changes when the agent does, not every second), stale and clock skew marked.
+pub fn seen(row: &crate::views::FleetRow) -> String {
+    let mut out = format!(
+        "<time class=\"ago\" data-ms=\"{ms}\">{}</time>",
+        when(row.last_seen_ms),
+        ms = row.last_seen_ms
+    );
+    if row.stale {
+        out.push_str(" <span class=\"stale-mark\">(stale)</span>");
+    }
+    if row.clock_skew_s.abs() > crate::store::CLOCK_SKEW_FLAGGED_S {
+        out.push_str(&format!(" (clock {:+}s off)", row.clock_skew_s));
+    }
+    out
+}
+
 /// `<table>` with `header` and rows of ready-made cells (already escaped).
 pub fn table(class: &str, header: &[&str], rows: &[String]) -> String {
     let mut out = format!("<table class=\"{class}\"><thead><tr>");

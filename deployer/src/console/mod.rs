@@ -42,8 +42,12 @@ const LIVE_EVERY: Duration = Duration::from_secs(1);
 /// endless.
 const LIVE_FOR: Duration = Duration::from_secs(300);
 
-/// Live pages open at once: each holds a connection the agents also need.
+/// Live pages open at once, at most: each holds a connection the agents also need, so no
+/// more than a quarter of `serve --max-connections` either.
 const LIVE_STREAMS: usize = 32;
+
+/// How long the console waits for a log tail: its answer must beat the request's deadline.
+const TAIL_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Log tails asked at once: each waits for its agent on a blocking thread.
 const TAILS: usize = 4;
@@ -65,10 +69,11 @@ pub struct Shared {
 /// The fleet as last read, and when.
 type FleetSnapshot = (Instant, Arc<Vec<FleetRow>>);
 
-impl Default for Shared {
-    fn default() -> Shared {
+impl Shared {
+    pub fn new(max_connections: usize) -> Shared {
+        let streams = LIVE_STREAMS.min(max_connections / 4).max(1);
         Shared {
-            streams: Arc::new(Semaphore::new(LIVE_STREAMS)),
+            streams: Arc::new(Semaphore::new(streams)),
             tails: Arc::new(Semaphore::new(TAILS)),
             fleet: Arc::default(),
         }
@@ -256,6 +261,7 @@ async fn fleet_live(
     live(s, session, move |s, _| {
         Ok(fleet::fragment(&fleet_rows(s)?, &q))
     })
+    .await
 }
 
 async fn rollouts_page(
@@ -273,8 +279,9 @@ async fn rollouts_page(
     ))
 }
 
-/// Rollout `id`, and the newer rollout of its app that forbids rolling it back, if any.
-fn rollout(s: &Server, id: i64) -> Result<(Rollout, Option<i64>), ApiError> {
+/// Rollout `id`, and (for those who may steer) the newer rollout of its app that forbids
+/// rolling it back, if any.
+fn rollout(s: &Server, id: i64, session: &Session) -> Result<(Rollout, Option<i64>), ApiError> {
     let r = s
         .store
         .rollout(id)
@@ -282,8 +289,10 @@ fn rollout(s: &Server, id: i64) -> Result<(Rollout, Option<i64>), ApiError> {
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("there is no rollout {id}")))?;
     // Only asked when a rollback is otherwise possible: it reads every rollout.
     let newer = match r.check_request(Request::Rollback) {
-        Ok(()) => engine::newer_rollout(s.store.as_ref(), &r).map_err(internal)?,
-        Err(_) => None,
+        Ok(()) if session.may(Permission::Steer) => {
+            engine::newer_rollout(s.store.as_ref(), &r).map_err(internal)?
+        }
+        _ => None,
     };
     Ok((r, newer))
 }
@@ -294,8 +303,11 @@ async fn rollout_page(
     Path(id): Path<i64>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let session = viewer(&s, &headers, &secret).await?;
-    let (r, newer) = blocking(move || rollout(&s, id)).await?;
+    let session = Arc::new(viewer(&s, &headers, &secret).await?);
+    let (r, newer) = {
+        let session = session.clone();
+        blocking(move || rollout(&s, id, &session)).await?
+    };
     let title = format!("Rollout {id}");
     let body = rollouts::page(&r, newer, &session);
     Ok(page(&title, "/ui/rollouts", &session, &body))
@@ -309,9 +321,10 @@ async fn rollout_live(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError> {
     let session = viewer(&s, &headers, &secret).await?;
     live(s, session, move |s, session| {
-        let (r, newer) = rollout(s, id)?;
+        let (r, newer) = rollout(s, id, session)?;
         Ok(rollouts::fragment(&r, newer, session))
     })
+    .await
 }
 
 /// `POST /ui/rollouts/{id}/{pause|resume|abort|rollback}` from the rollout page's buttons.
@@ -363,32 +376,42 @@ async fn log_tail(
     let session = viewer(&s, &headers, &secret).await?;
     check_form(&headers, &session.csrf, &form.csrf)?;
     may(session.who.clone(), session.role, Permission::Steer)?;
-    let _slot = s.console.tails.clone().try_acquire_owned().map_err(|_| {
+    // Held by the blocking thread that waits: a closed tab does not free it early.
+    let slot = s.console.tails.clone().try_acquire_owned().map_err(|_| {
         let why = "other log tails are being read: try again in a few seconds";
         ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into())
     })?;
     let name = muscle_protocol::Name::parse(&app)
         .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{app:?}: {e}")))?;
-    let (store, agent) = (s.store.clone(), id.clone());
-    let (asked, known) = {
-        let s = s.clone();
+    let asked = {
+        let (s, agent) = (s.clone(), id.clone());
         blocking(move || {
-            if !fleet_rows(&s)?.iter().any(|a| a.id == agent) {
-                return Err(ApiError(
+            let rows = fleet_rows(&s)?;
+            let row = rows.iter().find(|a| a.id == agent).ok_or_else(|| {
+                ApiError(
                     StatusCode::NOT_FOUND,
                     format!("there is no agent {agent:?}"),
-                ));
+                )
+            })?;
+            if row.stale {
+                let why = format!(
+                    "agent {agent} is offline: it last checked in {}",
+                    row.seen()
+                );
+                return Err(ApiError(StatusCode::CONFLICT, why));
             }
-            let asked = crate::service_logs::ask_tail(s.store.as_ref(), &agent, name, TAIL_LINES)
-                .map_err(internal)?;
-            Ok((asked, agent))
+            crate::service_logs::ask_tail(s.store.as_ref(), &agent, name, TAIL_LINES)
+                .map_err(internal)
         })
         .await?
     };
     // The agent's held job poll learns of it now, not when the poll ends.
     s.job_wake.bump();
+    let (store, agent) = (s.store.clone(), id.clone());
     let tail = blocking(move || {
-        crate::service_logs::await_tail(store.as_ref(), &known, &asked).map_err(internal)
+        let _slot = slot;
+        crate::service_logs::await_tail(store.as_ref(), &agent, &asked, TAIL_DEADLINE)
+            .map_err(internal)
     })
     .await?;
     let title = format!("{app} on {id}");
@@ -427,7 +450,7 @@ struct Streaming {
 /// still good (checked at every step; a page whose token was revoked is told `gone`), for at
 /// most [`LIVE_FOR`] and never past the server's stop. At most [`LIVE_STREAMS`] at once.
 #[allow(clippy::type_complexity)]
-fn live<F>(
+async fn live<F>(
     s: Server,
     session: Session,
     render: F,
@@ -436,14 +459,19 @@ where
     F: Fn(&Server, &Session) -> Result<String, ApiError> + Send + Sync + 'static,
 {
     let slot = s.console.streams.clone().try_acquire_owned().map_err(|_| {
-        let why = format!("{LIVE_STREAMS} live pages are open already: reload this one later");
-        PageError::Refused(StatusCode::SERVICE_UNAVAILABLE, why)
+        let why = "too many live pages are open on this deployer: reload this one later";
+        PageError::Refused(StatusCode::SERVICE_UNAVAILABLE, why.into())
     })?;
     let render = Arc::new(render);
     let session = Arc::new(session);
+    // What the page shows already; a page of nothing (no such rollout) gets no stream.
+    let first = {
+        let (s, render, session) = (s.clone(), render.clone(), session.clone());
+        blocking(move || render(&s, &session)).await?
+    };
     let until = tokio::time::Instant::now() + LIVE_FOR;
     let start = Streaming {
-        last: String::new(),
+        last: first,
         ended: false,
         _slot: slot,
     };
@@ -455,8 +483,10 @@ where
                 let step = {
                     let (s, render, session) = (s.clone(), render.clone(), session.clone());
                     blocking(move || {
-                        if identify_token(&s, session.token.as_deref()).is_err() {
-                            return Ok(None);
+                        match identify_token(&s, session.token.as_deref()) {
+                            Err(e) if e.0 == StatusCode::UNAUTHORIZED => return Ok(None),
+                            Err(e) => return Err(e),
+                            Ok(_) => {}
                         }
                         render(&s, &session).map(Some)
                     })
@@ -475,7 +505,10 @@ where
                         return Some((Ok(gone), state));
                     }
                     // The browser reconnects and tries again.
-                    Err(_) => return None,
+                    Err(e) => {
+                        say!("console: a live page's update failed: {}", e.1);
+                        return None;
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(LIVE_EVERY) => {}

@@ -116,16 +116,30 @@ pub fn session(
     headers: &HeaderMap,
     secret: &BrowserSecret,
 ) -> Result<Session, PageError> {
-    let token = cookies(headers, TOKEN_COOKIE)
-        .next()
-        .or_else(|| auth::bearer(headers).map(str::to_owned));
-    let (who, role) = identify_token(s, token.as_deref()).map_err(|e| {
-        if e.0 == StatusCode::UNAUTHORIZED {
-            PageError::SignIn
-        } else {
-            e.into()
+    // Every token cookie in turn: one planted under a narrower path, sent first, cannot shut
+    // the browser out.
+    let candidates: Vec<String> = cookies(headers, TOKEN_COOKIE)
+        .chain(auth::bearer(headers).map(str::to_owned))
+        .collect();
+    let mut found = None;
+    for token in &candidates {
+        match identify_token(s, Some(token)) {
+            Ok(who) => {
+                found = Some((who, Some(token.clone())));
+                break;
+            }
+            Err(e) if e.0 == StatusCode::UNAUTHORIZED => {}
+            Err(e) => return Err(e.into()),
         }
-    })?;
+    }
+    let ((who, role), token) = match found {
+        Some(found) => found,
+        None => match identify_token(s, None) {
+            Ok(who) => (who, None),
+            Err(e) if e.0 == StatusCode::UNAUTHORIZED => return Err(PageError::SignIn),
+            Err(e) => return Err(e.into()),
+        },
+    };
     let signed_in = token.is_some() && who != crate::server::ANONYMOUS;
     let token = token.filter(|_| signed_in);
     Ok(Session {
@@ -141,8 +155,9 @@ pub fn session(
 /// says) and carrying the CSRF token `expected`.
 pub fn check_form(headers: &HeaderMap, expected: &str, form_csrf: &str) -> Result<(), PageError> {
     let refused = |why: String| Err(PageError::Refused(StatusCode::FORBIDDEN, why));
+    // `none`: the person at the browser did it (a reload, a bookmark), never another site.
     if let Some(site) = headers.get("sec-fetch-site") {
-        if site != "same-origin" {
+        if site != "same-origin" && site != "none" {
             return refused(format!(
                 "the form was sent from another site ({site:?}): only this console's own pages \
                  may change anything"
@@ -267,10 +282,14 @@ fn sign_in_first(wanted: &str, cross_site: bool) -> Response {
 
 /// Where to go after signing in: a console page, never anywhere else.
 pub fn back_to(next: &str) -> &str {
+    let path = next.split('?').next().unwrap_or_default();
     let ours = next.starts_with("/ui/")
         && !next.starts_with("/ui/login")
-        && !next.contains(['\\', '\r', '\n'])
-        && !next.contains("//");
+        && next.bytes().all(|b| b.is_ascii_graphic() && b != b'\\')
+        && !path.contains("//")
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..");
     if ours {
         next
     } else {
@@ -362,6 +381,10 @@ mod tests {
             "/ui/\\evil",
             "/v1/fleet",
             "/ui/login",
+            "/ui/../v1/fleet",
+            "/ui/./x",
+            "/ui/\u{1}",
+            "/ui/a b",
         ] {
             assert_eq!(back_to(elsewhere), "/ui/fleet", "{elsewhere}");
         }

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use super::measure::{figure, one, scale, time_runs};
+use super::measure::{figure, one, time_runs};
 use super::Row;
 use crate::util;
 
@@ -19,6 +19,8 @@ pub fn rows(url: &str, agents: usize, dir: &Path) -> Result<Vec<Row>> {
     let counted = format!("data-agents=\"{agents}\"");
     let mut served = Vec::new();
     for _ in 0..LOADS {
+        // Past the console's one-second snapshot: each load reads the whole fleet.
+        std::thread::sleep(Duration::from_millis(1100));
         let start = Instant::now();
         let body = ureq::get(&page).call()?.into_string()?;
         served.push(start.elapsed().as_secs_f64() * 1000.0);
@@ -28,10 +30,10 @@ pub fn rows(url: &str, agents: usize, dir: &Path) -> Result<Vec<Row>> {
         );
     }
     let mut rows = vec![Row::new(
-        format!("  console fleet page, first screen of {agents} agents, served"),
+        format!("  console fleet page, first screen of {agents} agents, served (fleet read)"),
         "ms",
         figure(served),
-        "goal (rendered in a browser)",
+        "goal (first screen, in a browser)",
         one(1000.0),
     )];
     if !util::have("chromium") {
@@ -58,12 +60,14 @@ pub fn rows(url: &str, agents: usize, dir: &Path) -> Result<Vec<Row>> {
     );
     let blank = time_runs(LOADS, || Ok(()), || chromium("about:blank"))?;
     let fleet = time_runs(LOADS, || Ok(()), || chromium(&page))?;
+    // Chromium's own start and exit are in both: what the page adds is the difference.
+    let page_ms = (fleet.median - blank.median) * 1000.0;
     rows.push(Row::new(
-        "  the same page in Chromium, started to DOM loaded",
+        "  the same page in headless Chromium, beyond loading about:blank",
         "ms",
-        scale(fleet, 1000.0),
-        "Chromium on about:blank",
-        scale(blank, 1000.0),
+        one(page_ms),
+        "goal (first screen, in a browser)",
+        one(1000.0),
     ));
     Ok(rows)
 }

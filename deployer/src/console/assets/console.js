@@ -11,6 +11,18 @@ function stopped(why) {
   document.querySelector("main").prepend(note);
 }
 
+// Times the deployer wrote as UTC (time.ago, with data-ms) read as "12s ago", kept current.
+function ages() {
+  const now = Date.now();
+  for (const time of document.querySelectorAll("time.ago[data-ms]")) {
+    const s = Math.max(0, Math.round((now - Number(time.dataset.ms)) / 1000));
+    if (!time.title) time.title = time.textContent;
+    time.textContent = s < 120 ? s + "s ago" : Math.round(s / 60) + " min ago";
+  }
+}
+ages();
+setInterval(ages, 1000);
+
 // Each [data-live] element is replaced by what the deployer sends on its event stream, whenever
 // what it shows changes. The browser reconnects by itself when a stream ends; a stream that
 // says "gone" (the session ended) reloads the page, which then asks to sign in.
@@ -18,6 +30,7 @@ for (const element of document.querySelectorAll("[data-live]")) {
   const source = new EventSource(element.dataset.live);
   source.onmessage = (event) => {
     element.innerHTML = event.data;
+    ages();
     document.body.dataset.updated = String(Date.now());
   };
   source.addEventListener("gone", () => {
