@@ -24,6 +24,13 @@ impl SigningKey {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PublicKey([u8; 32]);
 
+impl PublicKey {
+    /// The key as `keygen` prints it and `--trusted-key` takes it.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SignatureError {
     #[error("invalid {what}: expected {len} bytes as hex, got {got:?}")]

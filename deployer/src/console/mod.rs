@@ -429,13 +429,13 @@ async fn releases_page(
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
     let session = viewer(&s, &headers, &secret).await?;
-    let all = blocking(move || s.store.releases().map_err(internal)).await?;
-    Ok(page(
-        "Releases",
-        "/ui/releases",
-        &session,
-        &releases::list(&all),
-    ))
+    let (all, trusted) = blocking(move || {
+        let trusted = crate::keys::load_keys(&s.trusted_keys, &s.data_dir).map_err(internal)?;
+        Ok((s.store.releases().map_err(internal)?, trusted))
+    })
+    .await?;
+    let body = releases::list(&all, &trusted);
+    Ok(page("Releases", "/ui/releases", &session, &body))
 }
 
 /// Where a live stream is.

@@ -3,12 +3,13 @@
 
 use std::fmt::Write;
 
-use muscle_protocol::{ManifestArtifact, ReleaseManifest};
+use muscle_protocol::{verify_signature, ManifestArtifact, PublicKey, ReleaseManifest};
 
 use super::html::{esc, table, when};
 use crate::store::ReleaseRecord;
 
-pub fn list(releases: &[ReleaseRecord]) -> String {
+/// Every release, newest first; signatures checked against the deployer's `trusted` keys.
+pub fn list(releases: &[ReleaseRecord], trusted: &[PublicKey]) -> String {
     if releases.is_empty() {
         return "<p>No releases yet: <code>muscle-deploy publish DIR</code> stores one.</p>".into();
     }
@@ -20,11 +21,7 @@ pub fn list(releases: &[ReleaseRecord]) -> String {
             app = esc(&r.app),
             version = esc(&r.version)
         );
-        let signed = if r.signature.is_some() {
-            "<span class=\"signed\">signed</span>"
-        } else {
-            "<span class=\"unsigned\">unsigned</span>"
-        };
+        let signed = signature(r, trusted);
         match ReleaseManifest::parse(r.manifest.as_bytes()) {
             Ok(m) => {
                 let _ = write!(
@@ -94,4 +91,70 @@ fn artifact(a: &ManifestArtifact) -> String {
         kind = esc(&elf.elf_type),
         build_id = esc(elf.build_id.as_deref().unwrap_or("none")),
     )
+}
+
+/// Whether the release is signed, and by which of the keys this deployer trusts.
+fn signature(r: &ReleaseRecord, trusted: &[PublicKey]) -> String {
+    let Some(sig) = r.signature.as_deref() else {
+        return "<span class=\"unsigned\">unsigned</span>".into();
+    };
+    if trusted.is_empty() {
+        return "<span class=\"signed\">signed</span> (this deployer trusts no key to check it \
+                against)"
+            .into();
+    }
+    let by = trusted.iter().find(|k| {
+        verify_signature(r.manifest.as_bytes(), Some(sig), std::slice::from_ref(*k)).is_ok()
+    });
+    match by {
+        Some(k) => {
+            let key = k.to_hex();
+            format!(
+                "<span class=\"signed\" data-key=\"{key}\">signed by trusted key {}…</span>",
+                &key[..16]
+            )
+        }
+        None => "<span class=\"unsigned\">signed by no key this deployer trusts</span>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muscle_protocol::{sign, SigningKey};
+
+    use super::*;
+
+    #[test]
+    fn a_signature_is_named_by_the_trusted_key_that_verifies_it() {
+        let key = SigningKey::from_seed(&[7; 32]);
+        let other = SigningKey::from_seed(&[8; 32]);
+        let manifest = "{\"app\": \"hello\"}".to_owned();
+        let release = |signature: Option<String>| ReleaseRecord {
+            app: "hello".into(),
+            version: "1.0.0".into(),
+            counter: 1,
+            manifest: manifest.clone(),
+            signature,
+            published_ms: 0,
+        };
+        let signed = release(Some(sign(&key, manifest.as_bytes())));
+        let shown = signature(&signed, &[other.public_key(), key.public_key()]);
+        let hex = key.public_key().to_hex();
+        assert!(
+            shown.contains(&format!("signed by trusted key {}…", &hex[..16])),
+            "{shown}"
+        );
+        let shown = signature(&signed, &[other.public_key()]);
+        assert!(
+            shown.contains("signed by no key this deployer trusts"),
+            "{shown}"
+        );
+        assert!(signature(&signed, &[]).contains("trusts no key"));
+        assert!(signature(&release(None), &[key.public_key()]).contains("unsigned"));
+        let page = list(&[signed], &[key.public_key()]);
+        assert!(
+            page.contains("manifest unreadable"),
+            "a manifest that does not parse says so"
+        );
+    }
 }
