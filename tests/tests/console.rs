@@ -297,7 +297,7 @@ async fn walk_through(c: &Client, fleet: &Fleet, ops: &str, viewer: &str) -> Res
     .await?;
     eventually(
         "the page to show it paused",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         async || Ok((progress(c).await?.2 == "paused").then_some(())),
     )
     .await?;

@@ -440,6 +440,8 @@ async fn releases_page(
 
 /// Where a live stream is.
 struct Streaming {
+    /// Rendered when the stream was asked for, not sent yet.
+    first: Option<String>,
     last: String,
     /// Told the page its session is gone: the next step ends the stream.
     ended: bool,
@@ -464,20 +466,27 @@ where
     })?;
     let render = Arc::new(render);
     let session = Arc::new(session);
-    // What the page shows already; a page of nothing (no such rollout) gets no stream.
+    // A page of nothing (no such rollout) gets no stream. What it renders now is sent first:
+    // the page may have been rendered before a change this render already shows.
     let first = {
         let (s, render, session) = (s.clone(), render.clone(), session.clone());
         blocking(move || render(&s, &session)).await?
     };
     let until = tokio::time::Instant::now() + LIVE_FOR;
     let start = Streaming {
-        last: first,
+        first: Some(first),
+        last: String::new(),
         ended: false,
         _slot: slot,
     };
     let stream = futures_util::stream::unfold(start, move |mut state| {
         let (s, render, session) = (s.clone(), render.clone(), session.clone());
         async move {
+            if let Some(html) = state.first.take() {
+                let event = Event::default().retry(Duration::from_secs(2)).data(&html);
+                state.last = html;
+                return Some((Ok(event), state));
+            }
             while !state.ended && !s.stopping.is_cancelled() && tokio::time::Instant::now() < until
             {
                 let step = {
