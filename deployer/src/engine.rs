@@ -38,12 +38,17 @@ pub fn tick(store: &dyn Store, now_ms: u64) -> Result<Vec<String>> {
         })?;
         log.push(line);
     }
+    let mut rollouts = store.rollouts()?;
+    // Nothing to advance and nobody to admit: the fleet need not be read (on a large one, over
+    // the wire, that read is most of a step).
+    if !rollouts.iter().any(Rollout::is_standing) {
+        return Ok(log);
+    }
     let agents: BTreeMap<String, _> = store
         .agents()?
         .into_iter()
         .map(|a| (a.id.clone(), a))
         .collect();
-    let mut rollouts = store.rollouts()?;
     for rollout in rollouts.iter_mut().filter(|r| r.status == Status::Running) {
         let before = rollout.clone();
         let app = rollout.app.clone();

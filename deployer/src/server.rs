@@ -65,6 +65,11 @@ pub fn router(server: Server) -> Router {
 /// The least time between two engine steps, whatever wakes it.
 const MIN_ENGINE_GAP: Duration = Duration::from_millis(50);
 
+/// Between two engine steps, at least this many times as long as the last one took: a step
+/// reads every agent, and on a large fleet over the wire (PostgreSQL) back-to-back steps would
+/// keep a connection and a core busy that check-ins need.
+const ENGINE_REST: u32 = 3;
+
 /// Serves until SIGTERM or Ctrl-C (over TLS with `tls`), advancing rollouts every `tick`.
 pub async fn serve(
     server: Server,
@@ -120,6 +125,7 @@ async fn run_engine(
             _ = wake.notified() => {}
         }
         let (store, replica) = (store.clone(), replica.clone());
+        let started = tokio::time::Instant::now();
         let step = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
             match store.engine_lease()? {
                 EngineLease::Elsewhere => return Ok(None),
@@ -156,7 +162,7 @@ async fn run_engine(
             held = now_held;
         }
         // However many agents report changes, the engine runs at most this often.
-        tokio::time::sleep(MIN_ENGINE_GAP).await;
+        tokio::time::sleep(MIN_ENGINE_GAP.max(started.elapsed() * ENGINE_REST)).await;
     }
 }
 

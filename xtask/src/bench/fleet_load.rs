@@ -83,26 +83,9 @@ fn scenario(
     let urls: Vec<String> = deployers.iter().map(Deployer::url).collect();
     let fleet = SimFleet::start(agents, &urls);
 
-    // Every agent joins within one interval; then a steady window.
+    // Every agent joins within one interval; then the rollout to all of them.
     let joined = Instant::now() + INTERVAL + Duration::from_secs(2);
     std::thread::sleep(joined.saturating_duration_since(Instant::now()));
-    let window = if s.quick {
-        Duration::from_secs(10)
-    } else {
-        Duration::from_secs(20)
-    };
-    let steady = fleet.measure(window);
-    let rss_mib = deployers
-        .iter()
-        .filter_map(Deployer::pid)
-        .map(|pid| rss_kib(pid).unwrap_or(0.0) / 1024.0)
-        .fold(0.0, f64::max);
-    ensure!(
-        steady.errors == 0,
-        "{} check-ins failed in the steady window",
-        steady.errors
-    );
-
     let max_parallel = (agents / 5).to_string();
     let started = Instant::now();
     let out = deployers[0].ok(&[
@@ -135,6 +118,25 @@ fn scenario(
         r["message"]
     );
     let waves = r["waves"].as_array().map_or(0, Vec::len) as f64;
+
+    // A steady window after it, as a fleet runs day to day: every agent runs the app and the
+    // rollout stands (the engine keeps admitting late joiners); RSS after a rollout to all.
+    let window = if s.quick {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(20)
+    };
+    let steady = fleet.measure(window);
+    let rss_mib = deployers
+        .iter()
+        .filter_map(Deployer::pid)
+        .map(|pid| rss_kib(pid).unwrap_or(0.0) / 1024.0)
+        .fold(0.0, f64::max);
+    ensure!(
+        steady.errors == 0,
+        "{} check-ins failed in the steady window",
+        steady.errors
+    );
     // The console while every agent still checks in.
     let console = super::console::rows(&urls[0], agents, &dir)?;
     fleet.stop();
