@@ -47,12 +47,31 @@ pub fn now_ms() -> u64 {
 }
 
 fn main() {
+    fewer_malloc_arenas();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("muscle-deploy: error: {}", muscle_protocol::causes(&*e));
         std::process::exit(1);
     }
 }
+
+/// glibc gives threads that allocate at once their own malloc arenas (up to 8 per core), and
+/// what is freed in one stays there: after a rollout to 10,000 agents, served from the blocking
+/// threads, the deployer held 449 MiB with glibc's default and 98 MiB with two arenas (one run
+/// of `cargo xtask bench --only fleet-load`). `MALLOC_ARENA_MAX`, when set, still decides.
+/// musl's allocator has no per-thread arenas.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fewer_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: sets one allocator parameter, first thing in `main`, before any thread.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fewer_malloc_arenas() {}
 
 fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = flag {

@@ -70,6 +70,10 @@ const MIN_ENGINE_GAP: Duration = Duration::from_millis(50);
 /// keep a connection and a core busy that check-ins need.
 const ENGINE_REST: u32 = 3;
 
+/// The longest such rest: a step slowed by a struggling store still leaves deadlines judged
+/// within seconds.
+const MAX_ENGINE_REST: Duration = Duration::from_secs(2);
+
 /// Serves until SIGTERM or Ctrl-C (over TLS with `tls`), advancing rollouts every `tick`.
 pub async fn serve(
     server: Server,
@@ -162,7 +166,8 @@ async fn run_engine(
             held = now_held;
         }
         // However many agents report changes, the engine runs at most this often.
-        tokio::time::sleep(MIN_ENGINE_GAP.max(started.elapsed() * ENGINE_REST)).await;
+        let rest = (started.elapsed() * ENGINE_REST).min(MAX_ENGINE_REST);
+        tokio::time::sleep(MIN_ENGINE_GAP.max(rest)).await;
     }
 }
 
