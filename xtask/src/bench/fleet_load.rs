@@ -83,9 +83,12 @@ fn scenario(
     let urls: Vec<String> = deployers.iter().map(Deployer::url).collect();
     let fleet = SimFleet::start(agents, &urls);
 
-    // Every agent joins within one interval; then the rollout to all of them.
-    let joined = Instant::now() + INTERVAL + Duration::from_secs(2);
-    std::thread::sleep(joined.saturating_duration_since(Instant::now()));
+    // Every agent joins (within about one interval); then the rollout to all of them. A rollout
+    // started before some had joined would take them in as late joiners, in waves of its own.
+    muscle_e2e::wait_until("every simulated agent to join", Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_secs(1));
+        Ok((deployers[0].fleet()?.len() >= agents).then_some(()))
+    })?;
     let max_parallel = (agents / 5).to_string();
     let started = Instant::now();
     let out = deployers[0].ok(&[
