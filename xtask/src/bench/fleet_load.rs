@@ -85,10 +85,14 @@ fn scenario(
 
     // Every agent joins (within about one interval); then the rollout to all of them. A rollout
     // started before some had joined would take them in as late joiners, in waves of its own.
-    muscle_e2e::wait_until("every simulated agent to join", Duration::from_secs(120), || {
-        std::thread::sleep(Duration::from_secs(1));
-        Ok((deployers[0].fleet()?.len() >= agents).then_some(()))
-    })?;
+    muscle_e2e::wait_until(
+        "every simulated agent to join",
+        Duration::from_secs(120),
+        || {
+            std::thread::sleep(Duration::from_secs(1));
+            Ok((deployers[0].fleet()?.len() >= agents).then_some(()))
+        },
+    )?;
     let max_parallel = (agents / 5).to_string();
     let started = Instant::now();
     let out = deployers[0].ok(&[
