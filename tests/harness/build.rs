@@ -359,3 +359,28 @@ fn release_fake_agent(version: &str, body: &str, out: &Path) -> Result<Artifacts
         out,
     )
 }
+
+/// `cargo xtask image` for `targets` into `out`; returns the image directory
+/// (`out/muscle-image-<version>`).
+pub fn xtask_image(targets: &[(&str, &str)], out: &Path) -> Result<PathBuf> {
+    let out_dir = out.to_str().context("non-UTF-8 path")?;
+    let mut args = vec!["image", "--out", out_dir];
+    args.extend(crate::target_args(targets));
+    let output = xtask(&args)?;
+    if !output.status.success() {
+        bail!(
+            "cargo xtask image failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let dir = std::fs::read_dir(out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("muscle-image-"))
+        })
+        .context("cargo xtask image wrote no muscle-image-* directory")?;
+    Ok(dir)
+}

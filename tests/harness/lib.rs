@@ -11,18 +11,20 @@ mod fleet;
 mod postgres;
 pub mod s3;
 mod scripted;
+mod vm;
 mod wait;
 
 pub use build::{
     fetch_crate, host_deployer, release_agent_version, release_agents, release_broken_agent,
     release_hello, release_hello_with, release_lying_agent, target_dir, without_cargo_run_env,
-    workspace_root, xtask, xtask_binary, xtask_release, Artifacts, HelloVersion,
+    workspace_root, xtask, xtask_binary, xtask_image, xtask_release, Artifacts, HelloVersion,
 };
 pub use deployer::{Backends, Deployer};
 pub use fleet::{Agent, AgentOptions, Fleet};
 pub use postgres::Postgres;
 pub use s3::S3Server;
 pub use scripted::{Blob, ScriptedServer};
+pub use vm::{Boot, Vm, VmOptions};
 pub use wait::wait_until;
 
 /// The default release targets, as (triple, arch): the mixed fleet of most tests.

@@ -7,6 +7,7 @@ mod bench;
 mod ci;
 mod demo;
 mod fuzz;
+mod image;
 mod release;
 mod setup;
 mod targets;
@@ -40,6 +41,8 @@ enum Command {
     Ci(ci::CiArgs),
     /// Fuzz every parser of outside bytes with libFuzzer (nightly, cargo-fuzz).
     Fuzz(fuzz::FuzzArgs),
+    /// Build network-bootable images (kernel + initramfs with our init and the agent) per architecture.
+    Image(image::ImageArgs),
     /// Measure speed and footprint against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -54,6 +57,7 @@ fn main() {
         Command::Ci(args) => ci::run(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -24,6 +24,10 @@ pub struct SetupArgs {
 /// Debian packages the tests, the demo and the benchmarks use besides the targets' compilers.
 const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("qemu-aarch64-static", "qemu-user-static"),
+    // Boot images in whole-machine emulation (`cargo xtask image`, the VM tests); x86_64 boots
+    // from the network through qemu's iPXE ROMs.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-system-aarch64", "qemu-system-arm"),
     ("file", "file"),
     ("gdb", "gdb"),
     ("readelf", "binutils"),
@@ -47,6 +51,7 @@ pub fn run(args: SetupArgs) -> Result<i32> {
     if !args.for_release {
         fuzzing(args.check, &mut todo)?;
         s3_server(args.check, &mut todo)?;
+        kernels(&all, args.check, &mut todo)?;
     }
     if !args.for_release {
         binfmt(&all, args.check, &mut todo)?;
@@ -221,6 +226,31 @@ fn s3_server(check: bool, todo: &mut Vec<String>) -> Result<()> {
         "--locked",
     ];
     install(check, todo, "cargo", &s3s)
+}
+
+/// Debian's cloud kernels for `cargo xtask image`, one per architecture that has one, fetched
+/// into the cache (not installed: they only go into images).
+fn kernels(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
+    let mut arches: Vec<&str> = all
+        .iter()
+        .filter(|t| t.default)
+        .filter_map(|t| crate::image::kernel::debian_arch(&t.arch))
+        .collect();
+    arches.sort();
+    arches.dedup();
+    for arch in arches {
+        if crate::image::kernel::cached(arch) {
+            continue;
+        }
+        if check {
+            todo.push(format!(
+                "cargo xtask setup   # fetches linux-image-cloud-{arch}"
+            ));
+            continue;
+        }
+        crate::image::kernel::fetch(arch)?;
+    }
+    Ok(())
 }
 
 /// Where `cargo install` puts `name`: $CARGO_HOME/bin, else ~/.cargo/bin.

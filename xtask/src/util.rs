@@ -11,6 +11,16 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_UNUSABLE: i32 = 2;
 
 /// The root of the Muscle workspace (where `targets/` lives), whatever the current directory.
+/// What setup downloads for builds (zig, kernels): `$XDG_CACHE_HOME/muscle` (default
+/// `~/.cache/muscle`).
+pub fn cache_home() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::env::temp_dir().join("muscle-cache"))
+        .join("muscle")
+}
+
 pub fn muscle_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -21,11 +21,7 @@ pub fn home() -> PathBuf {
     if let Some(dir) = std::env::var_os("MUSCLE_ZIG_HOME") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| std::env::temp_dir().join("muscle-cache"));
-    cache.join("muscle").join(format!("ziglang-{VERSION}"))
+    util::cache_home().join(format!("ziglang-{VERSION}"))
 }
 
 /// The zig executable, if setup installed it.
