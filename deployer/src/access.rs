@@ -120,6 +120,7 @@ pub fn print_audit(entries: &[AuditEntry], json: bool) -> Result<()> {
 fn describe(change: &Change) -> String {
     match change {
         Change::Publish { app, version } => format!("published {app} {version}"),
+        Change::PublishImage { name, version } => format!("published boot image {name} {version}"),
         Change::RolloutStart {
             rollout,
             app,

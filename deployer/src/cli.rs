@@ -287,6 +287,18 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The deployer's URL as network-booted machines reach it, put on their kernel command line
+    /// (default: http://HOST:PORT from their boot request's Host header).
+    #[arg(long, value_name = "URL", value_parser = muscle_protocol::parse_url)]
+    pub boot_server: Option<String>,
+    /// Kernel command line words added to every network boot (labels, `muscle.var=`...).
+    #[arg(long, value_name = "WORDS", value_parser = crate::boot::check_boot_args, default_value = "")]
+    pub boot_args: String,
+    /// Put the enrolment token on network-booted machines' kernel command line, so that they
+    /// join by themselves. Whoever can ask GET /boot/ipxe/machine can read it: use on a boot
+    /// network you trust, as with any PXE setup.
+    #[arg(long, requires = "enroll_token")]
+    pub boot_enroll: bool,
     /// Connections served at once (default: from the open-file limit); more wait to be
     /// accepted. Each client has 5 s for its TLS handshake and request headers.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]

@@ -7,6 +7,7 @@ extern crate muscle_logline;
 mod access;
 mod api;
 mod auth;
+mod boot;
 mod certs;
 mod cli;
 mod client;
@@ -17,6 +18,7 @@ mod engine;
 mod exec;
 mod failpoint;
 mod fsck;
+mod images;
 mod job_api;
 mod keys;
 mod listen;
@@ -169,6 +171,11 @@ fn serve(
     if let Some(n) = args.max_connections {
         limits.max_connections = n as usize;
     }
+    let boot = boot::BootSettings {
+        server: args.boot_server,
+        args: args.boot_args,
+        enroll_token: args.enroll_token.clone().filter(|_| args.boot_enroll),
+    };
     let auth = server::Auth {
         enroll_token: args.enroll_token,
         admin_token: args.admin_token,
@@ -206,6 +213,7 @@ fn serve(
                 tls: tls.is_some(),
                 stopping: tokio_util::sync::CancellationToken::new(),
                 console: console::Shared::new(limits.max_connections),
+                boot,
             },
             listener,
             args.tick,

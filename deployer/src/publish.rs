@@ -47,6 +47,8 @@ impl std::fmt::Display for PublishOutcome {
 }
 
 /// [`publish`], and a new release recorded in the audit log as `who`'s.
+/// A boot image's directory (its manifest says `"kind": "image"`) goes to
+/// [`publish_image`](crate::images::publish_image) instead.
 pub fn publish_recorded(
     dir: &Path,
     store: &dyn Store,
@@ -54,6 +56,10 @@ pub fn publish_recorded(
     trusted: &[muscle_protocol::PublicKey],
     who: &str,
 ) -> Result<PublishOutcome> {
+    let manifest = read_manifest(dir)?;
+    if muscle_protocol::image::is_image_manifest(manifest.as_bytes()) {
+        return crate::images::publish_image_recorded(dir, manifest, store, blobs, trusted, who);
+    }
     let p = publish(dir, store, blobs, trusted, crate::now_ms())?;
     let outcome = PublishOutcome {
         app: p.manifest.app.to_string(),
@@ -81,24 +87,10 @@ pub fn publish(
     now_ms: u64,
 ) -> Result<Published> {
     let manifest_path = inside(dir, "manifest.json")?;
-    let manifest_text = read_no_follow(&manifest_path)
-        .and_then(|b| String::from_utf8(b).context("not UTF-8"))
-        .with_context(|| {
-            format!(
-                "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
-                manifest_path.display(),
-                dir.display()
-            )
-        })?;
+    let manifest_text = read_manifest(dir)?;
     let manifest = ReleaseManifest::parse(manifest_text.as_bytes())
         .with_context(|| format!("{}", manifest_path.display()))?;
-    let sig_path = inside(dir, "manifest.json.sig")?;
-    let signature = read_no_follow(&sig_path)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .map(|s| s.trim().to_owned());
-    muscle_protocol::verify_signature(manifest_text.as_bytes(), signature.as_deref(), trusted)
-        .with_context(|| format!("{}: signature check", sig_path.display()))?;
+    let signature = checked_signature(dir, &manifest_text, trusted)?;
     if manifest.artifacts.is_empty() {
         bail!(
             "{}: field `artifacts` is empty: nothing to publish",
@@ -139,6 +131,36 @@ pub fn publish(
         new,
         repaired,
     })
+}
+
+/// manifest.json of a release or image directory, as text.
+pub(crate) fn read_manifest(dir: &Path) -> Result<String> {
+    let path = inside(dir, "manifest.json")?;
+    read_no_follow(&path)
+        .and_then(|b| String::from_utf8(b).context("not UTF-8"))
+        .with_context(|| {
+            format!(
+                "cannot read {} (is {} a directory written by `cargo xtask release` or `cargo xtask image`?)",
+                path.display(),
+                dir.display()
+            )
+        })
+}
+
+/// manifest.json.sig, if any, verified against the trusted keys (required when there are any).
+pub(crate) fn checked_signature(
+    dir: &Path,
+    manifest_text: &str,
+    trusted: &[muscle_protocol::PublicKey],
+) -> Result<Option<String>> {
+    let sig_path = inside(dir, "manifest.json.sig")?;
+    let signature = read_no_follow(&sig_path)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(|s| s.trim().to_owned());
+    muscle_protocol::verify_signature(manifest_text.as_bytes(), signature.as_deref(), trusted)
+        .with_context(|| format!("{}: signature check", sig_path.display()))?;
+    Ok(signature)
 }
 
 /// The file must be a regular file whose size, sha256 and ELF facts are what the manifest says,
@@ -221,7 +243,7 @@ fn check_debug_artifact(
 
 /// `dir/rel`, refused when any component below `dir` is a symlink: a release directory is read
 /// as it is, never through links to elsewhere. A missing component is left to the reader.
-fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
+pub(crate) fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     let mut path = dir.to_owned();
     for component in rel.split('/') {
         path.push(component);
@@ -259,7 +281,7 @@ fn read_no_follow(path: &Path) -> Result<Vec<u8>> {
 
 /// Reads a file the manifest lists: a regular file (never through a symlink) of the listed size
 /// and sha256.
-fn read_listed_file(path: &Path, size: u64, sha256: &str) -> Result<Vec<u8>> {
+pub(crate) fn read_listed_file(path: &Path, size: u64, sha256: &str) -> Result<Vec<u8>> {
     let bytes = read_no_follow(path).with_context(|| {
         format!(
             "{}: listed in manifest.json but cannot be read",

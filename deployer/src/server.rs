@@ -44,6 +44,8 @@ pub struct Server {
     pub stopping: tokio_util::sync::CancellationToken,
     /// What the console's pages share: their live streams' slots, the fleet's snapshot.
     pub console: crate::console::Shared,
+    /// How network-booted machines are booted (`serve --boot-*`).
+    pub boot: crate::boot::BootSettings,
 }
 
 pub fn router(server: Server) -> Router {
@@ -55,6 +57,7 @@ pub fn router(server: Server) -> Router {
         .route("/v1/logs/batch", post(crate::job_api::log_batch))
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .merge(crate::api::routes())
+        .merge(crate::boot::routes())
         .merge(crate::console::routes(&server))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))

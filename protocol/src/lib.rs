@@ -48,6 +48,7 @@ mod causes;
 mod checkin;
 pub mod duration;
 mod hash;
+pub mod image;
 mod job;
 mod limits;
 mod manifest;

@@ -1,6 +1,9 @@
 //! Bare machines join the fleet from a boot image (#15): `cargo xtask image` builds a kernel and
-//! initramfs per architecture (our PID 1 and the static agent), real VMs in software emulation
-//! boot them, bring their network up with DHCP, enrol, and run hello-service through a rollout.
+//! initramfs per architecture (our PID 1 and the static agent), the deployer stores it, a bare
+//! x86_64 VM boots it from the network through qemu's iPXE ROM and the deployer's
+//! `/boot/ipxe`, an aarch64 VM (no arm64 iPXE here) boots it directly; both bring their
+//! network up with DHCP, enrol, and run hello-service through a rollout. Real VMs, in software
+//! emulation.
 
 mod common;
 
@@ -65,26 +68,50 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         "",
         &release_args,
     )?;
-    let deployer =
-        Deployer::start_with(&b.deployer, &dir.join("data"), &["--enroll-token", ENROLL])?;
+    let boot_args =
+        format!("quiet muscle.label=boot=ipxe muscle.var=port={GUEST_PORT} muscle.interval=1s");
+    let deployer = Deployer::start_with(
+        &b.deployer,
+        &dir.join("data"),
+        &[
+            "--enroll-token",
+            ENROLL,
+            "--boot-enroll",
+            "--boot-args",
+            &boot_args,
+        ],
+    )?;
     deployer.publish(&hello.dir)?;
+    let published = deployer.publish(&image)?;
+    assert!(published.contains("published muscle-image"), "{published}");
+    let audit = deployer.ok(&["audit"])?;
+    assert!(
+        audit.contains("published boot image muscle-image"),
+        "{audit}"
+    );
 
     let booted = Instant::now();
     let mut vms = Vec::new();
     for (n, (triple, arch)) in TARGETS.iter().enumerate() {
         let host_port = free_port();
-        let cmdline = format!(
-            "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={ENROLL} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
-            deployer.port
-        );
+        let boot = if *arch == "x86_64" {
+            Boot::Network {
+                bootfile: format!("http://10.0.2.2:{}/boot/ipxe", deployer.port),
+            }
+        } else {
+            Boot::Direct {
+                kernel: image.join(triple).join("vmlinuz"),
+                initrd: image.join(triple).join("initramfs.gz"),
+                cmdline: format!(
+                    "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={ENROLL} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
+                    deployer.port
+                ),
+            }
+        };
         let vm = Vm::start(
             VmOptions {
                 arch,
-                boot: Boot::Direct {
-                    kernel: image.join(triple).join("vmlinuz"),
-                    initrd: image.join(triple).join("initramfs.gz"),
-                    cmdline,
-                },
+                boot,
                 mac: format!("52:54:00:00:00:0{}", n + 1),
                 forwards: vec![(host_port, GUEST_PORT)],
                 memory_mib: 256,
@@ -107,8 +134,15 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         })
         .with_context(|| vm.log())?;
         assert_eq!(row["arch"], *arch, "{row:#}");
-        assert_eq!(row["labels"]["boot"], "image", "{row:#}");
+        let how = if *arch == "x86_64" { "ipxe" } else { "image" };
+        assert_eq!(row["labels"]["boot"], how, "{row:#}");
         let console = vm.log();
+        if *arch == "x86_64" {
+            assert!(
+                console.contains("Muscle: booting muscle-image"),
+                "iPXE ran the deployer's script:\n{console}"
+            );
+        }
         assert!(
             console.contains("muscle-init: eth0: 10.0.2.15/24 via 10.0.2.2"),
             "the init configured the network from DHCP:\n{console}"

@@ -234,7 +234,8 @@ fn kernels(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()
     let mut arches: Vec<&str> = all
         .iter()
         .filter(|t| t.default)
-        .filter_map(|t| crate::image::kernel::debian_arch(&t.arch))
+        .filter_map(|t| muscle_protocol::image::ImageArch::from_rust(&t.arch))
+        .map(crate::image::kernel::debian_arch)
         .collect();
     arches.sort();
     arches.dedup();

@@ -62,6 +62,11 @@ pub enum Change {
         app: String,
         version: String,
     },
+    /// A boot image (`cargo xtask image`) was published.
+    PublishImage {
+        name: String,
+        version: String,
+    },
     RolloutStart {
         rollout: i64,
         app: String,

@@ -6,6 +6,7 @@ mod access;
 mod blobs;
 mod checkins;
 mod history;
+mod images;
 mod jobs;
 mod logs;
 mod postgresql;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use access::{AccessStore, AuditEntry, Change, Permission, Role};
 pub use blobs::{is_blob_name, FsBlobStore};
 pub use history::{changes, AgentEvent, AgentEventRecord, HistoryStore};
+pub use images::{ImageRecord, ImageStore};
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
 pub use postgresql::{redacted, PgStore};
@@ -236,7 +238,9 @@ pub struct Step<'a> {
     pub handled: Option<Request>,
 }
 
-pub trait Store: AccessStore + HistoryStore + JobStore + LogStore + Send + Sync {
+pub trait Store:
+    AccessStore + HistoryStore + ImageStore + JobStore + LogStore + Send + Sync
+{
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;

@@ -78,6 +78,10 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL);
      CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);
      ALTER TABLE agents ADD COLUMN report_key TEXT;",
+    // 9: boot images (`cargo xtask image`), by name and version.
+    "CREATE TABLE images (
+        name TEXT NOT NULL, version TEXT NOT NULL, manifest TEXT NOT NULL, signature TEXT,
+        published_ms INTEGER NOT NULL, PRIMARY KEY (name, version));",
 ];
 
 pub struct SqliteStore {

@@ -22,6 +22,7 @@ const CASES: &[(&str, Case)] = &[
     ("log requests", log_requests),
     ("tokens and audit", tokens_and_audit),
     ("history", history),
+    ("images", images),
 ];
 
 /// Runs every case on a fresh store from `open`, naming the case that fails.
@@ -524,4 +525,37 @@ fn history(s: &dyn Store) {
         [removed(events.len() - 2), removed(events.len() - 1)]
     );
     assert_eq!(s.events("a2", 10).unwrap().len(), 1);
+}
+
+fn image(version: &str, manifest: &str, published_ms: u64) -> ImageRecord {
+    ImageRecord {
+        name: "muscle-image".into(),
+        version: version.into(),
+        manifest: manifest.into(),
+        signature: Some("sig".into()),
+        published_ms,
+    }
+}
+
+fn images(s: &dyn Store) {
+    assert!(matches!(
+        s.put_image(&image("2", "m2", 20)).unwrap(),
+        PutOutcome::Inserted
+    ));
+    assert!(matches!(
+        s.put_image(&image("2", "m2", 21)).unwrap(),
+        PutOutcome::Identical
+    ));
+    assert!(matches!(
+        s.put_image(&image("2", "other", 22)).unwrap(),
+        PutOutcome::Conflict
+    ));
+    s.put_image(&image("1", "m1", 30)).unwrap();
+    assert_eq!(
+        s.image("muscle-image", "2").unwrap(),
+        Some(image("2", "m2", 20))
+    );
+    assert_eq!(s.image("muscle-image", "3").unwrap(), None);
+    let order: Vec<String> = s.images().unwrap().into_iter().map(|i| i.version).collect();
+    assert_eq!(order, ["2", "1"], "oldest published first");
 }

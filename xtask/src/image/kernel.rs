@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use muscle_protocol::image::ImageArch;
 
 use crate::util;
 
@@ -20,12 +21,11 @@ pub const NET_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
-/// Debian's name for a Rust target's architecture, for the architectures with a cloud kernel.
-pub fn debian_arch(rust_arch: &str) -> Option<&'static str> {
-    match rust_arch {
-        "x86_64" => Some("amd64"),
-        "aarch64" => Some("arm64"),
-        _ => None,
+/// Debian's name for an architecture with a cloud kernel.
+pub fn debian_arch(arch: ImageArch) -> &'static str {
+    match arch {
+        ImageArch::X86_64 => "amd64",
+        ImageArch::Aarch64 => "arm64",
     }
 }
 

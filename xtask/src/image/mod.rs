@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::Serialize;
+use muscle_protocol::image::{
+    ImageArch, ImageFile, ImageManifest, KernelPackage, ManifestKind, TargetImage, IMAGE_SCHEMA,
+    INITRAMFS_FILE, KERNEL_FILE,
+};
+use muscle_protocol::Name;
 
 use crate::release::{build, workspace, ReleaseArgs, Timings};
 use crate::targets::{self, TargetSpec};
@@ -34,42 +38,6 @@ pub struct ImageArgs {
 const PACKAGES: [&str; 2] = ["muscle-agent", "muscle-init"];
 const NAME: &str = "muscle-image";
 
-#[derive(Serialize)]
-struct Manifest {
-    schema: u32,
-    kind: &'static str,
-    name: &'static str,
-    version: String,
-    source_date_epoch: u64,
-    git_commit: Option<String>,
-    rustc: String,
-    targets: BTreeMap<String, TargetImage>,
-}
-
-#[derive(Serialize)]
-struct TargetImage {
-    arch: String,
-    kernel: KernelFacts,
-    /// The files a boot loader loads: `vmlinuz` and `initramfs.gz`.
-    files: BTreeMap<&'static str, FileFacts>,
-    /// sha256 of the binaries inside the initramfs.
-    binaries: BTreeMap<String, String>,
-    modules: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct KernelFacts {
-    package: String,
-    version: String,
-    deb_sha256: String,
-}
-
-#[derive(Serialize)]
-struct FileFacts {
-    sha256: String,
-    size: u64,
-}
-
 pub fn run(args: ImageArgs) -> Result<i32> {
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
     let chosen: Vec<TargetSpec> = if args.targets.is_empty() {
@@ -78,7 +46,7 @@ pub fn run(args: ImageArgs) -> Result<i32> {
         targets::select(&all, &args.targets)?
     };
     for t in &chosen {
-        if kernel::debian_arch(&t.arch).is_none() {
+        if ImageArch::from_rust(&t.arch).is_none() {
             bail!(
                 "no boot image for {}: images use Debian's cloud kernels, which exist for x86_64 (amd64) and aarch64 (arm64)",
                 t.triple
@@ -127,11 +95,11 @@ pub fn run(args: ImageArgs) -> Result<i32> {
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
-    let mut manifest = Manifest {
-        schema: 1,
-        kind: "image",
-        name: NAME,
-        version: ws.version.to_string(),
+    let mut manifest = ImageManifest {
+        schema: IMAGE_SCHEMA,
+        kind: ManifestKind::Image,
+        name: Name::parse(NAME)?,
+        version: ws.version.clone(),
         source_date_epoch: provenance.source_date_epoch,
         git_commit: provenance.git_commit.clone(),
         rustc: provenance.rustc.clone(),
@@ -145,10 +113,10 @@ pub fn run(args: ImageArgs) -> Result<i32> {
             .map(|b| (b.binary.as_str(), b.path.clone()))
             .collect();
         let image = write_target(&staging, target, &binaries, &args, &manifest)?;
-        for (file, facts) in &image.files {
+        for (file, facts) in image.files() {
             sums.push(format!("{}  {}/{file}\n", facts.sha256, target.triple));
         }
-        manifest.targets.insert(target.triple.clone(), image);
+        manifest.targets.insert(Name::parse(&target.triple)?, image);
     }
     sums.sort();
     std::fs::write(staging.join("SHA256SUMS"), sums.concat())?;
@@ -160,7 +128,7 @@ pub fn run(args: ImageArgs) -> Result<i32> {
     std::fs::rename(&staging, &dir)
         .with_context(|| format!("cannot move the image into {}", dir.display()))?;
     for (triple, image) in &manifest.targets {
-        for (file, facts) in &image.files {
+        for (file, facts) in image.files() {
             eprintln!(
                 "  {triple}/{file:<14} {:>10}  sha256 {}",
                 util::human_size(facts.size),
@@ -178,9 +146,10 @@ fn write_target(
     target: &TargetSpec,
     binaries: &[(&str, PathBuf)],
     args: &ImageArgs,
-    manifest: &Manifest,
+    manifest: &ImageManifest,
 ) -> Result<TargetImage> {
-    let arch = kernel::debian_arch(&target.arch).expect("checked before building");
+    let image_arch = ImageArch::from_rust(&target.arch).expect("checked before building");
+    let arch = kernel::debian_arch(image_arch);
     let kernel = kernel::load(arch, args.kernel.as_deref())?;
     let mut entries: Vec<(String, initramfs::Entry)> = [
         "dev",
@@ -214,7 +183,7 @@ fn write_target(
     let mut sums = BTreeMap::new();
     for (name, path) in binaries {
         let bytes = std::fs::read(path)?;
-        sums.insert(name.to_string(), muscle_protocol::sha256_hex(&bytes));
+        sums.insert(Name::parse(name)?, muscle_protocol::sha256_hex(&bytes));
         let at = if *name == "muscle-init" {
             "init".to_owned()
         } else {
@@ -257,26 +226,27 @@ fn write_target(
     let initrd = initramfs::build(entries, mtime)?;
     let dir = staging.join(&target.triple);
     std::fs::create_dir_all(&dir)?;
-    let mut files = BTreeMap::new();
-    for (file, bytes) in [("vmlinuz", &kernel.vmlinuz), ("initramfs.gz", &initrd)] {
+    let write = |file: &str, bytes: &[u8]| -> Result<ImageFile> {
         std::fs::write(dir.join(file), bytes)?;
-        files.insert(
-            file,
-            FileFacts {
-                sha256: muscle_protocol::sha256_hex(bytes),
-                size: bytes.len() as u64,
-            },
-        );
-    }
+        Ok(ImageFile {
+            sha256: muscle_protocol::sha256_hex(bytes),
+            size: bytes.len() as u64,
+        })
+    };
     Ok(TargetImage {
-        arch: target.arch.clone(),
-        kernel: KernelFacts {
+        arch: image_arch,
+        kernel: KernelPackage {
             package: kernel.package,
             version: kernel.version,
             deb_sha256: kernel.deb_sha256,
         },
-        files,
+        vmlinuz: write(KERNEL_FILE, &kernel.vmlinuz)?,
+        initramfs: write(INITRAMFS_FILE, &initrd)?,
         binaries: sums,
-        modules: kernel.modules.into_iter().map(|(n, _)| n).collect(),
+        modules: kernel
+            .modules
+            .into_iter()
+            .map(|(n, _)| Name::parse(&n))
+            .collect::<std::result::Result<_, _>>()?,
     })
 }

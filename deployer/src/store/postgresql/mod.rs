@@ -83,6 +83,10 @@ const MIGRATIONS: &[&str] = &[
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, agent_id TEXT NOT NULL,
         at_ms BIGINT NOT NULL, body TEXT NOT NULL);
      CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);",
+    // 2: boot images (`cargo xtask image`), by name and version.
+    "CREATE TABLE images (
+        name TEXT NOT NULL, version TEXT NOT NULL, manifest TEXT NOT NULL, signature TEXT,
+        published_ms BIGINT NOT NULL, PRIMARY KEY (name, version));",
 ];
 
 type Manager = PostgresConnectionManager<NoTls>;

@@ -1,11 +1,12 @@
-//! The operators' records in PostgreSQL: tokens and the audit log, agents' history, jobs and
-//! log requests. Same rows and rules as SQLite's (see the traits' modules).
+//! The operators' records in PostgreSQL: tokens and the audit log, agents' history, jobs,
+//! log requests and boot images. Same rows and rules as SQLite's (see the traits' modules).
 
 use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
 use super::{lock_writes, text, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
+use crate::store::images::{self, ImageRecord, ImageStore, IMAGE_COLUMNS};
 use crate::store::jobs::{
     job_record, target_state, JobRecord, JobRow, JobStore, JobTarget, JOBS_KEPT_MS, JOB_COLUMNS,
     REPORT_SLACK_MS,
@@ -14,7 +15,7 @@ use crate::store::logs::{
     batch_end, log_state, LogProgress, LogStore, FOLLOW_UNWANTED_AFTER_MS, LOG_REQUESTS_KEPT_MS,
 };
 use crate::store::off_async;
-use crate::store::{json, parse, Result, Role, StoreError};
+use crate::store::{json, parse, PutOutcome, Result, Role, StoreError};
 
 /// Bumped by every job and log request made, so that another replica's long polls look again
 /// (what SQLite's `data_version` tells between processes).
@@ -471,6 +472,60 @@ impl LogStore for PgStore {
                 &[&id.as_str(), &(now_ms as i64)],
             )?;
             Ok(())
+        })
+    }
+}
+
+fn image_row(row: &postgres::Row) -> ImageRecord {
+    ImageRecord {
+        name: row.get(0),
+        version: row.get(1),
+        manifest: row.get(2),
+        signature: row.get(3),
+        published_ms: row.get::<_, i64>(4) as u64,
+    }
+}
+
+impl ImageStore for PgStore {
+    fn put_image(&self, i: &ImageRecord) -> Result<PutOutcome> {
+        off_async(|| {
+            let inserted = self.conn()?.execute(
+                "INSERT INTO images (name, version, manifest, signature, published_ms)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[
+                    &i.name,
+                    &i.version,
+                    &i.manifest,
+                    &i.signature,
+                    &(i.published_ms as i64),
+                ],
+            )? == 1;
+            let stored = if inserted {
+                None
+            } else {
+                self.image(&i.name, &i.version)?
+            };
+            Ok(images::outcome(inserted, stored.as_ref(), i))
+        })
+    }
+
+    fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>> {
+        off_async(|| {
+            let row = self.conn()?.query_opt(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = $1 AND version = $2"),
+                &[&name, &version],
+            )?;
+            Ok(row.as_ref().map(image_row))
+        })
+    }
+
+    fn images(&self) -> Result<Vec<ImageRecord>> {
+        off_async(|| {
+            let rows = self.conn()?.query(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY published_ms, name, version"),
+                &[],
+            )?;
+            Ok(rows.iter().map(image_row).collect())
         })
     }
 }
