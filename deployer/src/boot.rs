@@ -44,6 +44,14 @@ pub fn check_boot_args(args: &str) -> Result<String, String> {
     Ok(args.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
+/// A value that goes into a boot script as one kernel command line word.
+pub fn check_boot_word(word: &str) -> anyhow::Result<()> {
+    if word.is_empty() || word.len() > 512 || !word.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!("expected 1 to 512 printable ASCII characters without spaces");
+    }
+    Ok(())
+}
+
 pub fn routes() -> Router<Server> {
     Router::new()
         .route("/boot/ipxe", get(first_script))

@@ -384,3 +384,28 @@ pub fn xtask_image(targets: &[(&str, &str)], out: &Path) -> Result<PathBuf> {
         .context("cargo xtask image wrote no muscle-image-* directory")?;
     Ok(dir)
 }
+
+/// hello-service `version` for the default targets, listening on every address of its machine
+/// (a VM's forwarded port reaches it there, not on its loopback).
+pub fn release_hello_for_machines(version: &str, out: &Path) -> Result<Artifacts> {
+    let spec = out.join(format!("service-{version}-all-addresses.toml"));
+    std::fs::create_dir_all(out)?;
+    let text =
+        std::fs::read_to_string(workspace_root().join("examples/hello-service/service.toml"))?;
+    let everywhere = text.replace("127.0.0.1:${port}", "0.0.0.0:${port}");
+    if everywhere == text {
+        bail!("examples/hello-service/service.toml no longer listens on 127.0.0.1:${{port}}; update the harness");
+    }
+    std::fs::write(&spec, everywhere)?;
+    let mut args = vec!["--service", spec.to_str().context("non-UTF-8 path")?];
+    args.extend(crate::target_args(&crate::TARGETS));
+    release_hello_with(
+        HelloVersion {
+            version,
+            unhealthy: false,
+        },
+        out,
+        "",
+        &args,
+    )
+}

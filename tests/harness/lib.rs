@@ -5,6 +5,7 @@
 //! Every process it starts is killed when its handle drops, services included, so a failing
 //! test leaves nothing running.
 
+mod bare;
 mod build;
 mod deployer;
 mod fleet;
@@ -14,10 +15,12 @@ mod scripted;
 mod vm;
 mod wait;
 
+pub use bare::{boot_bare_machines, boot_serve_args, BareMachine, GUEST_PORT};
 pub use build::{
     fetch_crate, host_deployer, release_agent_version, release_agents, release_broken_agent,
-    release_hello, release_hello_with, release_lying_agent, target_dir, without_cargo_run_env,
-    workspace_root, xtask, xtask_binary, xtask_image, xtask_release, Artifacts, HelloVersion,
+    release_hello, release_hello_for_machines, release_hello_with, release_lying_agent, target_dir,
+    without_cargo_run_env, workspace_root, xtask, xtask_binary, xtask_image, xtask_release,
+    Artifacts, HelloVersion,
 };
 pub use deployer::{Backends, Deployer};
 pub use fleet::{Agent, AgentOptions, Fleet};

@@ -12,14 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use muscle_e2e::{
-    free_port, release_hello_with, target_args, wait_until, xtask_image, Boot, Deployer,
-    HelloVersion, Vm, VmOptions, TARGETS,
+    boot_bare_machines, boot_serve_args, release_hello_for_machines, xtask_image, Deployer, TARGETS,
 };
 
 const ENROLL: &str = "vm-enrolment-token";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-/// Where hello-service listens inside each VM.
-const GUEST_PORT: u16 = 8080;
 
 /// The image is the same bytes when built twice.
 fn assert_reproducible(first: &Path, second: &Path) -> Result<()> {
@@ -45,42 +42,11 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     let image = xtask_image(&TARGETS, &dir.join("image-1"))?;
     let again = xtask_image(&TARGETS, &dir.join("image-2"))?;
     assert_reproducible(&image, &again)?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
-    assert_eq!(manifest["kind"], "image");
+    let hello = release_hello_for_machines("0.5.0", &dir.join("dist"))?;
 
-    // hello-service listening on every address of the VM, so a forwarded port reaches it.
-    let spec = dir.join("service.toml");
-    std::fs::write(
-        &spec,
-        std::fs::read_to_string(common::service_spec())?
-            .replace("127.0.0.1:${port}", "0.0.0.0:${port}"),
-    )?;
-    let spec_arg = spec.to_str().context("UTF-8 path")?;
-    let mut release_args = vec!["--service", spec_arg];
-    release_args.extend(target_args(&TARGETS));
-    let hello = release_hello_with(
-        HelloVersion {
-            version: "0.5.0",
-            unhealthy: false,
-        },
-        &dir.join("dist"),
-        "",
-        &release_args,
-    )?;
-    let boot_args =
-        format!("quiet muscle.label=boot=ipxe muscle.var=port={GUEST_PORT} muscle.interval=1s");
-    let deployer = Deployer::start_with(
-        &b.deployer,
-        &dir.join("data"),
-        &[
-            "--enroll-token",
-            ENROLL,
-            "--boot-enroll",
-            "--boot-args",
-            &boot_args,
-        ],
-    )?;
+    let serve_args = boot_serve_args(ENROLL);
+    let serve_args: Vec<&str> = serve_args.iter().map(String::as_str).collect();
+    let deployer = Deployer::start_with(&b.deployer, &dir.join("data"), &serve_args)?;
     deployer.publish(&hello.dir)?;
     let published = deployer.publish(&image)?;
     assert!(published.contains("published muscle-image"), "{published}");
@@ -91,58 +57,21 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     );
 
     let booted = Instant::now();
-    let mut vms = Vec::new();
-    for (n, (triple, arch)) in TARGETS.iter().enumerate() {
-        let host_port = free_port();
-        let boot = if *arch == "x86_64" {
-            Boot::Network {
-                bootfile: format!("http://10.0.2.2:{}/boot/ipxe", deployer.port),
-            }
-        } else {
-            Boot::Direct {
-                kernel: image.join(triple).join("vmlinuz"),
-                initrd: image.join(triple).join("initramfs.gz"),
-                cmdline: format!(
-                    "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={ENROLL} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
-                    deployer.port
-                ),
-            }
-        };
-        let vm = Vm::start(
-            VmOptions {
-                arch,
-                boot,
-                mac: format!("52:54:00:00:00:0{}", n + 1),
-                forwards: vec![(host_port, GUEST_PORT)],
-                memory_mib: 256,
-            },
-            &dir.join(format!("{arch}-console.log")),
-        )?;
-        vms.push((
-            format!("muscle-52-54-00-00-00-0{}", n + 1),
-            *arch,
-            host_port,
-            vm,
-        ));
-    }
-    for (id, arch, _, vm) in &mut vms {
-        let row = wait_until(&format!("{id} to join the fleet"), BOOT_TIMEOUT, || {
-            if !vm.running() {
-                anyhow::bail!("the {arch} VM stopped:\n{}", vm.log());
-            }
-            Ok(deployer.fleet_row(id).ok())
-        })
-        .with_context(|| vm.log())?;
-        assert_eq!(row["arch"], *arch, "{row:#}");
-        let how = if *arch == "x86_64" { "ipxe" } else { "image" };
-        assert_eq!(row["labels"]["boot"], how, "{row:#}");
-        let console = vm.log();
-        if *arch == "x86_64" {
+    let mut machines = boot_bare_machines(&deployer, &image, ENROLL, &dir)?;
+    for m in &mut machines {
+        let row = m.wait_joined(&deployer, BOOT_TIMEOUT)?;
+        assert_eq!(row["arch"], m.arch, "{row:#}");
+        let console = m.vm.log();
+        let how = if m.arch == "x86_64" {
             assert!(
                 console.contains("Muscle: booting muscle-image"),
                 "iPXE ran the deployer's script:\n{console}"
             );
-        }
+            "ipxe"
+        } else {
+            "image"
+        };
+        assert_eq!(row["labels"]["boot"], how, "{row:#}");
         assert!(
             console.contains("muscle-init: eth0: 10.0.2.15/24 via 10.0.2.2"),
             "the init configured the network from DHCP:\n{console}"
@@ -168,20 +97,9 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         .with_context(|| format!("no rollout id in {out:?}"))?;
     let r = deployer.wait_rollout_end(id, Duration::from_secs(300))?;
     assert_eq!(r["status"], "succeeded", "{r:#}");
-    for (id, arch, host_port, vm) in &vms {
-        let url = format!("http://127.0.0.1:{host_port}/version");
-        let answer = wait_until(
-            &format!("{id} to answer on {url}"),
-            Duration::from_secs(30),
-            || {
-                Ok(ureq::get(&url)
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_string().ok()))
-            },
-        )
-        .with_context(|| vm.log())?;
-        assert!(answer.contains("0.5.0"), "{arch}: {answer}");
+    for m in &machines {
+        let answer = m.ask("/version", Duration::from_secs(30))?;
+        assert!(answer.contains("0.5.0"), "{}: {answer}", m.arch);
     }
     Ok(())
 }

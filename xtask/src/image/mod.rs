@@ -39,6 +39,11 @@ const PACKAGES: [&str; 2] = ["muscle-agent", "muscle-init"];
 const NAME: &str = "muscle-image";
 
 pub fn run(args: ImageArgs) -> Result<i32> {
+    build(&args).map(|_| 0)
+}
+
+/// Builds the image; its directory (`<out>/muscle-image-<version>`).
+pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     let all = targets::load_all(&util::muscle_root().join("targets"))?;
     let chosen: Vec<TargetSpec> = if args.targets.is_empty() {
         all.iter().filter(|t| t.default).cloned().collect()
@@ -112,7 +117,7 @@ pub fn run(args: ImageArgs) -> Result<i32> {
             .filter(|b| b.target.triple == target.triple)
             .map(|b| (b.binary.as_str(), b.path.clone()))
             .collect();
-        let image = write_target(&staging, target, &binaries, &args, &manifest)?;
+        let image = write_target(&staging, target, &binaries, args, &manifest)?;
         for (file, facts) in image.files() {
             sums.push(format!("{}  {}/{file}\n", facts.sha256, target.triple));
         }
@@ -137,7 +142,7 @@ pub fn run(args: ImageArgs) -> Result<i32> {
         }
     }
     eprintln!("wrote {}", dir.display());
-    Ok(0)
+    Ok(dir)
 }
 
 /// One target's kernel and initramfs, written into `staging/<triple>/`.

@@ -12,6 +12,8 @@ use muscle_e2e::{host_deployer, release_agents, release_hello, Deployer, Fleet, 
 
 use crate::util;
 
+mod vm;
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Leave the deployer and the fleet running at the end and print how to look at them.
@@ -20,9 +22,13 @@ pub struct DemoArgs {
     /// Agents per architecture.
     #[arg(long, default_value_t = 2)]
     pub agents_per_arch: usize,
+    /// Bare machines instead: VMs that boot the boot image (x86_64 from the network through
+    /// iPXE), join the fleet and run hello-service.
+    #[arg(long)]
+    pub vm: bool,
 }
 
-fn step(text: &str) {
+pub(crate) fn step(text: &str) {
     eprintln!("\n==> {text}");
 }
 
@@ -32,6 +38,9 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         bail!("setup is incomplete (see above); the demo needs every target and qemu-user");
     }
     muscle_e2e::require_emulation()?;
+    if args.vm {
+        return vm::run(args.keep);
+    }
     let root = muscle_e2e::target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&root);
     let dist = root.join("dist");
@@ -98,7 +107,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             "2",
             "--auto-rollback",
         ])?;
-        watch(&fleet, id)?;
+        watch_rollout(&fleet.deployer, id)?;
         let r = fleet.deployer.rollout(Some(id))?;
         ensure!(
             r["status"] == "succeeded",
@@ -125,7 +134,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         "10s",
         "--auto-rollback",
     ])?;
-    let _ = watch(&fleet, id);
+    let _ = watch_rollout(&fleet.deployer, id);
     let r = fleet.deployer.rollout(Some(id))?;
     ensure!(
         r["status"] == "rolled_back",
@@ -168,10 +177,10 @@ pub fn run(args: DemoArgs) -> Result<i32> {
 }
 
 /// Follows a rollout with `muscle-deploy rollout status --watch` (progress bars on a terminal).
-fn watch(fleet: &Fleet, id: i64) -> Result<()> {
-    let status = Command::new(&fleet.deployer.bin)
+fn watch_rollout(deployer: &Deployer, id: i64) -> Result<()> {
+    let status = Command::new(&deployer.bin)
         .arg("--data-dir")
-        .arg(&fleet.deployer.data_dir)
+        .arg(&deployer.data_dir)
         .args(["rollout", "status", "--watch", &id.to_string()])
         .status()?;
     ensure!(status.success(), "rollout {id} did not succeed");
