@@ -2,15 +2,21 @@
 //! image for its architecture. `GET /boot/ipxe` is what a DHCP server hands out as the boot
 //! file; it sends the machine on to its own script, naming its MAC address and architecture.
 //! The kernel and initramfs are the image's blobs, served by sha256 like every blob.
+//!
+//! With `serve --boot-enroll` each script carries a fresh enrolment token for that machine
+//! alone (its id follows its MAC address, as `muscle-init` names it): taken once, within
+//! [`BOOT_TOKEN_LIFETIME`], it enrols the machine again, replacing the credential of its
+//! previous boot (which went with its tmpfs). The fleet's enrolment token never leaves the
+//! deployer.
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use muscle_protocol::image::{ImageArch, ImageManifest};
 
-use crate::server::Server;
+use crate::server::{internal, parse_checkin, unauthorized, ApiError, Server};
 
 /// What `serve` says about booting machines.
 #[derive(Clone, Debug, Default)]
@@ -20,36 +26,43 @@ pub struct BootSettings {
     pub server: Option<String>,
     /// Kernel command line words added to every boot (`--boot-args`), checked at start.
     pub args: String,
-    /// The enrolment token, put on the kernel command line (`--boot-enroll`).
-    pub enroll_token: Option<String>,
+    /// Give each boot script a one-time enrolment token for its machine (`--boot-enroll`).
+    pub enrol: bool,
 }
 
-/// A kernel command line word of `--boot-args`: printable ASCII, and not one the deployer
-/// writes itself.
+/// How long a boot script's enrolment token may wait for its machine's agent: booting takes
+/// seconds, a slow download over iPXE a few minutes.
+pub const BOOT_TOKEN_LIFETIME_MS: u64 = 15 * 60 * 1000;
+
+/// `--boot-args`: printable ASCII words, none that the deployer writes itself or that names
+/// one machine, none that iPXE would expand (`$`, braces), and `KEY=VALUE` where init wants it.
 pub fn check_boot_args(args: &str) -> Result<String, String> {
     if args.len() > 1024 {
         return Err("at most 1024 characters".into());
     }
-    if let Some(c) = args.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
-        return Err(format!("{c:?}: expected printable ASCII words"));
-    }
-    if let Some(word) = args
-        .split_whitespace()
-        .find(|w| w.starts_with("muscle.server=") || w.starts_with("muscle.enroll="))
+    if let Some(c) = args
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || "${}".contains(*c))
     {
         return Err(format!(
-            "{word}: the deployer writes muscle.server= and muscle.enroll= itself (see --boot-server, --boot-enroll)"
+            "{c:?}: expected printable ASCII words without $, {{ or }} (iPXE expands those)"
         ));
     }
-    Ok(args.split_whitespace().collect::<Vec<_>>().join(" "))
-}
-
-/// A value that goes into a boot script as one kernel command line word.
-pub fn check_boot_word(word: &str) -> anyhow::Result<()> {
-    if word.is_empty() || word.len() > 512 || !word.bytes().all(|b| b.is_ascii_graphic()) {
-        anyhow::bail!("expected 1 to 512 printable ASCII characters without spaces");
+    let ours = ["server", "enroll", "id", "iface", "mac"].map(|k| format!("muscle.{k}="));
+    for word in args.split_whitespace() {
+        if ours.iter().any(|o| word.starts_with(o.as_str())) {
+            return Err(format!(
+                "{word}: the deployer writes muscle.server=, muscle.enroll= and muscle.mac= itself (see --boot-server, --boot-enroll), and each machine is named after its MAC address"
+            ));
+        }
+        let pair = ["muscle.label=", "muscle.var="]
+            .iter()
+            .find_map(|k| word.strip_prefix(k));
+        if pair.is_some_and(|v| !v.contains('=')) {
+            return Err(format!("{word}: expected KEY=VALUE after the ="));
+        }
     }
-    Ok(())
+    Ok(args.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 pub fn routes() -> Router<Server> {
@@ -58,7 +71,8 @@ pub fn routes() -> Router<Server> {
         .route("/boot/ipxe/machine", get(machine_script))
 }
 
-/// How long a machine with nothing to boot waits before asking again.
+/// How long a machine waits before asking again when there is nothing to boot yet, or the
+/// deployer could not answer (a boot storm must not send machines to their next boot device).
 const RETRY_SECS: u32 = 30;
 
 fn script(body: String) -> Response {
@@ -69,12 +83,36 @@ fn script(body: String) -> Response {
         .into_response()
 }
 
+/// `netX` is the interface iPXE booted from: the machine is asked about by its MAC address.
 async fn first_script() -> Response {
-    script(
-        "echo Muscle: asking for the script of ${net0/mac:hexhyp} (${buildarch})\n\
-         chain /boot/ipxe/machine?mac=${net0/mac:hexhyp}&arch=${buildarch}\n"
-            .into(),
-    )
+    script(format!(
+        ":ask\n\
+         echo Muscle: asking for the script of ${{netX/mac:hexhyp}} (${{buildarch}})\n\
+         chain /boot/ipxe/machine?mac=${{netX/mac:hexhyp}}&arch=${{buildarch}} || goto wait\n\
+         :wait\n\
+         echo Muscle: the deployer did not answer; asking again in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         goto ask\n"
+    ))
+}
+
+/// A script that says why, waits and asks again for this machine's script.
+fn ask_again(mac: &str, arch: ImageArch, buildarch: &str, why: &str) -> Response {
+    script(format!(
+        "echo Muscle: {why}; asking again in {RETRY_SECS} s\n\
+         sleep {RETRY_SECS}\n\
+         chain /boot/ipxe/machine?mac={mac}&arch={buildarch}\n",
+        buildarch = ipxe_arch(arch, buildarch),
+    ))
+}
+
+/// The `${buildarch}` a machine sent, among those [`ImageArch::from_ipxe`] takes.
+fn ipxe_arch(arch: ImageArch, asked: &str) -> &'static str {
+    match (arch, asked) {
+        (ImageArch::X86_64, "i386") => "i386",
+        (ImageArch::X86_64, _) => "x86_64",
+        (ImageArch::Aarch64, _) => "arm64",
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -91,13 +129,19 @@ async fn machine_script(
     let Some(mac) = parse_mac(&q.mac) else {
         return (
             StatusCode::BAD_REQUEST,
-            format!("mac={:?}: expected six hex bytes joined by hyphens", q.mac),
+            format!(
+                "mac={:?}: expected six hex bytes joined by hyphens",
+                printable(&q.mac)
+            ),
         )
             .into_response();
     };
     let Some(arch) = ImageArch::from_ipxe(&q.arch) else {
+        // Nothing here will ever boot it: back to the firmware's next boot device.
         return script(format!(
-            "echo Muscle: no boot images for architecture {}: images exist for x86_64 and arm64\nshell\n",
+            "echo Muscle: no boot images for architecture {}: they exist for x86_64 and arm64\n\
+             sleep {RETRY_SECS}\n\
+             exit 1\n",
             printable(&q.arch)
         ));
     };
@@ -108,28 +152,113 @@ async fn machine_script(
         )
             .into_response();
     };
+    if server.starts_with("https://") {
+        // The initramfs holds no CA bundle: the agent could not trust the deployer.
+        return ask_again(
+            &mac,
+            arch,
+            &q.arch,
+            "boot images trust no TLS certificate yet: give the deployer --boot-server http://...",
+        );
+    }
     let store = s.store.clone();
     let newest =
         tokio::task::spawn_blocking(move || crate::images::newest_for(store.as_ref(), arch)).await;
     let (manifest, triple) = match newest {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => {
-            return script(format!(
-                "echo Muscle: no boot image for {} is published (cargo xtask image; muscle-deploy publish DIR); asking again in {RETRY_SECS} s\n\
-                 sleep {RETRY_SECS}\n\
-                 chain /boot/ipxe/machine?mac={mac}&arch={}\n",
-                arch.as_str(),
-                q.arch
-            ))
+            let why = format!(
+                "no boot image for {} is published (cargo xtask image; muscle-deploy publish DIR)",
+                arch.as_str()
+            );
+            return ask_again(&mac, arch, &q.arch, &why);
         }
-        Ok(Err(e)) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        Ok(Err(e)) => return store_failed(&mac, arch, &q.arch, &e),
+        Err(e) => return store_failed(&mac, arch, &q.arch, &e),
+    };
+    let token = if s.boot.enrol {
+        match issue_token(&s, &mac).await {
+            Ok(token) => Some(token),
+            Err(e) => return store_failed(&mac, arch, &q.arch, &e.1),
         }
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    } else {
+        None
     };
     script(boot_script(
-        &manifest, &triple, arch, &mac, &server, &s.boot,
+        &manifest,
+        &triple,
+        arch,
+        &mac,
+        &server,
+        token.as_deref(),
+        &s.boot.args,
     ))
+}
+
+/// The store failed: said in the deployer's log, not to the machine, which asks again.
+fn store_failed(
+    mac: &str,
+    arch: ImageArch,
+    buildarch: &str,
+    e: &dyn std::fmt::Display,
+) -> Response {
+    say!("boot script for {mac}: {e}");
+    ask_again(mac, arch, buildarch, "the deployer could not answer")
+}
+
+/// The fleet id `muscle-init` gives a machine: `muscle-` and its MAC address in iPXE's hexhyp.
+fn machine_id(mac: &str) -> String {
+    format!("muscle-{mac}")
+}
+
+/// A fresh one-time enrolment token for the machine with `mac`; the store keeps its sha256.
+async fn issue_token(s: &Server, mac: &str) -> Result<String, ApiError> {
+    let token = crate::auth::new_credential().map_err(internal)?;
+    let sha = muscle_protocol::sha256_hex(token.as_bytes());
+    let (store, id) = (s.store.clone(), machine_id(mac));
+    let expires = crate::now_ms() + BOOT_TOKEN_LIFETIME_MS;
+    tokio::task::spawn_blocking(move || store.issue_boot_token(&id, &sha, expires))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(token)
+}
+
+/// `POST /v1/enroll` with a bearer that is not the fleet's enrolment token: a boot script's
+/// one-time token, good for the machine it was issued to.
+pub async fn enrol_with_boot_token(
+    s: &Server,
+    bearer: &str,
+    body: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let refused = || {
+        unauthorized("enrolment needs `Authorization: Bearer <enrolment token>` (the fleet's, or the one-time token of this machine's boot script)")
+    };
+    if !s.boot.enrol || bearer.is_empty() {
+        return Err(refused());
+    }
+    let req = parse_checkin(body)?;
+    let store = s.store.clone();
+    let sha = muscle_protocol::sha256_hex(bearer.as_bytes());
+    tokio::task::spawn_blocking(move || {
+        let now = crate::now_ms();
+        if !store
+            .take_boot_token(&req.agent_id, &sha, now)
+            .map_err(internal)?
+        {
+            return Err(refused());
+        }
+        store.record_checkin(&req, now).map_err(internal)?;
+        let credential = crate::auth::new_credential().map_err(internal)?;
+        let hash = muscle_protocol::sha256_hex(credential.as_bytes());
+        store
+            .replace_credential(&req.agent_id, &hash)
+            .map_err(internal)?;
+        say!("{} enrolled with its boot script's token", req.agent_id);
+        Ok(Json(serde_json::json!({ "credential": credential })))
+    })
+    .await
+    .map_err(internal)?
 }
 
 /// The script that boots `triple`'s image of `manifest`.
@@ -139,7 +268,8 @@ fn boot_script(
     arch: ImageArch,
     mac: &str,
     server: &str,
-    settings: &BootSettings,
+    enrol_token: Option<&str>,
+    extra_args: &str,
 ) -> String {
     let target = manifest
         .for_arch(arch)
@@ -149,19 +279,27 @@ fn boot_script(
         ImageArch::X86_64 => "console=ttyS0",
         ImageArch::Aarch64 => "console=ttyAMA0",
     };
-    let mut cmdline = format!("initrd=initramfs.gz {console} muscle.server={server}");
-    if let Some(token) = &settings.enroll_token {
+    let mut cmdline =
+        format!("initrd=initramfs.gz {console} muscle.server={server} muscle.mac={mac}");
+    if let Some(token) = enrol_token {
         cmdline.push_str(&format!(" muscle.enroll={token}"));
     }
-    if !settings.args.is_empty() {
+    if !extra_args.is_empty() {
         cmdline.push(' ');
-        cmdline.push_str(&settings.args);
+        cmdline.push_str(extra_args);
     }
+    // A download cut short is tried again, not left to the firmware's next boot device.
     format!(
-        "echo Muscle: booting {name} {version} ({triple}) on {mac}\n\
-         kernel /v1/blobs/sha256/{kernel} {cmdline}\n\
-         initrd --name initramfs.gz /v1/blobs/sha256/{initrd}\n\
-         boot\n",
+        ":load\n\
+         echo Muscle: booting {name} {version} ({triple}) on {mac}\n\
+         kernel /v1/blobs/sha256/{kernel} {cmdline} || goto failed\n\
+         initrd --name initramfs.gz /v1/blobs/sha256/{initrd} || goto failed\n\
+         boot || goto failed\n\
+         :failed\n\
+         echo Muscle: loading the image failed; trying again in 10 s\n\
+         imgfree\n\
+         sleep 10\n\
+         goto load\n",
         name = manifest.name,
         version = manifest.version,
         kernel = target.vmlinuz.sha256,
@@ -232,8 +370,72 @@ mod tests {
         assert_eq!(printable("i386;\nshell"), "i386shell");
     }
 
+    fn manifest() -> ImageManifest {
+        let file = |c: char| serde_json::json!({"sha256": c.to_string().repeat(64), "size": 10});
+        let target = serde_json::json!({
+            "arch": "x86_64",
+            "kernel": {"package": "linux-image-x", "version": "1", "deb_sha256": "c".repeat(64)},
+            "vmlinuz": file('a'), "initramfs": file('b'), "binaries": {}, "modules": []
+        });
+        let m = serde_json::json!({
+            "schema": 1, "kind": "image", "name": "muscle-image", "version": "0.2.0",
+            "source_date_epoch": 1, "git_commit": null, "rustc": "r",
+            "targets": {"x86_64-unknown-linux-musl": target}
+        });
+        ImageManifest::parse(m.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_boot_script_loads_the_image_by_sha256_and_says_who_the_machine_is() {
+        let s = boot_script(
+            &manifest(),
+            "x86_64-unknown-linux-musl",
+            ImageArch::X86_64,
+            "52-54-00-00-00-01",
+            "http://10.0.2.2:7700",
+            Some("t0ken"),
+            "quiet muscle.label=a=b",
+        );
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        assert_eq!(
+            kernel,
+            format!(
+                "kernel /v1/blobs/sha256/{} initrd=initramfs.gz console=ttyS0 muscle.server=http://10.0.2.2:7700 muscle.mac=52-54-00-00-00-01 muscle.enroll=t0ken quiet muscle.label=a=b || goto failed",
+                "a".repeat(64)
+            )
+        );
+        assert!(s.contains(&format!(
+            "initrd --name initramfs.gz /v1/blobs/sha256/{} || goto failed",
+            "b".repeat(64)
+        )));
+        assert!(
+            s.contains("goto load"),
+            "a failed download is tried again: {s}"
+        );
+        let without = boot_script(
+            &manifest(),
+            "x86_64-unknown-linux-musl",
+            ImageArch::X86_64,
+            "52-54-00-00-00-01",
+            "http://d",
+            None,
+            "",
+        );
+        assert!(!without.contains("muscle.enroll="), "{without}");
+    }
+
     #[test]
     fn boot_args_are_words_the_deployer_does_not_write() {
+        for bad in [
+            "muscle.id=x",
+            "muscle.iface=eth1",
+            "muscle.mac=52-54-00-00-00-01",
+            "muscle.label=x",
+            "a${x}",
+            "muscle.var=a}",
+        ] {
+            assert!(check_boot_args(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             check_boot_args("  quiet   muscle.label=a=b ").unwrap(),
             "quiet muscle.label=a=b"

@@ -294,9 +294,10 @@ pub struct ServeArgs {
     /// Kernel command line words added to every network boot (labels, `muscle.var=`...).
     #[arg(long, value_name = "WORDS", value_parser = crate::boot::check_boot_args, default_value = "")]
     pub boot_args: String,
-    /// Put the enrolment token on network-booted machines' kernel command line, so that they
-    /// join by themselves. Whoever can ask GET /boot/ipxe/machine can read it: use on a boot
-    /// network you trust, as with any PXE setup.
+    /// Give each network-booted machine a one-time enrolment token on its kernel command line,
+    /// good for that machine's id only, so that it joins (again, at every boot) by itself.
+    /// Whoever can ask GET /boot/ipxe/machine for a MAC address can enrol as that machine:
+    /// serve boot on a network you trust, as with any PXE setup.
     #[arg(long, requires = "enroll_token")]
     pub boot_enroll: bool,
     /// Connections served at once (default: from the open-file limit); more wait to be

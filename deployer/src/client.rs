@@ -203,23 +203,31 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-/// What a release directory sends: its manifest, the signature if there is one, and the files
-/// the manifest lists (the deployer re-checks each).
+/// What a release or boot image directory sends: its manifest, the signature if there is one,
+/// and the files the manifest lists (the deployer re-checks each).
 fn release_files(dir: &Path) -> Result<Vec<String>> {
     let manifest_path = dir.join("manifest.json");
     let text = std::fs::read(&manifest_path).with_context(|| {
         format!(
-            "cannot read {} (is {} a release directory written by `cargo xtask release`?)",
+            "cannot read {} (is {} a directory written by `cargo xtask release` or `cargo xtask image`?)",
             manifest_path.display(),
             dir.display()
         )
     })?;
-    let manifest =
-        ReleaseManifest::parse(&text).with_context(|| format!("{}", manifest_path.display()))?;
     let mut files = vec!["manifest.json".to_owned()];
     if dir.join("manifest.json.sig").exists() {
         files.push("manifest.json.sig".to_owned());
     }
+    if muscle_protocol::image::is_image_manifest(&text) {
+        let image = muscle_protocol::image::ImageManifest::parse(&text)
+            .with_context(|| format!("{}", manifest_path.display()))?;
+        for (triple, target) in &image.targets {
+            files.extend(target.files().map(|(file, _)| format!("{triple}/{file}")));
+        }
+        return Ok(files);
+    }
+    let manifest =
+        ReleaseManifest::parse(&text).with_context(|| format!("{}", manifest_path.display()))?;
     files.extend(manifest.artifacts.iter().map(|a| a.path.clone()));
     files.extend(manifest.debug.iter().map(|d| d.path.clone()));
     Ok(files)

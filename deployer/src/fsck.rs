@@ -1,5 +1,5 @@
 //! `muscle-deploy fsck`: re-hash every stored blob and check that every published release's
-//! files are there and intact. Re-publishing a release repairs its damaged or missing blobs.
+//! and boot image's files are there and intact. Re-publishing repairs damaged or missing blobs.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +39,21 @@ pub fn fsck(store: &dyn Store, blobs: &dyn BlobStore) -> Result<Report> {
                 .entry(sha.clone())
                 .or_default()
                 .push(format!("{} {}", release.app, release.version));
+        }
+    }
+    // Boot images' kernels and initramfs too, named `boot image NAME VERSION`.
+    for image in store.images()? {
+        let Ok(manifest) = muscle_protocol::image::ImageManifest::parse(image.manifest.as_bytes())
+        else {
+            continue;
+        };
+        for target in manifest.targets.values() {
+            for (_, file) in target.files() {
+                wanted
+                    .entry(file.sha256.clone())
+                    .or_default()
+                    .push(format!("boot image {} {}", image.name, image.version));
+            }
         }
     }
     let mut report = Report {

@@ -89,18 +89,18 @@ fn check_target(dir: &Path, triple: &str, target: &TargetImage) -> Result<[Vec<u
     Ok([kernel, initramfs])
 }
 
-/// The newest published image (by publication) with a target for `arch`: its manifest and
-/// that target's triple.
+/// The latest published image (in publication order) with a target for `arch`: its manifest
+/// and that target's triple.
 pub fn newest_for(store: &dyn Store, arch: ImageArch) -> Result<Option<(ImageManifest, String)>> {
-    let mut found = None;
-    for record in store.images()? {
+    for record in store.images()?.iter().rev() {
+        // Checked at publish; one that no longer parses is skipped, not served.
         let Ok(manifest) = ImageManifest::parse(record.manifest.as_bytes()) else {
             continue;
         };
         if let Some((triple, _)) = manifest.for_arch(arch) {
             let triple = triple.to_string();
-            found = Some((manifest, triple));
+            return Ok(Some((manifest, triple)));
         }
     }
-    Ok(found)
+    Ok(None)
 }

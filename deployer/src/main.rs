@@ -174,12 +174,8 @@ fn serve(
     let boot = boot::BootSettings {
         server: args.boot_server,
         args: args.boot_args,
-        enroll_token: args.enroll_token.clone().filter(|_| args.boot_enroll),
+        enrol: args.boot_enroll,
     };
-    if let Some(token) = &boot.enroll_token {
-        boot::check_boot_word(token)
-            .context("--boot-enroll puts --enroll-token on kernel command lines")?;
-    }
     let auth = server::Auth {
         enroll_token: args.enroll_token,
         admin_token: args.admin_token,

@@ -247,11 +247,11 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-fn unauthorized(why: impl Into<String>) -> ApiError {
+pub(crate) fn unauthorized(why: impl Into<String>) -> ApiError {
     ApiError(StatusCode::UNAUTHORIZED, why.into())
 }
 
-fn parse_checkin(body: &[u8]) -> Result<CheckinRequest, ApiError> {
+pub(crate) fn parse_checkin(body: &[u8]) -> Result<CheckinRequest, ApiError> {
     // The path names the field that was wrong: `agent_id: "../x" starts with '.'`.
     let de = &mut serde_json::Deserializer::from_slice(body);
     let req: CheckinRequest = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -277,10 +277,9 @@ async fn enroll(
             "enrolment is not enabled on this deployer (serve --enroll-token)".into(),
         ));
     };
-    if !auth::bearer(&headers).is_some_and(|b| auth::same_secret(b, token)) {
-        return Err(unauthorized(
-            "enrolment needs `Authorization: Bearer <enrolment token>`",
-        ));
+    let bearer = auth::bearer(&headers).unwrap_or_default().to_owned();
+    if !auth::same_secret(&bearer, token) {
+        return crate::boot::enrol_with_boot_token(&s, &bearer, &body).await;
     }
     let req = parse_checkin(&body)?;
     let store = s.store.clone();

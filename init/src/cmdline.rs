@@ -18,12 +18,17 @@ pub struct BootConfig {
     pub vars: Vec<String>,
     /// `muscle.key=HEX`: release keys the agent pins (repeatable).
     pub trusted_keys: Vec<String>,
-    /// `muscle.id=NAME`: default, the host name (from DHCP, else from the MAC address).
+    /// `muscle.id=NAME`: default, `muscle-` and the MAC address (a network-booted machine's
+    /// id across reboots, which the deployer's boot tokens are bound to).
     pub id: Option<String>,
     /// `muscle.interval=DURATION`: how often the agent checks in.
     pub interval: Option<String>,
-    /// `muscle.iface=NAME`: the interface to configure (default: the first Ethernet one).
+    /// `muscle.iface=NAME`: the interface to configure.
     pub interface: Option<String>,
+    /// `muscle.mac=52-54-00-12-34-56`: the interface to configure, by the MAC address the
+    /// machine booted from (the deployer's boot scripts say it). Default: the first Ethernet
+    /// interface.
+    pub mac: Option<[u8; 6]>,
     /// `muscle.*` words this init does not know: said on the console, not fatal (a machine that
     /// can still join should).
     pub unknown: Vec<String>,
@@ -106,6 +111,12 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError> {
             "id" => config.id = Some(value),
             "interval" => config.interval = Some(value),
             "iface" => config.interface = Some(value),
+            "mac" => {
+                config.mac = Some(
+                    crate::net::parse_mac(&value)
+                        .ok_or_else(|| bad("six hex bytes, 52-54-00-12-34-56"))?,
+                )
+            }
             _ => config.unknown.push(shorten(word)),
         }
     }
@@ -181,7 +192,7 @@ mod tests {
         let c = parse(
             "console=ttyS0 quiet muscle.server=http://10.0.2.2:8080,http://10.0.2.2:8081 \
              muscle.enroll=abc muscle.label=site=lab muscle.label=\"rack=3\" muscle.key=00ff muscle.var=port=80 \
-             muscle.iface=eth1 muscle.interval=2s muscle.colour=blue muscle.flag",
+             muscle.iface=eth1 muscle.interval=2s muscle.colour=blue muscle.flag muscle.mac=52-54-00-00-00-0A",
         )
         .unwrap();
         assert_eq!(c.servers, ["http://10.0.2.2:8080", "http://10.0.2.2:8081"]);
@@ -189,6 +200,7 @@ mod tests {
         assert_eq!(c.labels, ["site=lab", "rack=3"]);
         assert_eq!(c.trusted_keys, ["00ff"]);
         assert_eq!(c.interface.as_deref(), Some("eth1"));
+        assert_eq!(c.mac, Some([0x52, 0x54, 0, 0, 0, 0x0a]));
         assert_eq!(c.unknown, ["muscle.colour=blue", "muscle.flag"]);
         assert_eq!(
             c.agent_args("/s"),
@@ -223,6 +235,7 @@ mod tests {
         assert!(err(&format!("muscle.server=http://{}", "a".repeat(600))).contains("1 to 512"));
         assert!(err("muscle.server=http://x muscle.label=nolabel").contains("KEY=VALUE"));
         assert!(err("muscle.server=http://x muscle.enroll=a\u{7}b").contains("control"));
+        assert!(err("muscle.server=http://x muscle.mac=52-54").contains("six hex bytes"));
         let many = "muscle.label=a=b ".repeat(40);
         assert!(err(&format!("muscle.server=http://x {many}")).contains("at most 32"));
         // An error quotes at most 80 characters of the word.

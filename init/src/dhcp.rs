@@ -98,6 +98,27 @@ pub fn acquire(iface: &Interface, within: Duration) -> Result<Lease, DhcpError> 
     })
 }
 
+/// Asks to keep `lease`'s address (RFC 2131's INIT-REBOOT: a broadcast REQUEST naming it):
+/// the server's ACK renews it, a NAK or silence means starting over with [`acquire`].
+pub fn renew(iface: &Interface, lease: &Lease, within: Duration) -> Result<Lease, DhcpError> {
+    let socket = bind(iface)?;
+    let xid = transaction_id(iface);
+    let mut msg = request_message(iface, xid, Some((lease.address, lease.server)));
+    // INIT-REBOOT names no server: any server of the network may answer for the address.
+    msg.opts_mut().remove(OptionCode::ServerIdentifier);
+    send(&socket, iface, &msg)?;
+    match receive(&socket, iface, xid, MessageType::Ack, within)? {
+        Some(ack) => parse_lease(&ack).ok_or(DhcpError::NoAnswer {
+            iface: iface.name.clone(),
+            secs: within.as_secs(),
+        }),
+        None => Err(DhcpError::NoAnswer {
+            iface: iface.name.clone(),
+            secs: within.as_secs(),
+        }),
+    }
+}
+
 fn left(deadline: Instant) -> Duration {
     deadline
         .saturating_duration_since(Instant::now())
@@ -230,9 +251,13 @@ fn receive(
 }
 
 fn is_reply_to(reply: &Message, xid: u32, mac: &[u8; 6]) -> bool {
+    // `chaddr()` slices by the message's own hardware length: check it before calling (a
+    // hostile reply's length past 16 would panic there).
     reply.opcode() == v4::Opcode::BootReply
         && reply.xid() == xid
-        && reply.chaddr().get(..6) == Some(&mac[..])
+        && reply.htype() == v4::HType::Eth
+        && reply.hlen() == 6
+        && reply.chaddr() == &mac[..]
 }
 
 fn server_of(reply: &Message) -> Option<Ipv4Addr> {
@@ -289,12 +314,11 @@ pub fn parse_lease(reply: &Message) -> Option<Lease> {
     })
 }
 
-/// A mask's prefix length, if it is contiguous ones and not /0 or /32.
+/// A mask's prefix length, if it is contiguous ones and not /0.
 fn prefix_of(mask: Ipv4Addr) -> Option<u8> {
     let bits = u32::from(mask);
     let prefix = bits.leading_ones();
-    (bits.checked_shl(prefix).unwrap_or(0) == 0 && (1..=31).contains(&prefix))
-        .then_some(prefix as u8)
+    (bits.checked_shl(prefix).unwrap_or(0) == 0 && prefix >= 1).then_some(prefix as u8)
 }
 
 /// The classful prefix, for a server that sends no mask.
@@ -415,16 +439,36 @@ mod tests {
         assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 0)), Some(24));
         assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 252)), Some(30));
         assert_eq!(prefix_of(Ipv4Addr::new(0, 0, 0, 0)), None);
-        assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 255)), None);
+        assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 255)), Some(32));
         assert_eq!(prefix_of(Ipv4Addr::new(255, 0, 255, 0)), None);
     }
 
     #[test]
     fn garbage_is_not_a_reply() {
-        for len in [0, 1, 100, 240, 300] {
-            let bytes = vec![0xa5u8; len];
-            if let Ok(msg) = Message::from_bytes(&bytes) {
-                assert!(!is_reply_to(&msg, 9, &iface().mac));
+        let req = request_message(&iface(), 9, None);
+        // A reply to our transaction whose hardware length says 255 (chaddr is 16 bytes).
+        let mut bytes = reply(&req, MessageType::Offer, vec![]).to_vec().unwrap();
+        bytes[2] = 255;
+        let hostile = Message::from_bytes(&bytes).unwrap();
+        assert_eq!(hostile.xid(), 9);
+        assert!(!is_reply_to(&hostile, 9, &iface().mac));
+        bytes[2] = 6;
+        bytes[1] = 32; // not Ethernet
+        assert!(!is_reply_to(
+            &Message::from_bytes(&bytes).unwrap(),
+            9,
+            &iface().mac
+        ));
+        bytes[1] = 1;
+        assert!(is_reply_to(
+            &Message::from_bytes(&bytes).unwrap(),
+            9,
+            &iface().mac
+        ));
+        // Truncations of a real reply never panic, whatever they parse to.
+        for len in 0..bytes.len() {
+            if let Ok(msg) = Message::from_bytes(&bytes[..len]) {
+                let _ = is_reply_to(&msg, 9, &iface().mac) && parse_lease(&msg).is_some();
             }
         }
     }

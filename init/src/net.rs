@@ -44,11 +44,7 @@ pub struct Interface {
 impl Interface {
     /// `52-54-00-12-34-56`: the form a machine is known by before it has a name.
     pub fn mac_text(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join("-")
+        mac_hex(&self.mac)
     }
 }
 
@@ -56,37 +52,52 @@ const SYS_NET: &str = "/sys/class/net";
 /// ARPHRD_ETHER, in /sys/class/net/NAME/type.
 const ETHERNET: &str = "1";
 
-/// Waits for the interface `wanted` (or the first Ethernet interface by name) to exist.
-pub fn wait_for_interface(wanted: Option<&str>, within: Duration) -> Result<Interface, NetError> {
+/// Which interface to configure: the one named, the one with this MAC address (the one the
+/// machine booted from, as the deployer's boot script says), or the first Ethernet one.
+#[derive(Debug, Clone, Copy)]
+pub enum Wanted<'a> {
+    Name(&'a str),
+    Mac([u8; 6]),
+    FirstEthernet,
+}
+
+/// Waits for the interface `wanted` to exist.
+pub fn wait_for_interface(wanted: Wanted, within: Duration) -> Result<Interface, NetError> {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(name) = find(wanted) {
-            return read_interface(&name);
+        if let Some(found) = find(wanted) {
+            return Ok(found);
         }
         if Instant::now() >= deadline {
-            return Err(NetError::NoInterface(
-                wanted.map_or("of type Ethernet".into(), |w| format!("{w:?}")),
-                within.as_secs(),
-            ));
+            let which = match wanted {
+                Wanted::Name(name) => format!("{name:?}"),
+                Wanted::Mac(mac) => format!("with MAC address {}", mac_hex(&mac)),
+                Wanted::FirstEthernet => "of type Ethernet".into(),
+            };
+            return Err(NetError::NoInterface(which, within.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn find(wanted: Option<&str>) -> Option<String> {
+fn find(wanted: Wanted) -> Option<Interface> {
     let mut names: Vec<String> = std::fs::read_dir(SYS_NET)
         .ok()?
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name != "lo")
         .collect();
     names.sort();
-    names.into_iter().find(|name| match wanted {
-        Some(w) => name == w,
-        None => {
-            name != "lo"
-                && std::fs::read_to_string(Path::new(SYS_NET).join(name).join("type"))
-                    .is_ok_and(|t| t.trim() == ETHERNET)
-        }
+    names.into_iter().find_map(|name| {
+        let is_ethernet = std::fs::read_to_string(Path::new(SYS_NET).join(&name).join("type"))
+            .is_ok_and(|t| t.trim() == ETHERNET);
+        let iface = read_interface(&name).ok()?;
+        let chosen = match wanted {
+            Wanted::Name(w) => name == w,
+            Wanted::Mac(mac) => is_ethernet && iface.mac == mac,
+            Wanted::FirstEthernet => is_ethernet,
+        };
+        chosen.then_some(iface)
     })
 }
 
@@ -118,9 +129,19 @@ fn read_interface(name: &str) -> Result<Interface, NetError> {
     })
 }
 
+/// iPXE's `hexhyp` form, which the deployer also names machines by.
+fn mac_hex(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// `52:54:00:12:34:56` (as /sys writes it) or `52-54-00-12-34-56` (as iPXE does).
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
+    let separator = if text.contains('-') { '-' } else { ':' };
+    let mut parts = text.split(separator);
     for byte in &mut mac {
         let part = parts.next()?;
         if part.len() != 2 {
@@ -178,6 +199,22 @@ impl Rtnl {
                 lease.address, lease.prefix, iface.name
             ))
         })
+    }
+
+    /// Takes an address off the interface (`ip addr del ADDR/PREFIX dev NAME`).
+    pub fn delete_address(&mut self, iface: &Interface, lease: &Lease) -> Result<(), NetError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = lease.prefix;
+        msg.header.index = iface.index;
+        msg.attributes = vec![AddressAttribute::Local(IpAddr::V4(lease.address))];
+        self.request(RouteNetlinkMessage::DelAddress(msg), 0)
+            .map_err(|e| {
+                NetError::Netlink(format!(
+                    "removing {} from {}: {e}",
+                    lease.address, iface.name
+                ))
+            })
     }
 
     /// The default route through `router` (`ip route replace default via ROUTER dev NAME`).
@@ -249,13 +286,27 @@ impl Rtnl {
     }
 }
 
-/// Brings the interface up with the lease: address, then default route.
+/// Brings the interface up with the lease: address, then default route. A route the kernel
+/// refuses (a router outside the leased prefix) is said and left out: the machine still
+/// reaches its own network.
 pub fn configure(iface: &Interface, lease: &Lease) -> Result<(), NetError> {
     let mut rtnl = Rtnl::open()?;
     rtnl.link_up(iface)?;
     rtnl.set_address(iface, lease)?;
     if let Some(router) = lease.router {
-        rtnl.set_default_route(iface, router)?;
+        if let Err(e) = rtnl.set_default_route(iface, router) {
+            crate::say!("{e}; going on without a default route");
+        }
+    }
+    Ok(())
+}
+
+/// Moves the interface from the `old` lease to `new`: the new address first, then the old one
+/// off if it differs (so the machine never answers for an address it no longer holds).
+pub fn reconfigure(iface: &Interface, old: &Lease, new: &Lease) -> Result<(), NetError> {
+    configure(iface, new)?;
+    if old.address != new.address || old.prefix != new.prefix {
+        Rtnl::open()?.delete_address(iface, old)?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, WaitOptions, WaitStatus};
+use rustix::process::{Pid, WaitOptions};
 
 use crate::cmdline::BootConfig;
 use crate::say;
@@ -18,31 +18,52 @@ const USAGE: i32 = 2;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STEADY: Duration = Duration::from_secs(60);
+/// After this many failed starts in a row (no agent binary, no memory) the machine restarts.
+const MAX_FAILED_STARTS: u32 = 10;
+
+/// How the agent's last run ended.
+enum Ended {
+    Exited(i32),
+    Signalled,
+    NotStarted(std::io::Error),
+}
 
 pub fn run_agent(config: &BootConfig) -> ! {
     let mut backoff = FIRST_BACKOFF;
+    let mut failed_starts = 0;
     loop {
         let started = Instant::now();
-        let status = match spawn(config) {
+        let ended = match spawn(config) {
             Ok(pid) => reap_until(pid),
-            Err(e) => {
-                say!("cannot start {AGENT}: {e}");
-                None
-            }
+            Err(e) => Ended::NotStarted(e),
         };
-        if status == Some(USAGE) {
-            let why = "the agent refused the kernel command line (its message is above)";
-            system::reboot_after(&why, Duration::from_secs(30));
+        match &ended {
+            Ended::Exited(USAGE) => {
+                let why = "the agent refused the kernel command line (its message is above)";
+                system::reboot_after(&why, Duration::from_secs(30));
+            }
+            Ended::NotStarted(e) => {
+                failed_starts += 1;
+                say!("cannot start {AGENT}: {e}");
+                if failed_starts >= MAX_FAILED_STARTS {
+                    let why = format!("{AGENT} did not start {MAX_FAILED_STARTS} times in a row");
+                    system::reboot_after(&why, Duration::from_secs(30));
+                }
+            }
+            Ended::Exited(code) => {
+                failed_starts = 0;
+                say!("the agent exited with status {code}");
+            }
+            Ended::Signalled => {
+                failed_starts = 0;
+                say!("the agent was killed by a signal");
+            }
         }
         if started.elapsed() >= STEADY {
             backoff = FIRST_BACKOFF;
         }
-        say!(
-            "the agent ended ({}); starting it again in {} s",
-            status.map_or("killed by a signal".into(), |c| format!("exit status {c}")),
-            backoff.as_secs()
-        );
-        std::thread::sleep(backoff);
+        say!("starting the agent again in {} s", backoff.as_secs());
+        reap_for(backoff);
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
@@ -61,21 +82,30 @@ fn spawn(config: &BootConfig) -> std::io::Result<Pid> {
     Ok(Pid::from_child(&child))
 }
 
-/// Reaps children until `agent` ends; its exit status, or `None` for a signal.
-fn reap_until(agent: Pid) -> Option<i32> {
+/// Reaps children until `agent` ends.
+fn reap_until(agent: Pid) -> Ended {
     loop {
         match rustix::process::wait(WaitOptions::empty()) {
-            Ok(Some((pid, status))) if pid == agent => return exit_code(status),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
+            Ok(Some((pid, status))) if pid == agent => {
+                return status.exit_status().map_or(Ended::Signalled, Ended::Exited)
+            }
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
+                // ECHILD: the agent is gone without a status we saw; nothing to wait for.
                 say!("wait: {e}");
-                return None;
+                return Ended::Signalled;
             }
         }
     }
 }
 
-fn exit_code(status: WaitStatus) -> Option<i32> {
-    status.exit_status()
+/// Waits `pause`, reaping orphans as they end (services the agent started outlive it).
+fn reap_for(pause: Duration) {
+    let until = Instant::now() + pause;
+    while Instant::now() < until {
+        while let Ok(Some(_)) = rustix::process::wait(WaitOptions::NOHANG) {}
+        std::thread::sleep(
+            Duration::from_millis(200).min(until.saturating_duration_since(Instant::now())),
+        );
+    }
 }

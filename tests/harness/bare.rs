@@ -2,7 +2,7 @@
 //! network (qemu's iPXE ROM, the deployer's `/boot/ipxe`) and an aarch64 VM that boots the
 //! image directly (bookworm has no arm64 iPXE), both reaching the deployer as 10.0.2.2.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -34,6 +34,9 @@ pub struct BareMachine {
     /// The loopback port forwarded to [`GUEST_PORT`] inside it.
     pub host_port: u16,
     pub vm: Vm,
+    machine: Machine,
+    /// How many times it has been started.
+    pub boots: u32,
 }
 
 /// Starts one VM per default architecture; their consoles go to `logs/<arch>-console.log`.
@@ -43,44 +46,82 @@ pub fn boot_bare_machines(
     enroll_token: &str,
     logs: &Path,
 ) -> Result<Vec<BareMachine>> {
-    let mut machines = Vec::new();
-    for (n, (triple, arch)) in TARGETS.iter().enumerate() {
-        let boot = if *arch == "x86_64" {
+    (0..TARGETS.len())
+        .map(|n| {
+            let machine = Machine {
+                n,
+                deployer_port: deployer.port,
+                image: image.to_owned(),
+                enroll_token: enroll_token.to_owned(),
+                logs: logs.to_owned(),
+            };
+            let host_port = free_port();
+            let vm = machine.start(host_port, 1)?;
+            Ok(BareMachine {
+                id: format!("muscle-52-54-00-00-00-0{}", n + 1),
+                arch: TARGETS[n].1,
+                host_port,
+                vm,
+                machine,
+                boots: 1,
+            })
+        })
+        .collect()
+}
+
+/// How to start the `n`th machine again.
+struct Machine {
+    n: usize,
+    deployer_port: u16,
+    image: PathBuf,
+    enroll_token: String,
+    logs: PathBuf,
+}
+
+impl Machine {
+    fn start(&self, host_port: u16, boot: u32) -> Result<Vm> {
+        let (triple, arch) = TARGETS[self.n];
+        let how = if arch == "x86_64" {
             Boot::Network {
-                bootfile: format!("http://10.0.2.2:{}/boot/ipxe", deployer.port),
+                bootfile: format!("http://10.0.2.2:{}/boot/ipxe", self.deployer_port),
             }
         } else {
             Boot::Direct {
-                kernel: image.join(triple).join("vmlinuz"),
-                initrd: image.join(triple).join("initramfs.gz"),
+                kernel: self.image.join(triple).join("vmlinuz"),
+                initrd: self.image.join(triple).join("initramfs.gz"),
                 cmdline: format!(
-                    "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={enroll_token} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
-                    deployer.port
+                    "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
+                    self.deployer_port, self.enroll_token
                 ),
             }
         };
-        let host_port = free_port();
-        let vm = Vm::start(
+        let console = match boot {
+            1 => format!("{arch}-console.log"),
+            n => format!("{arch}-console-boot{n}.log"),
+        };
+        Vm::start(
             VmOptions {
                 arch,
-                boot,
-                mac: format!("52:54:00:00:00:0{}", n + 1),
+                boot: how,
+                mac: format!("52:54:00:00:00:0{}", self.n + 1),
                 forwards: vec![(host_port, GUEST_PORT)],
                 memory_mib: 256,
             },
-            &logs.join(format!("{arch}-console.log")),
-        )?;
-        machines.push(BareMachine {
-            id: format!("muscle-52-54-00-00-00-0{}", n + 1),
-            arch,
-            host_port,
-            vm,
-        });
+            &self.logs.join(console),
+        )
     }
-    Ok(machines)
 }
 
 impl BareMachine {
+    /// Powers it off hard and starts it again: everything on its tmpfs is gone; a
+    /// network-booted machine asks the deployer what to boot again.
+    pub fn power_cycle(&mut self) -> Result<()> {
+        self.vm.kill();
+        self.boots += 1;
+        self.vm = self.machine.start(self.host_port, self.boots)?;
+        Ok(())
+    }
+
     /// Waits until it is in the deployer's fleet; its fleet row.
     pub fn wait_joined(
         &mut self,

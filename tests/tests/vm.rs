@@ -48,8 +48,16 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     let serve_args: Vec<&str> = serve_args.iter().map(String::as_str).collect();
     let deployer = Deployer::start_with(&b.deployer, &dir.join("data"), &serve_args)?;
     deployer.publish(&hello.dir)?;
-    let published = deployer.publish(&image)?;
-    assert!(published.contains("published muscle-image"), "{published}");
+    // The image goes up the way CI would publish it: over the API, with a publisher's token.
+    let ci = deployer
+        .ok(&["token", "create", "ci", "--role", "publisher"])?
+        .trim()
+        .to_owned();
+    let image_arg = image.to_str().context("UTF-8 path")?;
+    let published = deployer.remote(&ci, &dir, &["publish", image_arg])?;
+    let said = common::text(&published);
+    assert!(published.status.success(), "{said}");
+    assert!(said.contains("published muscle-image"), "{said}");
     let audit = deployer.ok(&["audit"])?;
     assert!(
         audit.contains("published boot image muscle-image"),
@@ -101,5 +109,60 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         let answer = m.ask("/version", Duration::from_secs(30))?;
         assert!(answer.contains("0.5.0"), "{}: {answer}", m.arch);
     }
+
+    // A boot script's enrolment token is that machine's alone, and taken once; the fleet's
+    // token is never on it.
+    let url = format!(
+        "{}/boot/ipxe/machine?mac=52-54-00-00-00-09&arch=x86_64",
+        deployer.url()
+    );
+    let script = ureq::get(&url).call()?.into_string()?;
+    assert!(!script.contains(ENROLL), "{script}");
+    let token = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("muscle.enroll="))
+        .with_context(|| format!("no token in {script}"))?;
+    let enrol = |id: &str| {
+        let body = serde_json::json!({
+            "agent_id": id, "arch": "x86_64", "hostname": id, "agent_version": "0.1.0", "apps": []
+        });
+        ureq::post(&format!("{}/v1/enroll", deployer.url()))
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(body)
+            .map(|r| r.status())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::Status(code, _) => code,
+                other => panic!("{other}"),
+            })
+    };
+    assert_eq!(
+        enrol("muscle-52-54-00-00-00-01"),
+        401,
+        "another machine's id"
+    );
+    assert_eq!(enrol("muscle-52-54-00-00-00-09"), 200);
+    assert_eq!(enrol("muscle-52-54-00-00-00-09"), 401, "taken once");
+
+    // Power the network-booted machine off and on: its tmpfs is gone; it boots again, enrols
+    // again with its new script's token, comes back as the same member and is given its
+    // service again.
+    let x86 = machines.iter_mut().find(|m| m.arch == "x86_64").unwrap();
+    x86.power_cycle()?;
+    muscle_e2e::wait_until("the rebooted machine to enrol again", BOOT_TIMEOUT, || {
+        Ok(x86
+            .vm
+            .log()
+            .contains("enrolled as muscle-52-54-00-00-00-01")
+            .then_some(()))
+    })
+    .with_context(|| x86.vm.log())?;
+    let answer = x86.ask("/version", Duration::from_secs(120))?;
+    assert!(answer.contains("0.5.0"), "after the reboot: {answer}");
+    let fleet = deployer.fleet()?;
+    assert_eq!(
+        fleet.len(),
+        3,
+        "the same members (and the probe's id): {fleet:#?}"
+    );
     Ok(())
 }

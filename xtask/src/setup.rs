@@ -229,7 +229,8 @@ fn s3_server(check: bool, todo: &mut Vec<String>) -> Result<()> {
 }
 
 /// Debian's cloud kernels for `cargo xtask image`, one per architecture that has one, fetched
-/// into the cache (not installed: they only go into images).
+/// into the cache (not installed: they only go into images). They come from this machine's apt
+/// sources: Debian's, for `linux-image-cloud-*`.
 fn kernels(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()> {
     let mut arches: Vec<&str> = all
         .iter()
@@ -240,16 +241,23 @@ fn kernels(all: &[TargetSpec], check: bool, todo: &mut Vec<String>) -> Result<()
     arches.sort();
     arches.dedup();
     for arch in arches {
-        if crate::image::kernel::cached(arch) {
-            continue;
-        }
+        let cached = crate::image::kernel::cached(arch);
         if check {
-            todo.push(format!(
-                "cargo xtask setup   # fetches linux-image-cloud-{arch}"
-            ));
+            if !cached {
+                todo.push(format!(
+                    "cargo xtask setup   # fetches linux-image-cloud-{arch}"
+                ));
+            }
             continue;
         }
-        crate::image::kernel::fetch(arch)?;
+        // Asked every time: Debian's security updates replace the kernel under the same name.
+        match crate::image::kernel::fetch(arch) {
+            Ok(_) => {}
+            Err(e) if cached => eprintln!(
+                "setup: cannot look for a newer {arch} kernel ({e:#}); images keep the one in the cache"
+            ),
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -10,7 +10,6 @@ pub const EXIT_FAILED: i32 = 1;
 /// Exit status: the input or the environment was unusable.
 pub const EXIT_UNUSABLE: i32 = 2;
 
-/// The root of the Muscle workspace (where `targets/` lives), whatever the current directory.
 /// What setup downloads for builds (zig, kernels): `$XDG_CACHE_HOME/muscle` (default
 /// `~/.cache/muscle`).
 pub fn cache_home() -> PathBuf {
@@ -21,6 +20,7 @@ pub fn cache_home() -> PathBuf {
         .join("muscle")
 }
 
+/// The root of the Muscle workspace (where `targets/` lives), whatever the current directory.
 pub fn muscle_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -4,9 +4,9 @@
 
 mod access;
 mod blobs;
+mod boot;
 mod checkins;
 mod history;
-mod images;
 mod jobs;
 mod logs;
 mod postgresql;
@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub use access::{AccessStore, AuditEntry, Change, Permission, Role};
 pub use blobs::{is_blob_name, FsBlobStore};
+pub use boot::{BootStore, ImageRecord};
 pub use history::{changes, AgentEvent, AgentEventRecord, HistoryStore};
-pub use images::{ImageRecord, ImageStore};
 pub use jobs::{JobRecord, JobStore, JobTarget, TargetState, REPORT_SLACK_MS};
 pub use logs::{LogState, LogStore};
 pub use postgresql::{redacted, PgStore};
@@ -239,7 +239,7 @@ pub struct Step<'a> {
 }
 
 pub trait Store:
-    AccessStore + HistoryStore + ImageStore + JobStore + LogStore + Send + Sync
+    AccessStore + BootStore + HistoryStore + JobStore + LogStore + Send + Sync
 {
     fn put_release(&self, release: &ReleaseRecord) -> Result<PutOutcome>;
     fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>>;

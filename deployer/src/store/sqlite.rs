@@ -78,10 +78,13 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL);
      CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);
      ALTER TABLE agents ADD COLUMN report_key TEXT;",
-    // 9: boot images (`cargo xtask image`), by name and version.
+    // 9: network boot: boot images (`cargo xtask image`) by name and version, and each
+    // machine's one-time enrolment token from its latest boot script.
     "CREATE TABLE images (
         name TEXT NOT NULL, version TEXT NOT NULL, manifest TEXT NOT NULL, signature TEXT,
-        published_ms INTEGER NOT NULL, PRIMARY KEY (name, version));",
+        published_ms INTEGER NOT NULL, PRIMARY KEY (name, version));
+     CREATE TABLE boot_tokens (
+        agent_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, expires_ms INTEGER NOT NULL);",
 ];
 
 pub struct SqliteStore {

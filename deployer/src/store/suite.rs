@@ -23,6 +23,7 @@ const CASES: &[(&str, Case)] = &[
     ("tokens and audit", tokens_and_audit),
     ("history", history),
     ("images", images),
+    ("boot tokens", boot_tokens),
 ];
 
 /// Runs every case on a fresh store from `open`, naming the case that fails.
@@ -550,12 +551,60 @@ fn images(s: &dyn Store) {
         s.put_image(&image("2", "other", 22)).unwrap(),
         PutOutcome::Conflict
     ));
-    s.put_image(&image("1", "m1", 30)).unwrap();
+    // Published later by a replica whose clock is behind: still the newer.
+    s.put_image(&image("1", "m1", 5)).unwrap();
     assert_eq!(
         s.image("muscle-image", "2").unwrap(),
         Some(image("2", "m2", 20))
     );
     assert_eq!(s.image("muscle-image", "3").unwrap(), None);
     let order: Vec<String> = s.images().unwrap().into_iter().map(|i| i.version).collect();
-    assert_eq!(order, ["2", "1"], "oldest published first");
+    assert_eq!(order, ["2", "1"], "in the order they were published");
+}
+
+fn boot_tokens(s: &dyn Store) {
+    s.issue_boot_token("muscle-52-54-00-00-00-01", "old", 1_000)
+        .unwrap();
+    s.issue_boot_token("muscle-52-54-00-00-00-01", "new", 1_000)
+        .unwrap();
+    assert!(
+        !s.take_boot_token("muscle-52-54-00-00-00-01", "old", 10)
+            .unwrap(),
+        "replaced by the next boot's"
+    );
+    assert!(
+        !s.take_boot_token("muscle-52-54-00-00-00-02", "new", 10)
+            .unwrap(),
+        "another machine's"
+    );
+    assert!(
+        !s.take_boot_token("muscle-52-54-00-00-00-01", "new", 1_000)
+            .unwrap(),
+        "expired"
+    );
+    assert!(s
+        .take_boot_token("muscle-52-54-00-00-00-01", "new", 999)
+        .unwrap());
+    assert!(
+        !s.take_boot_token("muscle-52-54-00-00-00-01", "new", 999)
+            .unwrap(),
+        "taken once"
+    );
+    assert!(
+        !s.replace_credential("muscle-52-54-00-00-00-01", "c1")
+            .unwrap(),
+        "not recorded yet"
+    );
+    s.record_checkin(&checkin("muscle-52-54-00-00-00-01"), 5)
+        .unwrap();
+    assert!(s.set_credential("muscle-52-54-00-00-00-01", "c1").unwrap());
+    assert!(s
+        .replace_credential("muscle-52-54-00-00-00-01", "c2")
+        .unwrap());
+    assert_eq!(
+        s.credential_sha256("muscle-52-54-00-00-00-01")
+            .unwrap()
+            .as_deref(),
+        Some("c2")
+    );
 }

@@ -97,7 +97,7 @@ fn read_unpacked(dir: &Path, package: String, version: String, deb: &[u8]) -> Re
 
 fn newest_cached(debian_arch: &str) -> Result<PathBuf> {
     let dir = cache_dir(debian_arch);
-    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let debs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -108,28 +108,34 @@ fn newest_cached(debian_arch: &str) -> Result<PathBuf> {
                     .is_some_and(|n| n.to_string_lossy().starts_with("linux-image-"))
         })
         .collect();
-    // Newest last: Debian's ABI number is in the name (linux-image-6.1.0-57-...), so compare
-    // the versions dpkg compares.
-    debs.sort_by(|a, b| {
-        let newer = Command::new("dpkg")
-            .arg("--compare-versions")
-            .arg(deb_version(a))
-            .arg("gt")
-            .arg(deb_version(b))
-            .status()
-            .is_ok_and(|s| s.success());
+    // The newest by Debian's version order (dpkg compares; the ABI number is in the package
+    // name, the version in the file name).
+    let mut newest: Option<(PathBuf, String)> = None;
+    for deb in debs {
+        let version = deb_version(&deb);
+        let newer = match &newest {
+            None => true,
+            Some((_, best)) => dpkg_newer(&version, best)?,
+        };
         if newer {
-            std::cmp::Ordering::Greater
-        } else {
-            std::cmp::Ordering::Less
+            newest = Some((deb, version));
         }
-    });
-    debs.pop().with_context(|| {
+    }
+    newest.map(|(deb, _)| deb).with_context(|| {
         format!(
             "no {debian_arch} kernel in {}: run `cargo xtask setup`, or give --kernel DEB",
             dir.display()
         )
     })
+}
+
+/// Whether Debian version `a` is newer than `b`.
+fn dpkg_newer(a: &str, b: &str) -> Result<bool> {
+    let status = Command::new("dpkg")
+        .args(["--compare-versions", a, "gt", b])
+        .status()
+        .context("cannot run dpkg to compare kernel versions")?;
+    Ok(status.success())
 }
 
 /// `linux-image-6.1.0-57-cloud-amd64_6.1.192-3_amd64.deb` → `6.1.192-3`.

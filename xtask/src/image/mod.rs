@@ -32,6 +32,14 @@ pub struct ImageArgs {
     /// (only with a single --target).
     #[arg(long, value_name = "DEB")]
     pub kernel: Option<PathBuf>,
+    /// The image's version (default: the workspace's). A version's bytes never change once
+    /// published: an image rebuilt with a newer kernel needs a new one.
+    #[arg(long, value_parser = parse_version)]
+    pub version: Option<Name>,
+}
+
+fn parse_version(s: &str) -> std::result::Result<Name, String> {
+    Name::parse(s).map_err(|e| e.to_string())
 }
 
 /// The packages whose binaries go into every image.
@@ -66,7 +74,7 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     let provenance = workspace::Provenance::read(&ws)?;
     eprintln!(
         "building {NAME} {} for {}",
-        ws.version,
+        args.version.as_ref().unwrap_or(&ws.version),
         chosen
             .iter()
             .map(|t| t.triple.as_str())
@@ -95,8 +103,9 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
         );
     }
     let out = args.out.clone().unwrap_or_else(|| ws.root.join("dist"));
-    let dir = out.join(format!("{NAME}-{}", ws.version));
-    let staging = out.join(format!(".{NAME}-{}.partial", ws.version));
+    let version = args.version.clone().unwrap_or_else(|| ws.version.clone());
+    let dir = out.join(format!("{NAME}-{version}"));
+    let staging = out.join(format!(".{NAME}-{version}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
@@ -104,7 +113,7 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
         schema: IMAGE_SCHEMA,
         kind: ManifestKind::Image,
         name: Name::parse(NAME)?,
-        version: ws.version.clone(),
+        version,
         source_date_epoch: provenance.source_date_epoch,
         git_commit: provenance.git_commit.clone(),
         rustc: provenance.rustc.clone(),
@@ -183,6 +192,16 @@ fn write_target(
             mode: 0o600,
             major: 5,
             minor: 1,
+        },
+    ));
+    // Rust's start-up opens /dev/null for closed standard streams (a kernel with no console
+    // for PID 1), and aborts without it: devtmpfs is not mounted yet then.
+    entries.push((
+        "dev/null".into(),
+        initramfs::Entry::CharDevice {
+            mode: 0o666,
+            major: 1,
+            minor: 3,
         },
     ));
     let mut sums = BTreeMap::new();

@@ -83,10 +83,14 @@ const MIGRATIONS: &[&str] = &[
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, agent_id TEXT NOT NULL,
         at_ms BIGINT NOT NULL, body TEXT NOT NULL);
      CREATE INDEX agent_events_by_agent ON agent_events (agent_id, id);",
-    // 2: boot images (`cargo xtask image`), by name and version.
+    // 2: network boot: boot images (`cargo xtask image`) by name and version, and each
+    // machine's one-time enrolment token from its latest boot script.
     "CREATE TABLE images (
         name TEXT NOT NULL, version TEXT NOT NULL, manifest TEXT NOT NULL, signature TEXT,
-        published_ms BIGINT NOT NULL, PRIMARY KEY (name, version));",
+        published_ms BIGINT NOT NULL, seq BIGINT GENERATED ALWAYS AS IDENTITY,
+        PRIMARY KEY (name, version));
+     CREATE TABLE boot_tokens (
+        agent_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, expires_ms BIGINT NOT NULL);",
 ];
 
 type Manager = PostgresConnectionManager<NoTls>;

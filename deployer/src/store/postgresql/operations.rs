@@ -1,12 +1,12 @@
 //! The operators' records in PostgreSQL: tokens and the audit log, agents' history, jobs,
-//! log requests and boot images. Same rows and rules as SQLite's (see the traits' modules).
+//! log requests, boot images and tokens. Same rows and rules as SQLite's (see the traits' modules).
 
 use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
 use super::{lock_writes, text, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
+use crate::store::boot::{self, BootStore, ImageRecord, IMAGE_COLUMNS};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
-use crate::store::images::{self, ImageRecord, ImageStore, IMAGE_COLUMNS};
 use crate::store::jobs::{
     job_record, target_state, JobRecord, JobRow, JobStore, JobTarget, JOBS_KEPT_MS, JOB_COLUMNS,
     REPORT_SLACK_MS,
@@ -486,7 +486,7 @@ fn image_row(row: &postgres::Row) -> ImageRecord {
     }
 }
 
-impl ImageStore for PgStore {
+impl BootStore for PgStore {
     fn put_image(&self, i: &ImageRecord) -> Result<PutOutcome> {
         off_async(|| {
             let inserted = self.conn()?.execute(
@@ -505,7 +505,7 @@ impl ImageStore for PgStore {
             } else {
                 self.image(&i.name, &i.version)?
             };
-            Ok(images::outcome(inserted, stored.as_ref(), i))
+            Ok(boot::outcome(inserted, stored.as_ref(), i))
         })
     }
 
@@ -522,10 +522,41 @@ impl ImageStore for PgStore {
     fn images(&self) -> Result<Vec<ImageRecord>> {
         off_async(|| {
             let rows = self.conn()?.query(
-                &format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY published_ms, name, version"),
+                &format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY seq"),
                 &[],
             )?;
             Ok(rows.iter().map(image_row).collect())
+        })
+    }
+
+    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()> {
+        off_async(|| {
+            self.conn()?.execute(
+                "INSERT INTO boot_tokens (agent_id, sha256, expires_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (agent_id) DO UPDATE SET sha256 = excluded.sha256, expires_ms = excluded.expires_ms",
+                &[&agent_id, &token_sha256, &(expires_ms as i64)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
+        off_async(|| {
+            let taken = self.conn()?.execute(
+                "DELETE FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3",
+                &[&agent_id, &token_sha256, &(now_ms as i64)],
+            )?;
+            Ok(taken == 1)
+        })
+    }
+
+    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool> {
+        off_async(|| {
+            let changed = self.conn()?.execute(
+                "UPDATE agents SET credential_sha256 = $2 WHERE id = $1",
+                &[&agent_id, &credential_sha256],
+            )?;
+            Ok(changed == 1)
         })
     }
 }

@@ -1,5 +1,6 @@
-//! Boot images (`cargo xtask image`), stored as their manifest and signature: the kernel and
-//! initramfs of each target are blobs like any release's files.
+//! What network boot keeps: boot images (`cargo xtask image`), stored as their manifest and
+//! signature (the kernel and initramfs of each target are blobs like any release's files), and
+//! each machine's one-time enrolment token from its latest boot script.
 
 use rusqlite::{params, OptionalExtension};
 
@@ -15,12 +16,22 @@ pub struct ImageRecord {
     pub published_ms: u64,
 }
 
-pub trait ImageStore {
+pub trait BootStore {
     /// Stores an image; a version's manifest never changes.
     fn put_image(&self, image: &ImageRecord) -> Result<PutOutcome>;
     fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>>;
-    /// Every image, oldest published first.
+    /// Every image, in the order they were first published (not by clock: replicas' clocks
+    /// differ).
     fn images(&self) -> Result<Vec<ImageRecord>>;
+
+    /// Keeps the sha256 of the enrolment token a boot script gave `agent_id`, until
+    /// `expires_ms`; it replaces the one of its previous boot.
+    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()>;
+    /// Whether `agent_id` holds an unexpired boot token with this sha256; a token is taken once.
+    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool>;
+    /// Sets a recorded agent's credential, replacing any: a network-booted machine enrols again
+    /// at every boot, its state gone with its tmpfs.
+    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool>;
 }
 
 /// Inserted, the same again, or another manifest under the name and version.
@@ -48,7 +59,7 @@ fn image_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRecord> {
     })
 }
 
-impl ImageStore for SqliteStore {
+impl BootStore for SqliteStore {
     fn put_image(&self, i: &ImageRecord) -> Result<PutOutcome> {
         let inserted = self.conn().execute(
             "INSERT OR IGNORE INTO images (name, version, manifest, signature, published_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -76,11 +87,36 @@ impl ImageStore for SqliteStore {
     fn images(&self) -> Result<Vec<ImageRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {IMAGE_COLUMNS} FROM images ORDER BY published_ms, name, version"
+            "SELECT {IMAGE_COLUMNS} FROM images ORDER BY rowid"
         ))?;
         let rows = stmt
             .query_map([], image_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+
+    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO boot_tokens (agent_id, sha256, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (agent_id) DO UPDATE SET sha256 = excluded.sha256, expires_ms = excluded.expires_ms",
+            params![agent_id, token_sha256, expires_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
+        let taken = self.conn().execute(
+            "DELETE FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3",
+            params![agent_id, token_sha256, now_ms as i64],
+        )?;
+        Ok(taken == 1)
+    }
+
+    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE agents SET credential_sha256 = ?2 WHERE id = ?1",
+            params![agent_id, credential_sha256],
+        )?;
+        Ok(changed == 1)
     }
 }
