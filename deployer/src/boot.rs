@@ -5,9 +5,9 @@
 //!
 //! With `serve --boot-enroll` each script carries a fresh enrolment token for that machine
 //! alone (its id follows its MAC address, as `muscle-init` names it): taken once, within
-//! [`BOOT_TOKEN_LIFETIME`], it enrols the machine again, replacing the credential of its
-//! previous boot (which went with its tmpfs). The fleet's enrolment token never leaves the
-//! deployer.
+//! [`BOOT_TOKEN_LIFETIME_MS`], it enrols the machine again, replacing the credential of its
+//! previous boot (which went with its tmpfs), unless that id enrolled with the fleet's token.
+//! The fleet's enrolment token never leaves the deployer.
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -75,44 +75,42 @@ pub fn routes() -> Router<Server> {
 /// deployer could not answer (a boot storm must not send machines to their next boot device).
 const RETRY_SECS: u32 = 30;
 
+/// An iPXE script; never cached (a machine's script may carry its one-time token).
 fn script(body: String) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         format!("#!ipxe\n{body}"),
     )
         .into_response()
 }
 
 /// `netX` is the interface iPXE booted from: the machine is asked about by its MAC address.
+/// Every wait happens here, in one loop: a machine script that cannot boot the machine yet
+/// says why and exits, and this script asks again (a chain from a chain would nest scripts
+/// until iPXE runs out of stack).
 async fn first_script() -> Response {
-    script(format!(
+    script(first_script_body())
+}
+
+fn first_script_body() -> String {
+    format!(
         ":ask\n\
          echo Muscle: asking for the script of ${{netX/mac:hexhyp}} (${{buildarch}})\n\
          chain /boot/ipxe/machine?mac=${{netX/mac:hexhyp}}&arch=${{buildarch}} || goto wait\n\
          :wait\n\
-         echo Muscle: the deployer did not answer; asking again in {RETRY_SECS} s\n\
+         echo Muscle: asking again in {RETRY_SECS} s\n\
          sleep {RETRY_SECS}\n\
          goto ask\n"
-    ))
+    )
 }
 
-/// A script that says why, waits and asks again for this machine's script.
-fn ask_again(mac: &str, arch: ImageArch, buildarch: &str, why: &str) -> Response {
-    script(format!(
-        "echo Muscle: {why}; asking again in {RETRY_SECS} s\n\
-         sleep {RETRY_SECS}\n\
-         chain /boot/ipxe/machine?mac={mac}&arch={buildarch}\n",
-        buildarch = ipxe_arch(arch, buildarch),
-    ))
-}
-
-/// The `${buildarch}` a machine sent, among those [`ImageArch::from_ipxe`] takes.
-fn ipxe_arch(arch: ImageArch, asked: &str) -> &'static str {
-    match (arch, asked) {
-        (ImageArch::X86_64, "i386") => "i386",
-        (ImageArch::X86_64, _) => "x86_64",
-        (ImageArch::Aarch64, _) => "arm64",
-    }
+/// A machine script that says why the machine cannot boot yet and returns to the first
+/// script's loop, which asks again.
+fn not_yet(why: &str) -> Response {
+    script(format!("echo Muscle: {why}\nexit 1\n"))
 }
 
 #[derive(serde::Deserialize)]
@@ -137,11 +135,9 @@ async fn machine_script(
             .into_response();
     };
     let Some(arch) = ImageArch::from_ipxe(&q.arch) else {
-        // Nothing here will ever boot it: back to the firmware's next boot device.
-        return script(format!(
-            "echo Muscle: no boot images for architecture {}: they exist for x86_64 and arm64\n\
-             sleep {RETRY_SECS}\n\
-             exit 1\n",
+        // Said every 30 s: a machine of another architecture has nothing to boot here.
+        return not_yet(&format!(
+            "no boot images for architecture {}: they exist for x86_64 and arm64",
             printable(&q.arch)
         ));
     };
@@ -154,10 +150,7 @@ async fn machine_script(
     };
     if server.starts_with("https://") {
         // The initramfs holds no CA bundle: the agent could not trust the deployer.
-        return ask_again(
-            &mac,
-            arch,
-            &q.arch,
+        return not_yet(
             "boot images trust no TLS certificate yet: give the deployer --boot-server http://...",
         );
     }
@@ -171,15 +164,15 @@ async fn machine_script(
                 "no boot image for {} is published (cargo xtask image; muscle-deploy publish DIR)",
                 arch.as_str()
             );
-            return ask_again(&mac, arch, &q.arch, &why);
+            return not_yet(&why);
         }
-        Ok(Err(e)) => return store_failed(&mac, arch, &q.arch, &e),
-        Err(e) => return store_failed(&mac, arch, &q.arch, &e),
+        Ok(Err(e)) => return store_failed(&mac, &e),
+        Err(e) => return store_failed(&mac, &e),
     };
     let token = if s.boot.enrol {
         match issue_token(&s, &mac).await {
             Ok(token) => Some(token),
-            Err(e) => return store_failed(&mac, arch, &q.arch, &e.1),
+            Err(e) => return store_failed(&mac, &e.1),
         }
     } else {
         None
@@ -196,14 +189,9 @@ async fn machine_script(
 }
 
 /// The store failed: said in the deployer's log, not to the machine, which asks again.
-fn store_failed(
-    mac: &str,
-    arch: ImageArch,
-    buildarch: &str,
-    e: &dyn std::fmt::Display,
-) -> Response {
+fn store_failed(mac: &str, e: &dyn std::fmt::Display) -> Response {
     say!("boot script for {mac}: {e}");
-    ask_again(mac, arch, buildarch, "the deployer could not answer")
+    not_yet("the deployer could not answer")
 }
 
 /// The fleet id `muscle-init` gives a machine: `muscle-` and its MAC address in iPXE's hexhyp.
@@ -216,16 +204,20 @@ async fn issue_token(s: &Server, mac: &str) -> Result<String, ApiError> {
     let token = crate::auth::new_credential().map_err(internal)?;
     let sha = muscle_protocol::sha256_hex(token.as_bytes());
     let (store, id) = (s.store.clone(), machine_id(mac));
-    let expires = crate::now_ms() + BOOT_TOKEN_LIFETIME_MS;
-    tokio::task::spawn_blocking(move || store.issue_boot_token(&id, &sha, expires))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let now = crate::now_ms();
+    tokio::task::spawn_blocking(move || {
+        store.issue_boot_token(&id, &sha, now, now + BOOT_TOKEN_LIFETIME_MS)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     Ok(token)
 }
 
 /// `POST /v1/enroll` with a bearer that is not the fleet's enrolment token: a boot script's
-/// one-time token, good for the machine it was issued to.
+/// one-time token, good for the machine it was issued to, if that machine is new or enrolled
+/// this way before (never one enrolled with the fleet's token). Store failures are logged and
+/// answered 503 without their text: the caller is not authenticated yet.
 pub async fn enrol_with_boot_token(
     s: &Server,
     bearer: &str,
@@ -240,25 +232,37 @@ pub async fn enrol_with_boot_token(
     let req = parse_checkin(body)?;
     let store = s.store.clone();
     let sha = muscle_protocol::sha256_hex(bearer.as_bytes());
-    tokio::task::spawn_blocking(move || {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        say!("enrolment with a boot token: {e}");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the deployer cannot enrol agents right now; try again".into(),
+        )
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
         let now = crate::now_ms();
-        if !store
-            .take_boot_token(&req.agent_id, &sha, now)
-            .map_err(internal)?
-        {
-            return Err(refused());
+        let id = &req.agent_id;
+        if !store.boot_token_valid(id, &sha, now)? {
+            return Ok(None);
         }
-        store.record_checkin(&req, now).map_err(internal)?;
-        let credential = crate::auth::new_credential().map_err(internal)?;
+        store.record_checkin(&req, now)?;
+        let credential = crate::auth::new_credential().map_err(|e| {
+            crate::store::StoreError::Corrupt(format!("no randomness for a credential: {e}"))
+        })?;
         let hash = muscle_protocol::sha256_hex(credential.as_bytes());
-        store
-            .replace_credential(&req.agent_id, &hash)
-            .map_err(internal)?;
-        say!("{} enrolled with its boot script's token", req.agent_id);
-        Ok(Json(serde_json::json!({ "credential": credential })))
+        if !store.enrol_machine(id, &sha, &hash, now)? {
+            return Ok(None);
+        }
+        say!("{id} enrolled with its boot script's token");
+        Ok(Some(credential))
     })
     .await
-    .map_err(internal)?
+    .map_err(|e| unavailable(&e))?
+    .map_err(|e: crate::store::StoreError| unavailable(&e))?;
+    match outcome {
+        Some(credential) => Ok(Json(serde_json::json!({ "credential": credential }))),
+        None => Err(refused()),
+    }
 }
 
 /// The script that boots `triple`'s image of `manifest`.
@@ -422,6 +426,34 @@ mod tests {
             "",
         );
         assert!(!without.contains("muscle.enroll="), "{without}");
+    }
+
+    /// Every `goto X` has its `:X`.
+    fn labels_match(script: &str) {
+        let labels: Vec<&str> = script.lines().filter_map(|l| l.strip_prefix(':')).collect();
+        for target in script.split("goto ").skip(1) {
+            let label = target.split_whitespace().next().unwrap();
+            assert!(
+                labels.contains(&label),
+                "goto {label} has no :{label} in\n{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn scripts_jump_to_labels_they_have() {
+        labels_match(&first_script_body());
+        assert!(first_script_body().contains("${netX/mac:hexhyp}"));
+        let s = boot_script(
+            &manifest(),
+            "x86_64-unknown-linux-musl",
+            ImageArch::X86_64,
+            "52-54-00-00-00-01",
+            "http://d",
+            None,
+            "",
+        );
+        labels_match(&s);
     }
 
     #[test]

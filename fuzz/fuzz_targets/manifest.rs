@@ -1,7 +1,8 @@
-//! The release manifest, as publish and the agent parse it; a parsed manifest must serialize and
-//! parse back to itself.
+//! The release manifest, as publish and the agent parse it, and the boot image manifest, as
+//! publish parses it; a parsed manifest must serialize and parse back to itself.
 #![no_main]
 
+use muscle_protocol::image::ImageManifest;
 use muscle_protocol::ReleaseManifest;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -9,5 +10,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let _ = m.check_expiry(0);
         let again = serde_json::to_vec(&m).expect("a parsed manifest serializes");
         assert_eq!(ReleaseManifest::parse(&again).expect("round trip"), m);
+    }
+    if let Ok(m) = ImageManifest::parse(data) {
+        let again = serde_json::to_vec(&m).expect("a parsed image manifest serializes");
+        assert_eq!(ImageManifest::parse(&again).expect("round trip"), m);
     }
 });

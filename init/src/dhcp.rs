@@ -50,14 +50,25 @@ const MIN_LEASE: Duration = Duration::from_secs(60);
 /// Bigger datagrams are not DHCP replies we asked for.
 const MAX_REPLY: usize = 1500;
 
-/// Runs the exchange until a lease is granted or `within` has passed.
-pub fn acquire(iface: &Interface, within: Duration) -> Result<Lease, DhcpError> {
+/// Runs the exchange until a lease is granted or `within` has passed; the DISCOVER asks for
+/// `prefer` (the address the machine had) if given.
+pub fn acquire(
+    iface: &Interface,
+    within: Duration,
+    prefer: Option<Ipv4Addr>,
+) -> Result<Lease, DhcpError> {
     let socket = bind(iface)?;
     let deadline = Instant::now() + within;
     let xid = transaction_id(iface);
     let mut wait = Duration::from_secs(1);
+    let mut discover = request_message(iface, xid, None);
+    if let Some(address) = prefer {
+        discover
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(address));
+    }
     while Instant::now() < deadline {
-        send(&socket, iface, &request_message(iface, xid, None))?;
+        send(&socket, iface, &discover)?;
         let offer = receive(
             &socket,
             iface,
@@ -98,25 +109,27 @@ pub fn acquire(iface: &Interface, within: Duration) -> Result<Lease, DhcpError> 
     })
 }
 
-/// Asks to keep `lease`'s address (RFC 2131's INIT-REBOOT: a broadcast REQUEST naming it):
-/// the server's ACK renews it, a NAK or silence means starting over with [`acquire`].
-pub fn renew(iface: &Interface, lease: &Lease, within: Duration) -> Result<Lease, DhcpError> {
+/// Asks to keep `lease`'s address (RFC 2131's INIT-REBOOT: a broadcast REQUEST naming it),
+/// three times, `wait` for each answer: the server's ACK renews it, a NAK or silence means
+/// starting over with [`acquire`].
+pub fn renew(iface: &Interface, lease: &Lease, wait: Duration) -> Result<Lease, DhcpError> {
     let socket = bind(iface)?;
     let xid = transaction_id(iface);
     let mut msg = request_message(iface, xid, Some((lease.address, lease.server)));
     // INIT-REBOOT names no server: any server of the network may answer for the address.
     msg.opts_mut().remove(OptionCode::ServerIdentifier);
-    send(&socket, iface, &msg)?;
-    match receive(&socket, iface, xid, MessageType::Ack, within)? {
-        Some(ack) => parse_lease(&ack).ok_or(DhcpError::NoAnswer {
-            iface: iface.name.clone(),
-            secs: within.as_secs(),
-        }),
-        None => Err(DhcpError::NoAnswer {
-            iface: iface.name.clone(),
-            secs: within.as_secs(),
-        }),
+    for _ in 0..3 {
+        send(&socket, iface, &msg)?;
+        if let Some(ack) = receive(&socket, iface, xid, MessageType::Ack, wait)? {
+            if let Some(renewed) = parse_lease(&ack) {
+                return Ok(renewed);
+            }
+        }
     }
+    Err(DhcpError::NoAnswer {
+        iface: iface.name.clone(),
+        secs: wait.as_secs() * 3,
+    })
 }
 
 fn left(deadline: Instant) -> Duration {
@@ -230,12 +243,9 @@ fn receive(
                 })
             }
         };
-        let Ok(reply) = Message::from_bytes(&buf[..n]) else {
+        let Some(reply) = reply_to(&buf[..n], xid, &iface.mac) else {
             continue;
         };
-        if !is_reply_to(&reply, xid, &iface.mac) {
-            continue;
-        }
         match reply.opts().msg_type() {
             Some(t) if t == kind => return Ok(Some(reply)),
             Some(MessageType::Nak) => {
@@ -248,6 +258,13 @@ fn receive(
         }
     }
     Ok(None)
+}
+
+/// A datagram, parsed, if it is a server's reply to transaction `xid` of the client with `mac`.
+pub fn reply_to(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Message> {
+    Message::from_bytes(bytes)
+        .ok()
+        .filter(|reply| is_reply_to(reply, xid, mac))
 }
 
 fn is_reply_to(reply: &Message, xid: u32, mac: &[u8; 6]) -> bool {

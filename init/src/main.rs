@@ -5,31 +5,17 @@
 //! A panic unwinds (its profile says so) to where the machine says what happened and restarts.
 #![forbid(unsafe_code)]
 
-mod cmdline;
-mod dhcp;
-mod net;
-mod supervise;
-mod system;
-
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-/// A line on the console. Never panics: PID 1 must outlive a console that fails.
-#[macro_export]
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), "muscle-init: {}", format_args!($($arg)*));
-    }};
-}
+use muscle_init::{cmdline, dhcp, net, say, supervise, system};
 
 /// How long the network driver gets to show its interface, and DHCP to answer per round.
 const INTERFACE_WAIT: Duration = Duration::from_secs(20);
 const DHCP_ROUND: Duration = Duration::from_secs(60);
 /// The pause after a failed round (no socket, no answer, a refusal).
 const RETRY: Duration = Duration::from_secs(5);
-/// How long a machine that cannot go on shows why before it restarts.
-const SHOW_WHY: Duration = Duration::from_secs(30);
+use system::SHOW_WHY;
 
 fn main() {
     if rustix::process::getpid() != rustix::process::Pid::INIT {
@@ -38,14 +24,17 @@ fn main() {
         );
         std::process::exit(2);
     }
-    if let Err(panic) = catch_unwind(boot) {
-        let why = panic_text(&*panic);
-        system::reboot_after(&format!("PID 1 failed: {why}"), SHOW_WHY);
+    match catch_unwind(boot) {
+        Ok(never) => match never {},
+        Err(panic) => {
+            let why = panic_text(&*panic);
+            system::reboot_after(&format!("PID 1 failed: {why}"), SHOW_WHY)
+        }
     }
 }
 
-/// Everything PID 1 does, up to supervising the agent for ever.
-fn boot() {
+/// Everything PID 1 does, up to supervising the agent for ever: it never returns.
+fn boot() -> std::convert::Infallible {
     say!("{} starting", env!("CARGO_PKG_VERSION"));
     if let Err(e) = system::mount_basics() {
         system::reboot_after(&e, SHOW_WHY);
@@ -75,7 +64,7 @@ fn boot() {
     if let Err(e) = net::Rtnl::open().and_then(|mut rtnl| rtnl.link_up(&iface)) {
         say!("{e}");
     }
-    let lease = obtain_lease(&iface);
+    let lease = obtain_lease(&iface, None);
     say!(
         "{}: {}/{} via {} from {}",
         iface.name,
@@ -103,11 +92,12 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// A lease, configured, however long it takes: a machine with no network has nothing else to
-/// do. A round that panics (a reply the parser chokes on) counts as a failed round.
-fn obtain_lease(iface: &net::Interface) -> dhcp::Lease {
+/// do. `prefer` asks the server for that address again. A round that panics (a reply the
+/// parser chokes on) counts as a failed round.
+fn obtain_lease(iface: &net::Interface, prefer: Option<std::net::Ipv4Addr>) -> dhcp::Lease {
     loop {
         let round = catch_unwind(AssertUnwindSafe(|| {
-            let lease = dhcp::acquire(iface, DHCP_ROUND).map_err(|e| e.to_string())?;
+            let lease = dhcp::acquire(iface, DHCP_ROUND, prefer).map_err(|e| e.to_string())?;
             net::configure(iface, &lease).map_err(|e| e.to_string())?;
             Ok::<_, String>(lease)
         }));
@@ -122,35 +112,48 @@ fn obtain_lease(iface: &net::Interface) -> dhcp::Lease {
 }
 
 /// Renews at half the lease (RFC 2131's T1) by asking for the same address; when that fails,
-/// takes whatever lease the network gives and moves the interface to it.
+/// asks for any lease, preferring the same address. Each round is caught whole: a panic is a
+/// failed round, tried again, never the end of renewing.
 fn renew_in_background(iface: net::Interface, mut lease: dhcp::Lease) {
-    std::thread::spawn(move || loop {
-        std::thread::sleep(lease.duration / 2);
-        let renewed = catch_unwind(AssertUnwindSafe(|| dhcp::renew(&iface, &lease, RETRY * 2)))
-            .unwrap_or_else(|panic| {
-                Err(dhcp::DhcpError::Socket {
-                    iface: iface.name.clone(),
-                    source: std::io::Error::other(panic_text(&*panic)),
-                })
-            });
-        let next = match renewed {
-            Ok(next) => next,
-            Err(e) => {
-                say!("renewing {}: {e}; asking for a new lease", lease.address);
-                obtain_lease(&iface)
+    std::thread::spawn(move || {
+        let mut wait = lease.duration / 2;
+        loop {
+            std::thread::sleep(wait);
+            let round = catch_unwind(AssertUnwindSafe(|| renew_once(&iface, &lease)));
+            match round.unwrap_or_else(|panic| Err(panic_text(&*panic))) {
+                Ok(next) => {
+                    wait = next.duration / 2;
+                    lease = next;
+                }
+                Err(e) => {
+                    say!(
+                        "renewing {}: {e}; trying again in {} s",
+                        lease.address,
+                        RETRY.as_secs()
+                    );
+                    wait = RETRY;
+                }
             }
-        };
-        if next != lease {
-            if let Err(e) = net::reconfigure(&iface, &lease, &next) {
-                say!("{e}");
-            }
-            if next.address != lease.address {
-                say!("{}: the address is now {}", iface.name, next.address);
-            }
-            write_resolv_conf(&next);
         }
-        lease = next;
     });
+}
+
+/// One renewal: the lease granted, configured (every time: the address is put back if
+/// something took it off), the old address taken off if it changed.
+fn renew_once(iface: &net::Interface, lease: &dhcp::Lease) -> Result<dhcp::Lease, String> {
+    let next = match dhcp::renew(iface, lease, RETRY) {
+        Ok(next) => next,
+        Err(e) => {
+            say!("renewing {}: {e}; asking for a new lease", lease.address);
+            dhcp::acquire(iface, DHCP_ROUND, Some(lease.address)).map_err(|e| e.to_string())?
+        }
+    };
+    net::reconfigure(iface, lease, &next).map_err(|e| e.to_string())?;
+    if next.address != lease.address {
+        say!("{}: the address is now {}", iface.name, next.address);
+    }
+    write_resolv_conf(&next);
+    Ok(next)
 }
 
 fn write_resolv_conf(lease: &dhcp::Lease) {

@@ -207,7 +207,11 @@ impl Rtnl {
         msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = lease.prefix;
         msg.header.index = iface.index;
-        msg.attributes = vec![AddressAttribute::Local(IpAddr::V4(lease.address))];
+        let addr = IpAddr::V4(lease.address);
+        msg.attributes = vec![
+            AddressAttribute::Local(addr),
+            AddressAttribute::Address(addr),
+        ];
         self.request(RouteNetlinkMessage::DelAddress(msg), 0)
             .map_err(|e| {
                 NetError::Netlink(format!(
@@ -292,6 +296,7 @@ impl Rtnl {
 pub fn configure(iface: &Interface, lease: &Lease) -> Result<(), NetError> {
     let mut rtnl = Rtnl::open()?;
     rtnl.link_up(iface)?;
+    promote_secondaries(iface);
     rtnl.set_address(iface, lease)?;
     if let Some(router) = lease.router {
         if let Err(e) = rtnl.set_default_route(iface, router) {
@@ -301,8 +306,19 @@ pub fn configure(iface: &Interface, lease: &Lease) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Moves the interface from the `old` lease to `new`: the new address first, then the old one
-/// off if it differs (so the machine never answers for an address it no longer holds).
+/// With it, taking the first address of a subnet off keeps the others (the kernel's default
+/// takes them all): a renewal that moves to a new address of the same subnet adds the new one,
+/// then removes the old.
+fn promote_secondaries(iface: &Interface) {
+    let path = format!("/proc/sys/net/ipv4/conf/{}/promote_secondaries", iface.name);
+    if let Err(e) = std::fs::write(&path, "1") {
+        crate::say!("cannot write {path}: {e}");
+    }
+}
+
+/// Moves the interface from the `old` lease to `new` (configuring it again even if they are the
+/// same: the address is put back if something took it off): the new address first, then the
+/// old one off if it differs, so the machine never answers for an address it no longer holds.
 pub fn reconfigure(iface: &Interface, old: &Lease, new: &Lease) -> Result<(), NetError> {
     configure(iface, new)?;
     if old.address != new.address || old.prefix != new.prefix {

@@ -28,7 +28,16 @@ enum Ended {
     NotStarted(std::io::Error),
 }
 
+/// How long an agent given an enrolment token has to enrol. A boot token is taken once and
+/// expires: an agent that could not finish (a lost answer, a deployer that failed midway, a
+/// token expired in a boot storm) will never enrol with it, and restarting the machine fetches
+/// a new script with a new token.
+const ENROL_DEADLINE: Duration = Duration::from_secs(10 * 60);
+
 pub fn run_agent(config: &BootConfig) -> ! {
+    if config.enroll_token.is_some() {
+        std::thread::spawn(watch_enrolment);
+    }
     let mut backoff = FIRST_BACKOFF;
     let mut failed_starts = 0;
     loop {
@@ -40,14 +49,14 @@ pub fn run_agent(config: &BootConfig) -> ! {
         match &ended {
             Ended::Exited(USAGE) => {
                 let why = "the agent refused the kernel command line (its message is above)";
-                system::reboot_after(&why, Duration::from_secs(30));
+                system::reboot_after(&why, system::SHOW_WHY);
             }
             Ended::NotStarted(e) => {
                 failed_starts += 1;
                 say!("cannot start {AGENT}: {e}");
                 if failed_starts >= MAX_FAILED_STARTS {
                     let why = format!("{AGENT} did not start {MAX_FAILED_STARTS} times in a row");
-                    system::reboot_after(&why, Duration::from_secs(30));
+                    system::reboot_after(&why, system::SHOW_WHY);
                 }
             }
             Ended::Exited(code) => {
@@ -108,4 +117,21 @@ fn reap_for(pause: Duration) {
             Duration::from_millis(200).min(until.saturating_duration_since(Instant::now())),
         );
     }
+}
+
+/// Restarts the machine if the agent has no credential in [`ENROL_DEADLINE`].
+fn watch_enrolment() {
+    let credential = std::path::Path::new(STATE_DIR).join("credential");
+    let until = Instant::now() + ENROL_DEADLINE;
+    while Instant::now() < until {
+        if credential.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let why = format!(
+        "the agent did not enrol within {} minutes (its messages are above); booting again for a new enrolment token",
+        ENROL_DEADLINE.as_secs() / 60
+    );
+    system::reboot_after(&why, system::SHOW_WHY);
 }

@@ -110,6 +110,9 @@ pub fn set_hostname(name: &str) {
     }
 }
 
+/// How long a machine that cannot go on shows why before it restarts.
+pub const SHOW_WHY: Duration = Duration::from_secs(30);
+
 /// Says why, waits long enough for a person at the console to read it, and restarts the
 /// machine: a machine that boots from the network gets its next command line from the
 /// deployer, so a fixed one is picked up by the reboot.

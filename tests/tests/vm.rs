@@ -111,18 +111,19 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     }
 
     // A boot script's enrolment token is that machine's alone, and taken once; the fleet's
-    // token is never on it.
-    let url = format!(
-        "{}/boot/ipxe/machine?mac=52-54-00-00-00-09&arch=x86_64",
-        deployer.url()
-    );
-    let script = ureq::get(&url).call()?.into_string()?;
-    assert!(!script.contains(ENROLL), "{script}");
-    let token = script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("muscle.enroll="))
-        .with_context(|| format!("no token in {script}"))?;
-    let enrol = |id: &str| {
+    // token is never on it; and no script's token takes over an agent that enrolled with the
+    // fleet's token (the aarch64 machine booted directly with it).
+    let script_for = |mac: &str| -> Result<String> {
+        let url = format!("{}/boot/ipxe/machine?mac={mac}&arch=x86_64", deployer.url());
+        let script = ureq::get(&url).call()?.into_string()?;
+        assert!(!script.contains(ENROLL), "{script}");
+        Ok(script
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("muscle.enroll="))
+            .with_context(|| format!("no token in {script}"))?
+            .to_owned())
+    };
+    let enrol = |token: &str, id: &str| {
         let body = serde_json::json!({
             "agent_id": id, "arch": "x86_64", "hostname": id, "agent_version": "0.1.0", "apps": []
         });
@@ -135,13 +136,36 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
                 other => panic!("{other}"),
             })
     };
+    let (a, b) = ("52-54-00-00-00-08", "52-54-00-00-00-09");
+    let token_a = script_for(a)?;
+    script_for(b)?;
     assert_eq!(
-        enrol("muscle-52-54-00-00-00-01"),
+        enrol(&token_a, &format!("muscle-{b}")),
         401,
         "another machine's id"
     );
-    assert_eq!(enrol("muscle-52-54-00-00-00-09"), 200);
-    assert_eq!(enrol("muscle-52-54-00-00-00-09"), 401, "taken once");
+    assert_eq!(enrol(&token_a, &format!("muscle-{a}")), 200);
+    assert_eq!(enrol(&token_a, &format!("muscle-{a}")), 401, "taken once");
+    let fleet_enrolled = "muscle-52-54-00-00-00-02";
+    let grab = script_for("52-54-00-00-00-02")?;
+    assert_eq!(
+        enrol(&grab, fleet_enrolled),
+        401,
+        "a fleet-enrolled agent is not taken over"
+    );
+    let seen = deployer.fleet_row(fleet_enrolled)?["last_seen_ms"]
+        .as_u64()
+        .unwrap_or(0);
+    muscle_e2e::wait_until(
+        "the aarch64 machine to check in again",
+        Duration::from_secs(30),
+        || {
+            let now = deployer.fleet_row(fleet_enrolled)?["last_seen_ms"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok((now > seen).then_some(()))
+        },
+    )?;
 
     // Power the network-booted machine off and on: its tmpfs is gone; it boots again, enrols
     // again with its new script's token, comes back as the same member and is given its
@@ -162,7 +186,7 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     assert_eq!(
         fleet.len(),
         3,
-        "the same members (and the probe's id): {fleet:#?}"
+        "the same members (and the probe's): {fleet:#?}"
     );
     Ok(())
 }

@@ -25,13 +25,28 @@ pub trait BootStore {
     fn images(&self) -> Result<Vec<ImageRecord>>;
 
     /// Keeps the sha256 of the enrolment token a boot script gave `agent_id`, until
-    /// `expires_ms`; it replaces the one of its previous boot.
-    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()>;
-    /// Whether `agent_id` holds an unexpired boot token with this sha256; a token is taken once.
-    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool>;
-    /// Sets a recorded agent's credential, replacing any: a network-booted machine enrols again
-    /// at every boot, its state gone with its tmpfs.
-    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool>;
+    /// `expires_ms`; it replaces the one of its previous boot. Expired tokens are dropped.
+    fn issue_boot_token(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<()>;
+    /// Whether a boot token may enrol `agent_id` now (checked before its check-in is recorded):
+    /// an unexpired token with this sha256, for an agent that is new or a machine that enrolled
+    /// this way before. Takes nothing.
+    fn boot_token_valid(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool>;
+    /// In one transaction: takes the token (once), and gives the recorded agent this credential
+    /// if it has none or is a network-booted machine, replacing the one of its previous boot
+    /// (gone with its tmpfs). An agent enrolled with the fleet's token is never taken over.
+    fn enrol_machine(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        credential_sha256: &str,
+        now_ms: u64,
+    ) -> Result<bool>;
 }
 
 /// Inserted, the same again, or another manifest under the name and version.
@@ -46,6 +61,11 @@ pub(super) fn outcome(
         (false, _) => PutOutcome::Conflict,
     }
 }
+
+/// SQL (both dialects): the agent `agent_id` names is new, has no credential yet, or enrolled
+/// with a boot token before.
+pub(super) const MAY_ENROL_BY_BOOT: &str = "(NOT EXISTS (SELECT 1 FROM agents WHERE agents.id = boot_tokens.agent_id AND agents.credential_sha256 IS NOT NULL) \
+     OR EXISTS (SELECT 1 FROM boot_machines WHERE boot_machines.agent_id = boot_tokens.agent_id))";
 
 pub(super) const IMAGE_COLUMNS: &str = "name, version, manifest, signature, published_ms";
 
@@ -95,8 +115,19 @@ impl BootStore for SqliteStore {
         Ok(rows)
     }
 
-    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()> {
-        self.conn().execute(
+    fn issue_boot_token(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM boot_tokens WHERE expires_ms <= ?1",
+            [now_ms as i64],
+        )?;
+        conn.execute(
             "INSERT INTO boot_tokens (agent_id, sha256, expires_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (agent_id) DO UPDATE SET sha256 = excluded.sha256, expires_ms = excluded.expires_ms",
             params![agent_id, token_sha256, expires_ms as i64],
@@ -104,19 +135,41 @@ impl BootStore for SqliteStore {
         Ok(())
     }
 
-    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
-        let taken = self.conn().execute(
-            "DELETE FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3",
+    fn boot_token_valid(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
+        Ok(self.conn().query_row(
+            &format!("SELECT EXISTS (SELECT 1 FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3 AND {MAY_ENROL_BY_BOOT})"),
             params![agent_id, token_sha256, now_ms as i64],
-        )?;
-        Ok(taken == 1)
+            |row| row.get(0),
+        )?)
     }
 
-    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool> {
-        let changed = self.conn().execute(
-            "UPDATE agents SET credential_sha256 = ?2 WHERE id = ?1",
-            params![agent_id, credential_sha256],
+    fn enrol_machine(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        credential_sha256: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let taken = tx.execute(
+            &format!("DELETE FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3 AND {MAY_ENROL_BY_BOOT}"),
+            params![agent_id, token_sha256, now_ms as i64],
+        )? == 1;
+        let set = taken
+            && tx.execute(
+                "UPDATE agents SET credential_sha256 = ?2 WHERE id = ?1",
+                params![agent_id, credential_sha256],
+            )? == 1;
+        if !set {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO boot_machines (agent_id, enrolled_ms) VALUES (?1, ?2)
+             ON CONFLICT (agent_id) DO UPDATE SET enrolled_ms = excluded.enrolled_ms",
+            params![agent_id, now_ms as i64],
         )?;
-        Ok(changed == 1)
+        tx.commit()?;
+        Ok(true)
     }
 }

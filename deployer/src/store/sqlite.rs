@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
         published_ms INTEGER NOT NULL, PRIMARY KEY (name, version));
      CREATE TABLE boot_tokens (
         agent_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, expires_ms INTEGER NOT NULL);",
+    // 10: the agents that enrolled with a boot token: only their credential may be replaced
+    // by the next boot's.
+    "CREATE TABLE boot_machines (agent_id TEXT PRIMARY KEY, enrolled_ms INTEGER NOT NULL);",
 ];
 
 pub struct SqliteStore {

@@ -563,48 +563,35 @@ fn images(s: &dyn Store) {
 }
 
 fn boot_tokens(s: &dyn Store) {
-    s.issue_boot_token("muscle-52-54-00-00-00-01", "old", 1_000)
-        .unwrap();
-    s.issue_boot_token("muscle-52-54-00-00-00-01", "new", 1_000)
-        .unwrap();
+    let (a, b) = ("muscle-52-54-00-00-00-01", "muscle-52-54-00-00-00-02");
+    s.issue_boot_token(a, "old", 0, 1_000).unwrap();
+    s.issue_boot_token(a, "new", 0, 1_000).unwrap();
     assert!(
-        !s.take_boot_token("muscle-52-54-00-00-00-01", "old", 10)
-            .unwrap(),
+        !s.boot_token_valid(a, "old", 10).unwrap(),
         "replaced by the next boot's"
     );
     assert!(
-        !s.take_boot_token("muscle-52-54-00-00-00-02", "new", 10)
-            .unwrap(),
+        !s.boot_token_valid(b, "new", 10).unwrap(),
         "another machine's"
     );
-    assert!(
-        !s.take_boot_token("muscle-52-54-00-00-00-01", "new", 1_000)
-            .unwrap(),
-        "expired"
-    );
-    assert!(s
-        .take_boot_token("muscle-52-54-00-00-00-01", "new", 999)
-        .unwrap());
-    assert!(
-        !s.take_boot_token("muscle-52-54-00-00-00-01", "new", 999)
-            .unwrap(),
-        "taken once"
-    );
-    assert!(
-        !s.replace_credential("muscle-52-54-00-00-00-01", "c1")
-            .unwrap(),
-        "not recorded yet"
-    );
-    s.record_checkin(&checkin("muscle-52-54-00-00-00-01"), 5)
-        .unwrap();
-    assert!(s.set_credential("muscle-52-54-00-00-00-01", "c1").unwrap());
-    assert!(s
-        .replace_credential("muscle-52-54-00-00-00-01", "c2")
-        .unwrap());
-    assert_eq!(
-        s.credential_sha256("muscle-52-54-00-00-00-01")
-            .unwrap()
-            .as_deref(),
-        Some("c2")
-    );
+    assert!(!s.boot_token_valid(a, "new", 1_000).unwrap(), "expired");
+    assert!(s.boot_token_valid(a, "new", 999).unwrap());
+    // Enrolment needs the agent recorded (its check-in comes first).
+    assert!(!s.enrol_machine(a, "new", "c1", 999).unwrap());
+    s.issue_boot_token(a, "new", 0, 1_000).unwrap();
+    s.record_checkin(&checkin(a), 5).unwrap();
+    assert!(s.enrol_machine(a, "new", "c1", 999).unwrap());
+    assert!(!s.enrol_machine(a, "new", "c2", 999).unwrap(), "taken once");
+    assert_eq!(s.credential_sha256(a).unwrap().as_deref(), Some("c1"));
+    // The next boot replaces its credential.
+    s.issue_boot_token(a, "next", 2_000, 3_000).unwrap();
+    assert!(s.enrol_machine(a, "next", "c2", 2_500).unwrap());
+    assert_eq!(s.credential_sha256(a).unwrap().as_deref(), Some("c2"));
+    // An agent enrolled with the fleet's token is never taken over by a boot token.
+    s.record_checkin(&checkin(b), 5).unwrap();
+    assert!(s.set_credential(b, "fleet").unwrap());
+    s.issue_boot_token(b, "grab", 2_000, 3_000).unwrap();
+    assert!(!s.boot_token_valid(b, "grab", 2_500).unwrap());
+    assert!(!s.enrol_machine(b, "grab", "mine", 2_500).unwrap());
+    assert_eq!(s.credential_sha256(b).unwrap().as_deref(), Some("fleet"));
 }

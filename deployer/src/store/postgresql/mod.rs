@@ -91,6 +91,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (name, version));
      CREATE TABLE boot_tokens (
         agent_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, expires_ms BIGINT NOT NULL);",
+    // 3: the agents that enrolled with a boot token: only their credential may be replaced
+    // by the next boot's.
+    "CREATE TABLE boot_machines (agent_id TEXT PRIMARY KEY, enrolled_ms BIGINT NOT NULL);",
 ];
 
 type Manager = PostgresConnectionManager<NoTls>;

@@ -5,7 +5,7 @@ use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
 use super::{lock_writes, text, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
-use crate::store::boot::{self, BootStore, ImageRecord, IMAGE_COLUMNS};
+use crate::store::boot::{self, BootStore, ImageRecord, IMAGE_COLUMNS, MAY_ENROL_BY_BOOT};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
 use crate::store::jobs::{
     job_record, target_state, JobRecord, JobRow, JobStore, JobTarget, JOBS_KEPT_MS, JOB_COLUMNS,
@@ -529,9 +529,20 @@ impl BootStore for PgStore {
         })
     }
 
-    fn issue_boot_token(&self, agent_id: &str, token_sha256: &str, expires_ms: u64) -> Result<()> {
+    fn issue_boot_token(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<()> {
         off_async(|| {
-            self.conn()?.execute(
+            let mut conn = self.conn()?;
+            conn.execute(
+                "DELETE FROM boot_tokens WHERE expires_ms <= $1",
+                &[&(now_ms as i64)],
+            )?;
+            conn.execute(
                 "INSERT INTO boot_tokens (agent_id, sha256, expires_ms) VALUES ($1, $2, $3)
                  ON CONFLICT (agent_id) DO UPDATE SET sha256 = excluded.sha256, expires_ms = excluded.expires_ms",
                 &[&agent_id, &token_sha256, &(expires_ms as i64)],
@@ -540,23 +551,45 @@ impl BootStore for PgStore {
         })
     }
 
-    fn take_boot_token(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
+    fn boot_token_valid(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
         off_async(|| {
-            let taken = self.conn()?.execute(
-                "DELETE FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3",
+            let row = self.conn()?.query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3 AND {MAY_ENROL_BY_BOOT})"),
                 &[&agent_id, &token_sha256, &(now_ms as i64)],
             )?;
-            Ok(taken == 1)
+            Ok(row.get(0))
         })
     }
 
-    fn replace_credential(&self, agent_id: &str, credential_sha256: &str) -> Result<bool> {
+    fn enrol_machine(
+        &self,
+        agent_id: &str,
+        token_sha256: &str,
+        credential_sha256: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
         off_async(|| {
-            let changed = self.conn()?.execute(
-                "UPDATE agents SET credential_sha256 = $2 WHERE id = $1",
-                &[&agent_id, &credential_sha256],
+            let mut conn = self.conn()?;
+            let mut tx = conn.transaction()?;
+            let taken = tx.execute(
+                &format!("DELETE FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3 AND {MAY_ENROL_BY_BOOT}"),
+                &[&agent_id, &token_sha256, &(now_ms as i64)],
+            )? == 1;
+            let set = taken
+                && tx.execute(
+                    "UPDATE agents SET credential_sha256 = $2 WHERE id = $1",
+                    &[&agent_id, &credential_sha256],
+                )? == 1;
+            if !set {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO boot_machines (agent_id, enrolled_ms) VALUES ($1, $2)
+                 ON CONFLICT (agent_id) DO UPDATE SET enrolled_ms = excluded.enrolled_ms",
+                &[&agent_id, &(now_ms as i64)],
             )?;
-            Ok(changed == 1)
+            tx.commit()?;
+            Ok(true)
         })
     }
 }
