@@ -18,6 +18,10 @@ const RETRY: Duration = Duration::from_secs(5);
 use system::SHOW_WHY;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("muscle-init {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     if rustix::process::getpid() != rustix::process::Pid::INIT {
         eprintln!(
             "muscle-init is PID 1 of a Muscle boot image (cargo xtask image); it does nothing as an ordinary process"

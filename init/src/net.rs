@@ -179,16 +179,9 @@ impl Rtnl {
 
     /// Gives the interface the leased address (`ip addr replace ADDR/PREFIX dev NAME`).
     pub fn set_address(&mut self, iface: &Interface, lease: &Lease) -> Result<(), NetError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.prefix_len = lease.prefix;
-        msg.header.index = iface.index;
-        let addr = IpAddr::V4(lease.address);
-        msg.attributes = vec![
-            AddressAttribute::Local(addr),
-            AddressAttribute::Address(addr),
-            AddressAttribute::Broadcast(lease.broadcast()),
-        ];
+        let mut msg = address_message(iface, lease);
+        msg.attributes
+            .push(AddressAttribute::Broadcast(lease.broadcast()));
         self.request(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_CREATE | NLM_F_REPLACE,
@@ -203,22 +196,16 @@ impl Rtnl {
 
     /// Takes an address off the interface (`ip addr del ADDR/PREFIX dev NAME`).
     pub fn delete_address(&mut self, iface: &Interface, lease: &Lease) -> Result<(), NetError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.prefix_len = lease.prefix;
-        msg.header.index = iface.index;
-        let addr = IpAddr::V4(lease.address);
-        msg.attributes = vec![
-            AddressAttribute::Local(addr),
-            AddressAttribute::Address(addr),
-        ];
-        self.request(RouteNetlinkMessage::DelAddress(msg), 0)
-            .map_err(|e| {
-                NetError::Netlink(format!(
-                    "removing {} from {}: {e}",
-                    lease.address, iface.name
-                ))
-            })
+        self.request(
+            RouteNetlinkMessage::DelAddress(address_message(iface, lease)),
+            0,
+        )
+        .map_err(|e| {
+            NetError::Netlink(format!(
+                "removing {} from {}: {e}",
+                lease.address, iface.name
+            ))
+        })
     }
 
     /// The default route through `router` (`ip route replace default via ROUTER dev NAME`).
@@ -288,6 +275,20 @@ impl Rtnl {
             }
         }
     }
+}
+
+/// The leased address on the interface, as `ip addr` names it (local and peer the same).
+fn address_message(iface: &Interface, lease: &Lease) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = lease.prefix;
+    msg.header.index = iface.index;
+    let addr = IpAddr::V4(lease.address);
+    msg.attributes = vec![
+        AddressAttribute::Local(addr),
+        AddressAttribute::Address(addr),
+    ];
+    msg
 }
 
 /// Brings the interface up with the lease: address, then default route. A route the kernel

@@ -51,7 +51,12 @@ fn plain_release(dist: &Path) -> Result<()> {
     ensure!(sums.status.success(), "sha256sum -c: {}", text(&sums));
     let manifest: Value = serde_json::from_slice(&std::fs::read(release.join("manifest.json"))?)?;
     let targets = default_targets()?;
-    let bins = ["hello-service", "muscle-agent", "muscle-deploy"];
+    let bins = [
+        "hello-service",
+        "muscle-agent",
+        "muscle-deploy",
+        "muscle-init",
+    ];
     let artifacts = manifest["artifacts"].as_array().context("artifacts")?;
     assert_eq!(
         artifacts.len(),
@@ -173,7 +178,12 @@ fn check_uploads(record: &Path, dist: &Path, tag: &str, public_key: &str) -> Res
     let tarball = uploaded(&format!("release-{tag}.tar.gz"));
     let listing = tool("tar", &["tzf"], &tarball)?;
     for (triple, _) in default_targets()? {
-        for bin in ["hello-service", "muscle-agent", "muscle-deploy"] {
+        for bin in [
+            "hello-service",
+            "muscle-agent",
+            "muscle-deploy",
+            "muscle-init",
+        ] {
             assert!(
                 listing.contains(&format!("./{triple}/{bin}\n")),
                 "{triple}/{bin} missing from the tarball:\n{listing}"
