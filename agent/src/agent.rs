@@ -33,6 +33,8 @@ pub struct Config {
     pub leave_services_running: bool,
     pub log_max_bytes: u64,
     pub keep_versions: usize,
+    /// The boot image this machine runs, if it booted one.
+    pub boot_image: crate::image::BootImage,
 }
 
 pub struct Agent {
@@ -48,6 +50,11 @@ pub struct Agent {
     pub(crate) unreadable: Vec<muscle_protocol::Unreadable>,
     /// Apps the deployer took off this host.
     removed: Vec<Name>,
+    /// The boot image version the deployer wants this machine on.
+    desired_image: Option<Name>,
+    /// Set when the machine is to restart into another image: the loop ends and the agent
+    /// exits for muscle-init to restart it.
+    reboot: bool,
     /// A change made here (install, rollback, removal) that the next check-in reports.
     unreported_change: bool,
     generation: u64,
@@ -120,6 +127,8 @@ impl Agent {
             desired: vec![],
             unreadable: vec![],
             removed: vec![],
+            desired_image: None,
+            reboot: false,
             unreported_change: false,
             generation: 0,
             http,
@@ -217,7 +226,7 @@ impl Agent {
         let mut next_checkin = Instant::now();
         let mut backoff = self.cfg.interval;
         let mut was_down = false;
-        while !SHUTDOWN.load(Ordering::Relaxed) {
+        while !SHUTDOWN.load(Ordering::Relaxed) && !self.reboot {
             self.record_pids();
             if Instant::now() >= next_checkin {
                 let delay = match self.checkin() {
@@ -254,7 +263,12 @@ impl Agent {
             // Not past the next check-in: a change is reported at once, not a tick later.
             std::thread::sleep(TICK.min(next_checkin.saturating_duration_since(Instant::now())));
         }
-        self.shutdown()
+        self.shutdown()?;
+        if self.reboot {
+            say!("exiting for muscle-init to restart the machine into its new image");
+            std::process::exit(muscle_protocol::image::REBOOT_EXIT_CODE);
+        }
+        Ok(())
     }
 
     fn shutdown(&mut self) -> Result<()> {
@@ -363,9 +377,10 @@ impl Agent {
         if !response.unchanged {
             (self.desired, self.unreadable) = muscle_protocol::DesiredEntry::split(response.apps);
             self.removed = response.removed;
+            self.desired_image = response.image;
             self.generation = response.generation;
         }
-        let changed = self.refuse_unreadable() | self.reconcile();
+        let changed = self.refuse_unreadable() | self.reconcile() | self.follow_image();
         self.unreported_change |= changed;
         Ok(changed)
     }
@@ -387,6 +402,26 @@ impl Agent {
         changed
     }
 
+    /// Moves toward the desired boot image: a restart, or a refusal to report. Returns whether
+    /// there is something new to report.
+    fn follow_image(&mut self) -> bool {
+        let Some(desired) = self.desired_image.clone() else {
+            return false;
+        };
+        match self.cfg.boot_image.decide(&desired) {
+            crate::image::Decision::Keep => false,
+            crate::image::Decision::Refused => true,
+            crate::image::Decision::Reboot => {
+                say!(
+                    "{}: restarting the machine into {desired}",
+                    muscle_protocol::IMAGE_APP
+                );
+                self.reboot = true;
+                false
+            }
+        }
+    }
+
     /// What this agent tells the server.
     pub fn report(&mut self) -> CheckinRequest {
         // An app removed from this host is kept only for its counters: not reported.
@@ -398,6 +433,7 @@ impl Agent {
             .map(|(app, _)| self.app_report(app))
             .collect();
         apps.push(self.self_report());
+        apps.extend(self.cfg.boot_image.report(self.started.elapsed()));
         CheckinRequest {
             agent_id: self.id.clone(),
             arch: muscle_inspect::host_arch().to_owned(),

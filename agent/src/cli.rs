@@ -14,7 +14,7 @@ use muscle_protocol::Name;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/muscle-agent";
 
 pub enum Command {
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     Status {
         state_dir: PathBuf,
         json: bool,
@@ -86,6 +86,10 @@ pub struct RunArgs {
     pub log_format: LogFormat,
     pub log_keep: u32,
     pub keep_versions: usize,
+    /// What says which boot image this machine runs (default: an image's /etc/muscle-image.json).
+    pub image_file: PathBuf,
+    /// The image the deployer's boot script chose for this boot (muscle-init passes it on).
+    pub boot_image: Option<Name>,
 }
 
 /// What was wrong with the command line.
@@ -228,6 +232,8 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
         log_format: LogFormat::Text,
         log_keep: 3,
         keep_versions: 3,
+        image_file: muscle_protocol::image::IDENTITY_FILE.into(),
+        boot_image: None,
     };
     while let Some(arg) = p.next()? {
         match arg {
@@ -262,6 +268,12 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
             Long("log-format") => a.log_format = value(p, "log-format", log_format)?,
             Long("log-keep") => a.log_keep = value(p, "log-keep", log_keep)?,
             Long("keep-versions") => a.keep_versions = value(p, "keep-versions", number)?,
+            Long("image-file") => a.image_file = path(p)?,
+            Long("boot-image") => {
+                a.boot_image = Some(value(p, "boot-image", |s| {
+                    Name::parse(s).map_err(|e| e.to_string())
+                })?)
+            }
             other => return help_or_unexpected(other, RUN_HELP),
         }
     }
@@ -273,7 +285,7 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
             .ok()
             .filter(|t| !t.is_empty());
     }
-    Ok(Command::Run(a))
+    Ok(Command::Run(Box::new(a)))
 }
 
 fn supervisor(s: &str) -> std::result::Result<Supervisor, String> {
@@ -448,6 +460,11 @@ Options:
   --log-format FORMAT      The agent's own log: text or json [default: text]
   --log-keep N             Rotated log files kept per service, 1 to 100 [default: 3]
   --keep-versions N        Versions kept on disk per app, current and previous included [default: 3]
+  --image-file FILE        Which boot image this machine runs, if it booted one
+                           [default: /etc/muscle-image.json]
+  --boot-image VERSION     The image the deployer's boot script chose for this boot (muscle-init
+                           passes it from the kernel command line): only then does an image
+                           rollout restart the machine
   -h, --help               Print help
 ";
 

@@ -11,6 +11,7 @@ mod download;
 mod fsutil;
 mod health;
 mod http;
+mod image;
 mod install;
 mod isolation;
 mod jobs;
@@ -49,7 +50,7 @@ fn main() {
             print!("{text}");
             Ok(())
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status { state_dir, json } => status(&state_dir, json),
         Command::Fetch {
             url,
@@ -116,6 +117,7 @@ fn run(args: RunArgs) -> Result<()> {
         leave_services_running: args.leave_services_running,
         log_max_bytes: args.log_max_bytes,
         keep_versions: args.keep_versions.max(2),
+        boot_image: image::BootImage::read(&args.image_file, args.boot_image),
     };
     agent::Agent::start(cfg)?.run()
 }

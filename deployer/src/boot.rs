@@ -48,11 +48,11 @@ pub fn check_boot_args(args: &str) -> Result<String, String> {
             "{c:?}: expected printable ASCII words without $, {{ or }} (iPXE expands those)"
         ));
     }
-    let ours = ["server", "enroll", "id", "iface", "mac"].map(|k| format!("muscle.{k}="));
+    let ours = ["server", "enroll", "id", "iface", "mac", "image"].map(|k| format!("muscle.{k}="));
     for word in args.split_whitespace() {
         if ours.iter().any(|o| word.starts_with(o.as_str())) {
             return Err(format!(
-                "{word}: the deployer writes muscle.server=, muscle.enroll= and muscle.mac= itself (see --boot-server, --boot-enroll), and each machine is named after its MAC address"
+                "{word}: the deployer writes muscle.server=, muscle.enroll=, muscle.mac= and muscle.image= itself (see --boot-server, --boot-enroll), and each machine is named after its MAC address"
             ));
         }
         let pair = ["muscle.label=", "muscle.var="]
@@ -141,7 +141,7 @@ async fn machine_script(
             printable(&q.arch)
         ));
     };
-    let Some(server) = s.boot.server.clone().or_else(|| from_host(&headers, s.tls)) else {
+    let Some(server) = public_url(&s, &headers) else {
         return (
             StatusCode::BAD_REQUEST,
             "no usable Host header: start the deployer with --boot-server URL".to_string(),
@@ -155,9 +155,11 @@ async fn machine_script(
         );
     }
     let store = s.store.clone();
-    let newest =
-        tokio::task::spawn_blocking(move || crate::images::newest_for(store.as_ref(), arch)).await;
-    let (manifest, triple) = match newest {
+    let id = machine_id(&mac);
+    let chosen =
+        tokio::task::spawn_blocking(move || crate::images::for_machine(store.as_ref(), &id, arch))
+            .await;
+    let (manifest, triple) = match chosen {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => {
             let why = format!(
@@ -283,8 +285,11 @@ fn boot_script(
         ImageArch::X86_64 => "console=ttyS0",
         ImageArch::Aarch64 => "console=ttyAMA0",
     };
-    let mut cmdline =
-        format!("initrd=initramfs.gz {console} muscle.server={server} muscle.mac={mac}");
+    // muscle.image: what this script chose, so that the agent knows a restart can change it.
+    let mut cmdline = format!(
+        "initrd=initramfs.gz {console} muscle.server={server} muscle.mac={mac} muscle.image={}",
+        manifest.version
+    );
     if let Some(token) = enrol_token {
         cmdline.push_str(&format!(" muscle.enroll={token}"));
     }
@@ -319,6 +324,11 @@ fn parse_mac(text: &str) -> Option<String> {
             .iter()
             .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
     ok.then(|| text.to_ascii_lowercase())
+}
+
+/// The deployer's URL as machines reach it: `--boot-server`, else from the request's Host.
+pub(crate) fn public_url(s: &Server, headers: &HeaderMap) -> Option<String> {
+    s.boot.server.clone().or_else(|| from_host(headers, s.tls))
 }
 
 /// `http://HOST[:PORT]` from the request's Host header, if it is a plain host and port: it goes
@@ -404,7 +414,7 @@ mod tests {
         assert_eq!(
             kernel,
             format!(
-                "kernel /v1/blobs/sha256/{} initrd=initramfs.gz console=ttyS0 muscle.server=http://10.0.2.2:7700 muscle.mac=52-54-00-00-00-01 muscle.enroll=t0ken quiet muscle.label=a=b || goto failed",
+                "kernel /v1/blobs/sha256/{} initrd=initramfs.gz console=ttyS0 muscle.server=http://10.0.2.2:7700 muscle.mac=52-54-00-00-00-01 muscle.image=0.2.0 muscle.enroll=t0ken quiet muscle.label=a=b || goto failed",
                 "a".repeat(64)
             )
         );
@@ -462,6 +472,7 @@ mod tests {
             "muscle.id=x",
             "muscle.iface=eth1",
             "muscle.mac=52-54-00-00-00-01",
+            "muscle.image=0.1.0",
             "muscle.label=x",
             "a${x}",
             "muscle.var=a}",

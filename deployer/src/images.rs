@@ -7,8 +7,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use muscle_protocol::image::{self, ImageArch, ImageManifest, TargetImage};
 
+use muscle_protocol::{Name, IMAGE_APP};
+
+use crate::ops::{self, OpError, StartRequest, Started};
 use crate::publish::{self, PublishOutcome};
-use crate::store::{BlobPut, BlobStore, Change, ImageRecord, PutOutcome, Store};
+use crate::store::{AgentRecord, BlobPut, BlobStore, Change, ImageRecord, PutOutcome, Store};
 
 /// Re-checks and stores the image in `dir`, whose manifest.json is `manifest_text`, and records
 /// a new one in the audit log as `who`'s.
@@ -89,18 +92,129 @@ fn check_target(dir: &Path, triple: &str, target: &TargetImage) -> Result<[Vec<u
     Ok([kernel, initramfs])
 }
 
-/// The latest published image (in publication order) with a target for `arch`: its manifest
-/// and that target's triple.
-pub fn newest_for(store: &dyn Store, arch: ImageArch) -> Result<Option<(ImageManifest, String)>> {
-    for record in store.images()?.iter().rev() {
+/// The published images with a target for `arch`, oldest first.
+fn published_for(store: &dyn Store, arch: ImageArch) -> Result<Vec<ImageManifest>> {
+    Ok(store
+        .images()?
+        .iter()
         // Checked at publish; one that no longer parses is skipped, not served.
-        let Ok(manifest) = ImageManifest::parse(record.manifest.as_bytes()) else {
-            continue;
-        };
-        if let Some((triple, _)) = manifest.for_arch(arch) {
-            let triple = triple.to_string();
-            return Ok(Some((manifest, triple)));
-        }
+        .filter_map(|r| ImageManifest::parse(r.manifest.as_bytes()).ok())
+        .filter(|m| m.for_arch(arch).is_some())
+        .collect())
+}
+
+/// The image version an image rollout assigned `agent_id`, if one is published for `arch`: a
+/// machine running another is to restart into it.
+pub fn assigned(store: &dyn Store, agent_id: &str, arch: ImageArch) -> Result<Option<Name>> {
+    let Some(assignment) = store.assignment(agent_id, IMAGE_APP)? else {
+        return Ok(None);
+    };
+    Ok(published_for(store, arch)?
+        .into_iter()
+        .find(|m| m.version.as_str() == assignment.version)
+        .map(|m| m.version))
+}
+
+/// The image machine `agent_id` boots on `arch`, and its target's triple: the version an image
+/// rollout assigned it; else that of the newest standing image rollout (the fleet's image: a
+/// machine that joins now does not boot an image whose rollout was rolled back); else the
+/// newest published.
+pub fn for_machine(
+    store: &dyn Store,
+    agent_id: &str,
+    arch: ImageArch,
+) -> Result<Option<(ImageManifest, String)>> {
+    let published = published_for(store, arch)?;
+    let wanted = match store.assignment(agent_id, IMAGE_APP)? {
+        Some(a) => Some(a.version),
+        None => store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| r.app == IMAGE_APP && r.is_standing())
+            .max_by_key(|r| r.id)
+            .map(|r| r.version),
+    };
+    let chosen = wanted
+        .and_then(|v| published.iter().find(|m| m.version.as_str() == v))
+        .or(published.last());
+    Ok(chosen.map(|m| {
+        let (triple, _) = m.for_arch(arch).expect("published for this arch");
+        (m.clone(), triple.to_string())
+    }))
+}
+
+/// `rollout start muscle-image VERSION`: restarts the selected machines booted from images into
+/// that image, in the waves of any rollout; each must come back on it and check in.
+pub fn start_rollout(store: &dyn Store, req: StartRequest, who: &str) -> Result<Started, OpError> {
+    let record = store.image(IMAGE_APP, &req.version)?.ok_or_else(|| {
+        let known: Vec<String> = store
+            .images()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.version)
+            .collect();
+        OpError::NotFound(format!(
+            "boot image {} is not published (published: {}); build it with cargo xtask image \
+             --version {} and publish dist/{IMAGE_APP}-{}",
+            req.version,
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+            req.version,
+            req.version
+        ))
+    })?;
+    let manifest = ImageManifest::parse(record.manifest.as_bytes()).map_err(|e| {
+        OpError::Conflict(format!(
+            "the stored manifest of boot image {}: {e}",
+            req.version
+        ))
+    })?;
+    if req.service.is_some() {
+        return Err(OpError::Invalid(
+            "an image rollout runs no service: --service does not apply".into(),
+        ));
     }
-    Ok(None)
+    let service = ops::timed_spec(&req, None)?;
+    // Only machines that booted an image can restart into another.
+    let agents: Vec<AgentRecord> = store
+        .agents()?
+        .into_iter()
+        .filter(|a| {
+            a.report(IMAGE_APP)
+                .is_some_and(|r| r.installed_version.is_some())
+        })
+        .collect();
+    if agents.is_empty() {
+        return Err(OpError::Invalid(
+            "no agent runs a boot image: only machines booted with cargo xtask image's images \
+             (from the network) can be rolled to another"
+                .into(),
+        ));
+    }
+    ops::launch(store, req, service, &agents, vec![], who, |rollout| {
+        let missing: Vec<String> = rollout
+            .members()
+            .filter(|m| {
+                ImageArch::from_rust(&m.arch).is_none_or(|a| manifest.for_arch(a).is_none())
+            })
+            .map(|m| format!("{} ({})", m.agent_id, m.arch))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::Invalid(format!(
+            "boot image {} has no target for machines {}; it has {}",
+            manifest.version,
+            missing.join(", "),
+            manifest
+                .targets
+                .keys()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    })
 }

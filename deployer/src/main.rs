@@ -19,6 +19,7 @@ mod exec;
 mod failpoint;
 mod fsck;
 mod images;
+mod install;
 mod job_api;
 mod keys;
 mod listen;

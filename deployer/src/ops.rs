@@ -66,8 +66,12 @@ pub struct Started {
     pub notes: Vec<String>,
 }
 
-/// Plans and stores a rollout of a published release to the matching agents.
+/// Plans and stores a rollout of a published release (or, for the app `muscle-image`, of a
+/// boot image) to the matching agents.
 pub fn start(store: &dyn Store, req: StartRequest, who: &str) -> Result<Started, OpError> {
+    if req.app.as_str() == muscle_protocol::IMAGE_APP {
+        return crate::images::start_rollout(store, req, who);
+    }
     let release = store.release(&req.app, &req.version)?.ok_or_else(|| {
         let known: Vec<String> = store
             .releases()
@@ -96,7 +100,27 @@ pub fn start(store: &dyn Store, req: StartRequest, who: &str) -> Result<Started,
         ))
     })?;
     let signed = manifest.service.clone();
-    let mut service = req.service.or_else(|| signed.clone()).unwrap_or_default();
+    let service = timed_spec(&req, req.service.clone().or_else(|| signed.clone()))?;
+    let mut notes = Vec::new();
+    if signed.as_ref().is_some_and(|s| *s != service) {
+        notes.push(format!(
+            "{} {} carries a signed service spec; agents that pin release keys run it, not this \
+             rollout's --service/timings",
+            req.app, req.version
+        ));
+    }
+    let agents = store.agents()?;
+    launch(store, req, service, &agents, notes, who, |rollout| {
+        check_artifacts(&manifest, rollout)
+    })
+}
+
+/// `spec` (default: run the binary named like the app) with the request's timings, validated.
+pub(crate) fn timed_spec(
+    req: &StartRequest,
+    spec: Option<ServiceSpec>,
+) -> Result<ServiceSpec, OpError> {
+    let mut service = spec.unwrap_or_default();
     if let Some(ms) = req.min_healthy_time_ms {
         service.min_healthy_time = Duration::from_millis(ms);
     }
@@ -106,14 +130,20 @@ pub fn start(store: &dyn Store, req: StartRequest, who: &str) -> Result<Started,
     service
         .validate()
         .map_err(|e| OpError::Invalid(format!("the service spec: {e}")))?;
-    let mut notes = Vec::new();
-    if signed.as_ref().is_some_and(|s| *s != service) {
-        notes.push(format!(
-            "{} {} carries a signed service spec; agents that pin release keys run it, not this \
-             rollout's --service/timings",
-            req.app, req.version
-        ));
-    }
+    Ok(service)
+}
+
+/// Plans the rollout over `agents`, has `check` look at its members, and stores it, superseding
+/// the app's active rollout if the request says so.
+pub(crate) fn launch(
+    store: &dyn Store,
+    req: StartRequest,
+    service: ServiceSpec,
+    agents: &[store::AgentRecord],
+    notes: Vec<String>,
+    who: &str,
+    check: impl Fn(&Rollout) -> Result<(), OpError>,
+) -> Result<Started, OpError> {
     let active: Vec<Rollout> = store
         .rollouts()?
         .into_iter()
@@ -135,16 +165,9 @@ pub fn start(store: &dyn Store, req: StartRequest, who: &str) -> Result<Started,
         max_failures: req.max_failures.max(1),
         auto_rollback: req.auto_rollback,
     };
-    let rollout = Rollout::plan(
-        &req.app,
-        &req.version,
-        service,
-        params,
-        &store.agents()?,
-        now_ms(),
-    )
-    .map_err(OpError::Invalid)?;
-    check_artifacts(&manifest, &rollout)?;
+    let rollout = Rollout::plan(&req.app, &req.version, service, params, agents, now_ms())
+        .map_err(OpError::Invalid)?;
+    check(&rollout)?;
     for old in &active {
         store.request_rollout(old.id, Request::Supersede)?;
     }
@@ -250,6 +273,11 @@ pub fn undeploy(
     if app.as_str() == muscle_protocol::SELF_APP {
         return Err(OpError::Invalid(format!(
             "{app} is the agent itself: it cannot be undeployed (roll out the version to run)"
+        )));
+    }
+    if app.as_str() == muscle_protocol::IMAGE_APP {
+        return Err(OpError::Invalid(format!(
+            "{app} is what network-booted machines boot: it cannot be undeployed (roll out the image version to run)"
         )));
     }
     let agents: Vec<_> = store

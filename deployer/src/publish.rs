@@ -91,6 +91,13 @@ pub fn publish(
     let manifest = ReleaseManifest::parse(manifest_text.as_bytes())
         .with_context(|| format!("{}", manifest_path.display()))?;
     let signature = checked_signature(dir, &manifest_text, trusted)?;
+    if manifest.app.as_str() == muscle_protocol::IMAGE_APP {
+        bail!(
+            "{}: app {}: the name of boot images (cargo xtask image), not of a release",
+            manifest_path.display(),
+            manifest.app
+        );
+    }
     if manifest.artifacts.is_empty() {
         bail!(
             "{}: field `artifacts` is empty: nothing to publish",

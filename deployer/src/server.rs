@@ -19,6 +19,7 @@ pub use crate::auth::Auth;
 use crate::listen::{self, Limits};
 use crate::store::{is_blob_name, AuditEntry, BlobStore, Change, EngineLease, Store};
 use crate::{engine, now_ms};
+use muscle_protocol::image::ImageArch;
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Clone)]
@@ -58,6 +59,7 @@ pub fn router(server: Server) -> Router {
         .route("/v1/blobs/sha256/{hex}", get(blob))
         .merge(crate::api::routes())
         .merge(crate::boot::routes())
+        .merge(crate::install::routes())
         .merge(crate::console::routes(&server))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_CHECKIN_BYTES))
@@ -449,11 +451,12 @@ async fn checkin(
             apps: vec![],
             removed: vec![],
             probe_seen,
+            image: None,
         }));
     }
     let store = s.store.clone();
     let blob_base = s.blob_base_url.clone();
-    let (apps, removed) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+    let (apps, removed, image) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let apps = desired_apps(
             store.as_ref(),
             &req.agent_id,
@@ -461,7 +464,11 @@ async fn checkin(
             blob_base.as_deref(),
         )?;
         let removed = store.removals(&req.agent_id)?;
-        Ok((apps, removed))
+        let image = match ImageArch::from_rust(&req.arch) {
+            Some(arch) => crate::images::assigned(store.as_ref(), &req.agent_id, arch)?,
+            None => None,
+        };
+        Ok((apps, removed, image))
     })
     .await
     .map_err(internal)?
@@ -476,6 +483,7 @@ async fn checkin(
         // Names the store took from validated assignments.
         removed: removed.iter().filter_map(|a| Name::parse(a).ok()).collect(),
         probe_seen,
+        image,
     }))
 }
 
@@ -531,6 +539,7 @@ fn probed(
         apps: vec![],
         removed: vec![],
         probe_seen: Some(true),
+        image: None,
     }))
 }
 

@@ -23,6 +23,12 @@ pub struct BootConfig {
     pub id: Option<String>,
     /// `muscle.interval=DURATION`: how often the agent checks in.
     pub interval: Option<String>,
+    /// `muscle.image=VERSION`: the image the deployer chose for this boot (its boot scripts say
+    /// it); the agent compares it with the image it finds itself in.
+    pub image: Option<String>,
+    /// `muscle.enrol_within=SECONDS`: how long an agent given an enrolment token has to enrol
+    /// before the machine restarts (default 600; 30 to 86400).
+    pub enrol_within: Option<u64>,
     /// `muscle.iface=NAME`: the interface to configure.
     pub interface: Option<String>,
     /// `muscle.mac=52-54-00-12-34-56`: the interface to configure, by the MAC address the
@@ -111,6 +117,16 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError> {
             "id" => config.id = Some(value),
             "interval" => config.interval = Some(value),
             "iface" => config.interface = Some(value),
+            "image" => config.image = Some(value),
+            "enrol_within" => {
+                config.enrol_within = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|s| (30..=86_400).contains(s))
+                        .ok_or_else(|| bad("a number of seconds from 30 to 86400"))?,
+                )
+            }
             "mac" => {
                 config.mac = Some(
                     crate::net::parse_mac(&value)
@@ -179,6 +195,9 @@ impl BootConfig {
         if let Some(interval) = &self.interval {
             flag("interval", interval);
         }
+        if let Some(image) = &self.image {
+            flag("boot-image", image);
+        }
         args
     }
 }
@@ -192,7 +211,8 @@ mod tests {
         let c = parse(
             "console=ttyS0 quiet muscle.server=http://10.0.2.2:8080,http://10.0.2.2:8081 \
              muscle.enroll=abc muscle.label=site=lab muscle.label=\"rack=3\" muscle.key=00ff muscle.var=port=80 \
-             muscle.iface=eth1 muscle.interval=2s muscle.colour=blue muscle.flag muscle.mac=52-54-00-00-00-0A",
+             muscle.iface=eth1 muscle.interval=2s muscle.colour=blue muscle.flag muscle.mac=52-54-00-00-00-0A \
+             muscle.image=0.2.0 muscle.enrol_within=45",
         )
         .unwrap();
         assert_eq!(c.servers, ["http://10.0.2.2:8080", "http://10.0.2.2:8081"]);
@@ -221,9 +241,12 @@ mod tests {
                 "--trusted-key",
                 "00ff",
                 "--interval",
-                "2s"
+                "2s",
+                "--boot-image",
+                "0.2.0"
             ]
         );
+        assert_eq!(c.enrol_within, Some(45));
     }
 
     #[test]
@@ -236,6 +259,8 @@ mod tests {
         assert!(err("muscle.server=http://x muscle.label=nolabel").contains("KEY=VALUE"));
         assert!(err("muscle.server=http://x muscle.enroll=a\u{7}b").contains("control"));
         assert!(err("muscle.server=http://x muscle.mac=52-54").contains("six hex bytes"));
+        assert!(err("muscle.server=http://x muscle.enrol_within=5").contains("30 to 86400"));
+        assert!(err("muscle.server=http://x muscle.enrol_within=1e3").contains("30 to 86400"));
         let many = "muscle.label=a=b ".repeat(40);
         assert!(err(&format!("muscle.server=http://x {many}")).contains("at most 32"));
         // An error quotes at most 80 characters of the word.

@@ -13,6 +13,10 @@ pub const AGENT: &str = "/usr/bin/muscle-agent";
 
 /// The agent's exit status for a command line it refuses (its usage errors).
 const USAGE: i32 = 2;
+/// The agent's exit status that asks for a restart of the machine: the deployer assigned it
+/// another image, which its boot script will boot. (`muscle_protocol::image::REBOOT_EXIT_CODE`:
+/// init stays free of the protocol crate's dependencies; a test checks they agree.)
+pub const REBOOT: i32 = 75;
 /// A restart waits this long after a quick exit, doubling to at most [`MAX_BACKOFF`]; a run that
 /// lasted [`STEADY`] starts the count again.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -28,15 +32,20 @@ enum Ended {
     NotStarted(std::io::Error),
 }
 
-/// How long an agent given an enrolment token has to enrol. A boot token is taken once and
-/// expires: an agent that could not finish (a lost answer, a deployer that failed midway, a
-/// token expired in a boot storm) will never enrol with it, and restarting the machine fetches
-/// a new script with a new token.
+/// How long an agent given an enrolment token has to enrol (`muscle.enrol_within=` changes
+/// it). A boot token is taken once and expires: an agent that could not finish (a lost answer,
+/// a deployer that failed midway, a token expired in a boot storm) will never enrol with it, and
+/// restarting the machine fetches a new script with a new token. It is also what brings a
+/// machine on a bad image (one whose agent never enrols) back to its deployer, which then boots
+/// the previous image.
 const ENROL_DEADLINE: Duration = Duration::from_secs(10 * 60);
 
 pub fn run_agent(config: &BootConfig) -> ! {
     if config.enroll_token.is_some() {
-        std::thread::spawn(watch_enrolment);
+        let within = config
+            .enrol_within
+            .map_or(ENROL_DEADLINE, Duration::from_secs);
+        std::thread::spawn(move || watch_enrolment(within));
     }
     let mut backoff = FIRST_BACKOFF;
     let mut failed_starts = 0;
@@ -50,6 +59,9 @@ pub fn run_agent(config: &BootConfig) -> ! {
             Ended::Exited(USAGE) => {
                 let why = "the agent refused the kernel command line (its message is above)";
                 system::reboot_after(&why, system::SHOW_WHY);
+            }
+            Ended::Exited(REBOOT) => {
+                system::reboot_after(&"the agent asked to boot another image", Duration::ZERO);
             }
             Ended::NotStarted(e) => {
                 failed_starts += 1;
@@ -120,9 +132,9 @@ fn reap_for(pause: Duration) {
 }
 
 /// Restarts the machine if the agent has no credential in [`ENROL_DEADLINE`].
-fn watch_enrolment() {
+fn watch_enrolment(within: Duration) {
     let credential = std::path::Path::new(STATE_DIR).join("credential");
-    let until = Instant::now() + ENROL_DEADLINE;
+    let until = Instant::now() + within;
     while Instant::now() < until {
         if credential.exists() {
             return;
@@ -130,8 +142,16 @@ fn watch_enrolment() {
         std::thread::sleep(Duration::from_secs(1));
     }
     let why = format!(
-        "the agent did not enrol within {} minutes (its messages are above); booting again for a new enrolment token",
-        ENROL_DEADLINE.as_secs() / 60
+        "the agent did not enrol within {} s (its messages are above); booting again for a new enrolment token",
+        within.as_secs()
     );
     system::reboot_after(&why, system::SHOW_WHY);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_restart_status_is_the_agents() {
+        assert_eq!(super::REBOOT, muscle_protocol::image::REBOOT_EXIT_CODE);
+    }
 }

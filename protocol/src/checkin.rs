@@ -143,6 +143,11 @@ pub struct CheckinResponse {
     /// The answer to `confirm_probe`: whether the probe with that nonce checked in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_seen: Option<bool>,
+    /// The boot image version this machine should run (network-booted machines only): one that
+    /// runs another restarts into it, as the deployer's boot script then boots it. Like `apps`,
+    /// sent in changed answers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Name>,
 }
 
 /// One entry of an answer's `apps`, read on its own. An entry this agent cannot read (a field a

@@ -14,6 +14,36 @@ pub const KERNEL_FILE: &str = "vmlinuz";
 pub const INITRAMFS_FILE: &str = "initramfs.gz";
 /// Larger files are not boot images (Debian's kernels are 14 MiB, our initramfs 2 MiB).
 pub const MAX_IMAGE_FILE: u64 = 256 * 1024 * 1024;
+/// Where an image's initramfs says which image it is ([`ImageIdentity`]).
+pub const IDENTITY_FILE: &str = "/etc/muscle-image.json";
+/// The agent's exit status that asks muscle-init to restart the machine (into the image the
+/// deployer now assigns it). Neither 0, 1 (errors) nor 2 (usage).
+pub const REBOOT_EXIT_CODE: i32 = 75;
+
+/// The image a machine booted, as its initramfs records it at [`IDENTITY_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageIdentity {
+    pub name: Name,
+    pub version: Name,
+    pub target: Name,
+}
+
+impl ImageIdentity {
+    /// Parses the identity file (at most 4 KiB are read by the agent).
+    pub fn parse(bytes: &[u8]) -> Result<ImageIdentity, String> {
+        let id: ImageIdentity = serde_json::from_slice(bytes)
+            .map_err(|e| format!("{IDENTITY_FILE}: not an image identity: {e}"))?;
+        if id.name.as_str() != crate::IMAGE_APP {
+            return Err(format!(
+                "{IDENTITY_FILE}: name {:?}, expected {:?}",
+                id.name.as_str(),
+                crate::IMAGE_APP
+            ));
+        }
+        Ok(id)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageManifest {
@@ -119,6 +149,8 @@ pub enum ImageManifestError {
     Parse(#[from] serde_json::Error),
     #[error("manifest.json: field `schema` is {found}, expected {IMAGE_SCHEMA}")]
     Schema { found: u32 },
+    #[error("manifest.json: field `name` is {found:?}, expected \"muscle-image\" (images are rolled out as that app)")]
+    Name { found: String },
     #[error("manifest.json: field `targets` is empty: nothing to boot")]
     NoTargets,
     #[error("manifest.json: target {target}: {file}: {problem}")]
@@ -139,6 +171,11 @@ impl ImageManifest {
     fn validate(&self) -> Result<(), ImageManifestError> {
         if self.schema != IMAGE_SCHEMA {
             return Err(ImageManifestError::Schema { found: self.schema });
+        }
+        if self.name.as_str() != crate::IMAGE_APP {
+            return Err(ImageManifestError::Name {
+                found: self.name.to_string(),
+            });
         }
         if self.targets.is_empty() {
             return Err(ImageManifestError::NoTargets);

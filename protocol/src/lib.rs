@@ -85,6 +85,10 @@ pub use signing::{
 /// The app under which agents' own releases are rolled out (a self-update).
 pub const SELF_APP: &str = "muscle-agent";
 
+/// The app under which boot images are rolled out: a machine booted from the network reports
+/// the image it runs as this app, and is rebooted into the version a rollout assigns it.
+pub const IMAGE_APP: &str = "muscle-image";
+
 /// Parses a label, selector or variable written `key=value` (the value may be empty).
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

@@ -12,10 +12,15 @@ use crate::{free_port, wait_until, Boot, Deployer, Vm, VmOptions, TARGETS};
 /// Where hello-service listens inside each machine.
 pub const GUEST_PORT: u16 = 8080;
 
+/// How long a booted machine's agent has to enrol before the machine restarts: short, for a
+/// machine on a bad image to come back soon.
+pub const ENROL_WITHIN_SECS: u64 = 40;
+
 /// `serve` arguments that boot machines into the fleet by themselves.
 pub fn boot_serve_args(enroll_token: &str) -> Vec<String> {
-    let args =
-        format!("quiet muscle.label=boot=ipxe muscle.var=port={GUEST_PORT} muscle.interval=1s");
+    let args = format!(
+        "quiet muscle.label=boot=ipxe muscle.var=port={GUEST_PORT} muscle.interval=1s muscle.enrol_within={ENROL_WITHIN_SECS}"
+    );
     [
         "--enroll-token",
         enroll_token,
@@ -99,6 +104,7 @@ impl Machine {
             1 => format!("{arch}-console.log"),
             n => format!("{arch}-console-boot{n}.log"),
         };
+        let reboots = matches!(how, Boot::Network { .. });
         Vm::start(
             VmOptions {
                 arch,
@@ -106,6 +112,9 @@ impl Machine {
                 mac: format!("52:54:00:00:00:0{}", self.n + 1),
                 forwards: vec![(host_port, GUEST_PORT)],
                 memory_mib: 256,
+                // A network-booted machine restarts into what the deployer says (an image
+                // rollout); one booted directly would only boot the same image again.
+                reboots,
             },
             &self.logs.join(console),
         )

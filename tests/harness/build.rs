@@ -360,12 +360,13 @@ fn release_fake_agent(version: &str, body: &str, out: &Path) -> Result<Artifacts
     )
 }
 
-/// `cargo xtask image` for `targets` into `out`; returns the image directory
-/// (`out/muscle-image-<version>`).
-pub fn xtask_image(targets: &[(&str, &str)], out: &Path) -> Result<PathBuf> {
+/// `cargo xtask image` for `targets` into `out`, with `extra` arguments (`--version`,
+/// `--agent`); returns the image directory (`out/muscle-image-<version>`).
+pub fn xtask_image(targets: &[(&str, &str)], out: &Path, extra: &[&str]) -> Result<PathBuf> {
     let out_dir = out.to_str().context("non-UTF-8 path")?;
     let mut args = vec!["image", "--out", out_dir];
     args.extend(crate::target_args(targets));
+    args.extend(extra);
     let output = xtask(&args)?;
     if !output.status.success() {
         bail!(

@@ -182,6 +182,18 @@ impl Deployer {
         self.ok(&["publish", release.to_str().context("non-UTF-8 path")?])
     }
 
+    /// Starts a rollout with `args` after `rollout start`; returns its id.
+    pub fn start_rollout(&self, args: &[&str]) -> Result<i64> {
+        let mut full = vec!["rollout", "start"];
+        full.extend(args);
+        let out = self.ok(&full)?;
+        let id = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.trim_end_matches(':').parse().ok());
+        id.with_context(|| format!("no rollout id in {out:?}"))
+    }
+
     pub fn rollout(&self, id: Option<i64>) -> Result<serde_json::Value> {
         let id = id.map(|i| i.to_string());
         let mut args = vec!["rollout", "status", "--json"];

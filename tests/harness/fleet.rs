@@ -264,13 +264,6 @@ impl Fleet {
 
     /// Starts a rollout with `args` after `rollout start`; returns its id.
     pub fn start_rollout(&self, args: &[&str]) -> Result<i64> {
-        let mut full = vec!["rollout", "start"];
-        full.extend(args);
-        let out = self.deployer.ok(&full)?;
-        let id = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.trim_end_matches(':').parse().ok());
-        id.with_context(|| format!("no rollout id in {out:?}"))
+        self.deployer.start_rollout(args)
     }
 }

@@ -29,6 +29,9 @@ pub struct VmOptions {
     /// (host loopback port, guest port) pairs.
     pub forwards: Vec<(u16, u16)>,
     pub memory_mib: u32,
+    /// A reboot restarts the machine, as a real one would; otherwise qemu ends (`-no-reboot`)
+    /// and [`Vm::running`] says so.
+    pub reboots: bool,
 }
 
 pub struct Vm {
@@ -55,7 +58,10 @@ impl Vm {
         cmd.args(["-accel", "tcg"])
             .args(machine)
             .args(["-m", &opts.memory_mib.to_string()])
-            .args(["-nographic", "-no-reboot"]);
+            .arg("-nographic");
+        if !opts.reboots {
+            cmd.arg("-no-reboot");
+        }
         match &opts.boot {
             Boot::Direct {
                 kernel,
@@ -96,7 +102,8 @@ impl Vm {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
-    /// Whether qemu still runs (it exits when the guest powers off or reboots: `-no-reboot`).
+    /// Whether qemu still runs (it exits when the guest powers off, or reboots without
+    /// [`VmOptions::reboots`]).
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()

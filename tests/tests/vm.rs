@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use muscle_e2e::{
-    boot_bare_machines, boot_serve_args, release_hello_for_machines, xtask_image, Deployer, TARGETS,
+    boot_bare_machines, boot_serve_args, release_hello_for_machines, xtask_image, Artifacts,
+    BareMachine, Deployer, TARGETS,
 };
 
 const ENROLL: &str = "vm-enrolment-token";
@@ -39,8 +40,8 @@ fn assert_reproducible(first: &Path, second: &Path) -> Result<()> {
 fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
     let b = common::builds();
     let dir = common::scratch("vm");
-    let image = xtask_image(&TARGETS, &dir.join("image-1"))?;
-    let again = xtask_image(&TARGETS, &dir.join("image-2"))?;
+    let image = xtask_image(&TARGETS, &dir.join("image-1"), &[])?;
+    let again = xtask_image(&TARGETS, &dir.join("image-2"), &[])?;
     assert_reproducible(&image, &again)?;
     let hello = release_hello_for_machines("0.5.0", &dir.join("dist"))?;
 
@@ -90,19 +91,7 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         booted.elapsed().as_secs_f64()
     );
 
-    let out = deployer.ok(&[
-        "rollout",
-        "start",
-        "hello-service",
-        "0.5.0",
-        "--max-parallel",
-        "2",
-    ])?;
-    let id: i64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.trim_end_matches(':').parse().ok())
-        .with_context(|| format!("no rollout id in {out:?}"))?;
+    let id = deployer.start_rollout(&["hello-service", "0.5.0", "--max-parallel", "2"])?;
     let r = deployer.wait_rollout_end(id, Duration::from_secs(300))?;
     assert_eq!(r["status"], "succeeded", "{r:#}");
     for m in &machines {
@@ -188,5 +177,134 @@ fn bare_vms_boot_the_image_enrol_and_run_a_rollout() -> Result<()> {
         3,
         "the same members (and the probe's): {fleet:#?}"
     );
+
+    image_rollouts(&deployer, &machines, &hello, &dir)
+}
+
+/// The boot image a machine reports (as the app `muscle-image`).
+fn image_of(deployer: &Deployer, id: &str) -> Result<Option<String>> {
+    let row = deployer.fleet_row(id)?;
+    let apps = row["apps"].as_array().cloned().unwrap_or_default();
+    Ok(apps
+        .iter()
+        .find(|a| a["app"] == "muscle-image")
+        .and_then(|a| a["version"].as_str().map(str::to_owned)))
+}
+
+/// Waits until machine `id` reports running image `version`.
+fn wait_image(deployer: &Deployer, m: &BareMachine, version: &str) -> Result<()> {
+    muscle_e2e::wait_until(
+        &format!("{} to run image {version}", m.id),
+        BOOT_TIMEOUT,
+        || Ok((image_of(deployer, &m.id)?.as_deref() == Some(version)).then_some(())),
+    )
+    .with_context(|| m.vm.log())
+}
+
+/// Image rollouts: the network-booted machine restarts into a new image and comes back on it;
+/// a bad image (its agent never enrols) halts the rollout in its canary, and the machine, which
+/// restarts when its agent has not enrolled in time, boots the previous image again. The
+/// machine booted directly refuses: restarting would only boot the same image again.
+fn image_rollouts(
+    deployer: &Deployer,
+    machines: &[BareMachine],
+    hello: &Artifacts,
+    dir: &Path,
+) -> Result<()> {
+    let x86 = TARGETS.iter().find(|t| t.1 == "x86_64").copied().unwrap();
+    let good = xtask_image(&TARGETS, &dir.join("image-good"), &["--version", "0.2.0"])?;
+    let hello_binary = hello.binary(x86.0, "hello-service");
+    let hello_arg = hello_binary.to_str().context("UTF-8 path")?;
+    let bad = xtask_image(
+        &[x86],
+        &dir.join("image-bad"),
+        &["--version", "0.3.0", "--agent", hello_arg],
+    )?;
+    deployer.publish(&good)?;
+    let timings = [
+        "--min-healthy-time",
+        "1s",
+        "--healthy-deadline",
+        "15s",
+        "--auto-rollback",
+    ];
+    let image_rollout = |version: &str, arch: &str| -> Result<serde_json::Value> {
+        let selector = format!("arch={arch}");
+        let mut args = vec!["muscle-image", version, "--selector", &selector];
+        args.extend(timings);
+        let id = deployer.start_rollout(&args)?;
+        deployer.wait_rollout_end(id, Duration::from_secs(300))
+    };
+
+    let arm = machines.iter().find(|m| m.arch == "aarch64").unwrap();
+    let before = image_of(deployer, &arm.id)?.context("the aarch64 machine reports its image")?;
+    let r = image_rollout("0.2.0", "aarch64")?;
+    assert_eq!(r["status"], "rolled_back", "{r:#}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not boot through the deployer's boot script"),
+        "{r:#}"
+    );
+    assert_eq!(image_of(deployer, &arm.id)?, Some(before));
+
+    let x86_machine = machines.iter().find(|m| m.arch == "x86_64").unwrap();
+    let restarted = Instant::now();
+    let r = image_rollout("0.2.0", "x86_64")?;
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    eprintln!(
+        "the x86_64 machine restarted into image 0.2.0 and checked in {:.1} s after the rollout started",
+        restarted.elapsed().as_secs_f64()
+    );
+    assert!(x86_machine.vm.log().contains("booting muscle-image 0.2.0"));
+    let answer = x86_machine.ask("/version", Duration::from_secs(120))?;
+    assert!(answer.contains("0.5.0"), "on image 0.2.0: {answer}");
+
+    deployer.publish(&bad)?;
+    let restarted = Instant::now();
+    let r = image_rollout("0.3.0", "x86_64")?;
+    assert_eq!(r["status"], "rolled_back", "{r:#}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("halted in canary"),
+        "{r:#}"
+    );
+    // The machine's fleet row still says 0.2.0 (its bad image never checked in): its console
+    // says what it booted since.
+    let bad_boot = x86_machine
+        .vm
+        .log()
+        .find("booting muscle-image 0.3.0")
+        .context("the machine booted the bad image")?;
+    muscle_e2e::wait_until(
+        "the machine to boot image 0.2.0 again and enrol",
+        BOOT_TIMEOUT,
+        || {
+            let console = x86_machine.vm.log();
+            let after = &console[bad_boot..];
+            let back = after.find("booting muscle-image 0.2.0");
+            Ok(back
+                .filter(|at| after[*at..].contains("enrolled as"))
+                .map(|_| ()))
+        },
+    )
+    .with_context(|| x86_machine.vm.log())?;
+    // Its agent is hello-service: it refuses the agent's command line (init restarts the
+    // machine after 30 s), or would never enrol (init's watchdog restarts it).
+    let console = x86_machine.vm.log();
+    assert!(
+        console[bad_boot..].contains("muscle-init: restarting in"),
+        "the bad image's machine restarted by itself:\n{console}"
+    );
+    wait_image(deployer, x86_machine, "0.2.0")?;
+    eprintln!(
+        "the bad image halted and the machine was back on image 0.2.0 {:.1} s after the rollout started",
+        restarted.elapsed().as_secs_f64()
+    );
+    let answer = x86_machine.ask("/version", Duration::from_secs(120))?;
+    assert!(answer.contains("0.5.0"), "back on image 0.2.0: {answer}");
     Ok(())
 }

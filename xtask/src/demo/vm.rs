@@ -52,12 +52,7 @@ pub fn run(keep: bool) -> Result<i32> {
     eprint!("{}", deployer.ok(&["fleet"])?);
 
     step("rollout: hello-service 0.5.0 to both machines, canary per architecture");
-    let out = deployer.ok(&["rollout", "start", "hello-service", "0.5.0"])?;
-    let id: i64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.trim_end_matches(':').parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no rollout id in {out:?}"))?;
+    let id = deployer.start_rollout(&["hello-service", "0.5.0"])?;
     watch_rollout(&deployer, id)?;
 
     step("machines: each answers through its forwarded port, from its own architecture");

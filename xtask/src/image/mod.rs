@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use muscle_protocol::image::{
-    ImageArch, ImageFile, ImageManifest, KernelPackage, ManifestKind, TargetImage, IMAGE_SCHEMA,
-    INITRAMFS_FILE, KERNEL_FILE,
+    ImageArch, ImageFile, ImageIdentity, ImageManifest, KernelPackage, ManifestKind, TargetImage,
+    IDENTITY_FILE, IMAGE_SCHEMA, INITRAMFS_FILE, KERNEL_FILE,
 };
 use muscle_protocol::Name;
 
@@ -36,6 +36,11 @@ pub struct ImageArgs {
     /// published: an image rebuilt with a newer kernel needs a new one.
     #[arg(long, value_parser = parse_version)]
     pub version: Option<Name>,
+    /// The agent binary to put in the image instead of this workspace's (one already released,
+    /// say; only with a single --target). Verified like a release's binary: static, for the
+    /// target's architecture.
+    #[arg(long, value_name = "FILE")]
+    pub agent: Option<PathBuf>,
 }
 
 fn parse_version(s: &str) -> std::result::Result<Name, String> {
@@ -44,7 +49,7 @@ fn parse_version(s: &str) -> std::result::Result<Name, String> {
 
 /// The packages whose binaries go into every image.
 const PACKAGES: [&str; 2] = ["muscle-agent", "muscle-init"];
-const NAME: &str = "muscle-image";
+const NAME: &str = muscle_protocol::IMAGE_APP;
 
 pub fn run(args: ImageArgs) -> Result<i32> {
     build(&args).map(|_| 0)
@@ -68,6 +73,9 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     }
     if args.kernel.is_some() && chosen.len() != 1 {
         bail!("--kernel names one architecture's kernel: give exactly one --target with it");
+    }
+    if args.agent.is_some() && chosen.len() != 1 {
+        bail!("--agent names one architecture's agent: give exactly one --target with it");
     }
     let packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
     let ws = workspace::Workspace::load(None, &packages, &[])?;
@@ -121,11 +129,19 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     };
     let mut sums = Vec::new();
     for target in &chosen {
-        let binaries: Vec<(&str, PathBuf)> = built
+        let mut binaries: Vec<(&str, PathBuf)> = built
             .iter()
             .filter(|b| b.target.triple == target.triple)
             .map(|b| (b.binary.as_str(), b.path.clone()))
             .collect();
+        if let Some(agent) = &args.agent {
+            check_agent(agent, target)?;
+            for (name, path) in &mut binaries {
+                if *name == "muscle-agent" {
+                    *path = agent.clone();
+                }
+            }
+        }
         let image = write_target(&staging, target, &binaries, args, &manifest)?;
         for (file, facts) in image.files() {
             sums.push(format!("{}  {}/{file}\n", facts.sha256, target.triple));
@@ -152,6 +168,22 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     }
     eprintln!("wrote {}", dir.display());
     Ok(dir)
+}
+
+/// An `--agent` binary must pass the checks a released one does for `target`.
+fn check_agent(agent: &Path, target: &TargetSpec) -> Result<()> {
+    let facts =
+        muscle_inspect::inspect_file(agent).map_err(|e| anyhow::anyhow!(e.in_file(agent)))?;
+    let verdict = muscle_inspect::verify(&facts, &target.expectation());
+    if !verdict.passed() {
+        bail!(
+            "--agent {} is not a binary for {}: {}",
+            agent.display(),
+            target.triple,
+            verdict.failure_summary()
+        );
+    }
+    Ok(())
 }
 
 /// One target's kernel and initramfs, written into `staging/<triple>/`.
@@ -234,13 +266,13 @@ fn write_target(
             bytes: order.into_bytes(),
         },
     ));
-    let identity = serde_json::json!({
-        "name": NAME,
-        "version": manifest.version,
-        "target": target.triple,
-    });
+    let identity = ImageIdentity {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        target: Name::parse(&target.triple)?,
+    };
     entries.push((
-        "etc/muscle-image.json".into(),
+        IDENTITY_FILE.trim_start_matches('/').into(),
         initramfs::Entry::File {
             mode: 0o644,
             bytes: serde_json::to_vec(&identity)?,

@@ -1,0 +1,195 @@
+#!/bin/sh
+# Installs muscle-agent @VERSION@ from the deployer at @SERVER@ and enrols this host:
+#   curl -fsSL @SERVER@/install.sh | sh -s -- --enroll-token TOKEN [--label KEY=VALUE]...
+# Written for this deployer by `muscle-deploy serve` (GET /install.sh).
+set -eu
+
+server='@SERVER@'
+version='@VERSION@'
+token="${MUSCLE_ENROLL_TOKEN:-}"
+prefix=/usr/local
+state_dir=/var/lib/muscle-agent
+config_dir=/etc/muscle-agent
+unit_dir=/etc/systemd/system
+supervisor=auto
+flags=''
+
+say() { echo "muscle install: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+usage() {
+  cat >&2 <<EOF
+Usage: curl -fsSL $server/install.sh | sh -s -- --enroll-token TOKEN [OPTIONS]
+
+  --enroll-token TOKEN   The fleet's enrolment token [env: MUSCLE_ENROLL_TOKEN]
+  --label KEY=VALUE      A label for rollout selectors (repeatable)
+  --trusted-key HEX      Pin a release signing key (repeatable): the agent then runs only
+                         releases it signed
+  --supervisor KIND      systemd, builtin, or auto (systemd where it runs) [default: auto]
+  --prefix DIR           The agent goes to DIR/bin [default: /usr/local]
+  --state-dir DIR        [default: /var/lib/muscle-agent]
+  --config-dir DIR       Where the token is kept [default: /etc/muscle-agent]
+  --unit-dir DIR         Where the systemd unit is written [default: /etc/systemd/system]
+EOF
+}
+
+# A word that goes onto the agent's command line: letters, digits and . _ - = only.
+plain() {
+  case "$2" in
+    '' | *[!A-Za-z0-9._=-]*) die "$1 $2: expected letters, digits and . _ - = only" ;;
+  esac
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --enroll-token | --label | --trusted-key | --supervisor | --prefix | --state-dir | --config-dir | --unit-dir)
+      [ $# -ge 2 ] || die "$1 needs a value"
+      ;;
+  esac
+  case "$1" in
+    --enroll-token) token="$2" ;;
+    --label)
+      plain "$1" "$2"
+      case "$2" in *=*) ;; *) die "--label $2: expected KEY=VALUE" ;; esac
+      flags="$flags --label $2"
+      ;;
+    --trusted-key)
+      plain "$1" "$2"
+      flags="$flags --trusted-key $2"
+      ;;
+    --supervisor)
+      case "$2" in auto | systemd | builtin) supervisor="$2" ;; *) die "--supervisor $2: expected auto, systemd or builtin" ;; esac
+      ;;
+    --prefix) prefix="$2" ;;
+    --state-dir) state_dir="$2" ;;
+    --config-dir) config_dir="$2" ;;
+    --unit-dir) unit_dir="$2" ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage; die "unknown option $1" ;;
+  esac
+  shift 2
+done
+for dir in "$prefix" "$state_dir" "$config_dir" "$unit_dir"; do
+  case "$dir" in
+    /*) case "$dir" in *[!A-Za-z0-9._/-]*) die "$dir: expected an absolute path of letters, digits and . _ - /" ;; esac ;;
+    *) die "$dir: expected an absolute path" ;;
+  esac
+done
+[ -n "$token" ] || die "no enrolment token: pass --enroll-token TOKEN (or set MUSCLE_ENROLL_TOKEN)"
+case "$token" in *[!A-Za-z0-9._~+/=-]*) die "the enrolment token has characters no token has" ;; esac
+
+arch=$(uname -m)
+case "$arch" in
+@CASES@  *) die "unknown architecture $arch: this deployer has muscle-agent $version for @ARCHES@" ;;
+esac
+
+fetch() {
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS --retry 3 -o "$2" "$1"
+  elif command -v wget >/dev/null 2>&1; then
+    wget -q -O "$2" "$1"
+  else
+    die "neither curl nor wget is installed"
+  fi
+}
+
+sha256_of() {
+  if command -v sha256sum >/dev/null 2>&1; then
+    sha256sum "$1" | cut -d' ' -f1
+  elif command -v shasum >/dev/null 2>&1; then
+    shasum -a 256 "$1" | cut -d' ' -f1
+  else
+    openssl dgst -sha256 -r "$1" | cut -d' ' -f1
+  fi
+}
+
+if [ "$supervisor" = auto ]; then
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    supervisor=systemd
+  else
+    supervisor=builtin
+  fi
+fi
+
+bin="$prefix/bin/muscle-agent"
+mkdir -p "$prefix/bin" "$state_dir" "$config_dir"
+# Downloaded beside its final place, checked, then renamed over it: never half a binary.
+tmp="$prefix/bin/.muscle-agent.$$"
+trap 'rm -f "$tmp"' EXIT
+say "downloading muscle-agent $version for $arch"
+fetch "$server/v1/blobs/sha256/$sha256" "$tmp"
+got=$(sha256_of "$tmp")
+[ "$got" = "$sha256" ] || die "the download's sha256 is $got, expected $sha256: not installed"
+[ "$(wc -c <"$tmp" | tr -d ' ')" = "$size" ] || die "the download is not $size bytes: not installed"
+chmod 755 "$tmp"
+"$tmp" --version >/dev/null || die "the downloaded agent does not run on this host"
+mv -f "$tmp" "$bin"
+trap - EXIT
+say "installed $bin ($version, sha256 $sha256)"
+
+umask 077
+printf 'MUSCLE_ENROLL_TOKEN=%s\n' "$token" >"$config_dir/env"
+umask 022
+run_flags="run --server $server --state-dir $state_dir$flags"
+
+case "$supervisor" in
+systemd)
+  mkdir -p "$unit_dir"
+  cat >"$unit_dir/muscle-agent.service" <<EOF
+[Unit]
+Description=Muscle agent (deployer $server)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart=$bin $run_flags --supervisor systemd
+EnvironmentFile=$config_dir/env
+Restart=always
+RestartSec=5
+# The agent writes units for its services and runs systemctl: it needs root, and nothing more
+# of the host than that.
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectHome=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  systemctl daemon-reload
+  systemctl enable --now muscle-agent.service
+  say "started muscle-agent.service (systemd)"
+  ;;
+builtin)
+  log="$state_dir/agent.log"
+  # shellcheck disable=SC2086 # run_flags is plain words, checked above
+  (
+    set -a
+    . "$config_dir/env"
+    set +a
+    exec nohup "$bin" $run_flags >>"$log" 2>&1 </dev/null
+  ) &
+  echo $! >"$state_dir/agent.pid"
+  say "started the agent in the background (pid $!, log $log); no systemd here: add it to this host's init system to start it at boot"
+  ;;
+esac
+
+say "waiting for the agent to enrol"
+i=0
+while [ ! -s "$state_dir/credential" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 60 ]; then
+    [ -f "$state_dir/agent.log" ] && tail -n 20 "$state_dir/agent.log" >&2
+    die "the agent has not enrolled within 60 s (its log says why)"
+  fi
+  sleep 1
+done
+say "enrolled as $(cat "$state_dir/agent-id")"

@@ -1,0 +1,220 @@
+//! Existing hosts join with one line (#15): `curl -fsSL DEPLOYER/install.sh | sh -s -- --enroll-token
+//! T` downloads the agent for the host's architecture from the deployer's store, checks its
+//! sha256, installs it, starts it (here with the built-in supervisor: no systemd on this host)
+//! and waits for it to enrol. Run with the host's real `curl` and `sh`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result};
+use muscle_e2e::{host_deployer, release_agents, target_dir, Deployer};
+
+const TOKEN: &str = "install-enrolment-token";
+
+/// `curl -fsSL URL/install.sh | sh -s -- ARGS`, with `path_first` ahead on PATH.
+fn one_line(deployer: &Deployer, args: &[&str], path_first: Option<&Path>) -> Result<Output> {
+    // Each argument single-quoted: the words the script must refuse reach it as they are.
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let line = format!(
+        "curl -fsSL {}/install.sh | sh -s -- {}",
+        deployer.url(),
+        quoted.join(" ")
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &line]).env_remove("MUSCLE_ENROLL_TOKEN");
+    if let Some(first) = path_first {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", first.display()));
+    }
+    Ok(cmd.output()?)
+}
+
+/// Stops the agent the script started in the background, whatever the test's outcome.
+struct Started(std::path::PathBuf);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+#[test]
+fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
+    let deployer_bin = host_deployer(false)?;
+    let agents = release_agents(&target_dir().join("e2e-dist"))?;
+    let dir = common::scratch("install");
+    let deployer =
+        Deployer::start_with(&deployer_bin, &dir.join("data"), &["--enroll-token", TOKEN])?;
+    let host = dir.join("host");
+    let (prefix, state, config) = (host.join("usr"), host.join("state"), host.join("etc"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--enroll-token",
+            TOKEN,
+            "--supervisor",
+            "builtin",
+            "--prefix",
+            prefix.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--config-dir",
+            config.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str], path_first: Option<&Path>| -> Result<Output> {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        one_line(&deployer, &a, path_first)
+    };
+
+    // No agent release yet: the script says what to publish, and installs nothing.
+    let out = run(&[], None)?;
+    let said = common::text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("no muscle-agent release"), "{said}");
+    assert!(!prefix.join("bin/muscle-agent").exists());
+
+    deployer.publish(&agents.dir)?;
+    let _agent = Started(state.join("agent.pid"));
+    let out = run(&["--label", "site=installed"], None)?;
+    let said = common::text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("enrolled as"), "{said}");
+    let installed = std::fs::read(prefix.join("bin/muscle-agent"))?;
+    let released = std::fs::read(
+        agents.binary(
+            muscle_e2e::ALL_TARGETS
+                .iter()
+                .find(|t| t.1 == std::env::consts::ARCH)
+                .context("a target for this host")?
+                .0,
+            "muscle-agent",
+        ),
+    )?;
+    assert!(
+        installed == released,
+        "the installed agent is the released one"
+    );
+    let mode = std::fs::metadata(config.join("env"))?.permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the token is the owner's alone: {mode:o}");
+    let id = std::fs::read_to_string(state.join("agent-id"))?;
+    let row = deployer.fleet_row(id.trim())?;
+    assert_eq!(row["labels"]["site"], "installed", "{row:#}");
+
+    // A host of an architecture the release has no agent for is told so.
+    let fake = dir.join("fake-bin");
+    std::fs::create_dir_all(&fake)?;
+    std::fs::write(fake.join("uname"), "#!/bin/sh\necho mips\n")?;
+    std::fs::set_permissions(fake.join("uname"), std::fs::Permissions::from_mode(0o755))?;
+    let out = run(&[], Some(&fake))?;
+    let said = common::text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("unknown architecture mips") && said.contains("x86_64"),
+        "{said}"
+    );
+
+    // Words that would reach the agent's command line or the unit are checked.
+    let out = run(&["--label", "a=b;x"], None)?;
+    assert!(!out.status.success());
+    assert!(
+        common::text(&out).contains("expected letters"),
+        "{}",
+        common::text(&out)
+    );
+
+    // A download that is not what the release says is not installed.
+    let blob = find_blob(&dir.join("data"), &muscle_protocol::sha256_hex(&released))?;
+    let mut damaged = std::fs::read(&blob)?;
+    damaged[1000] ^= 0xff;
+    std::fs::write(&blob, damaged)?;
+    let elsewhere = host.join("other");
+    let other = elsewhere.to_str().unwrap();
+    let out = run(&["--prefix", other], None)?;
+    let said = common::text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("503"),
+        "the deployer does not serve a damaged blob: {said}"
+    );
+    assert!(!elsewhere.join("bin/muscle-agent").exists());
+
+    // A peer that serves other bytes under the agent's URL: the script's own check refuses them.
+    let script = ureq::get(&format!("{}/install.sh", deployer.url()))
+        .call()?
+        .into_string()?;
+    let forger = forging_server()?;
+    let forged = script.replace(
+        &format!("server='{}'", deployer.url()),
+        &format!("server='http://127.0.0.1:{forger}'"),
+    );
+    assert_ne!(forged, script);
+    let a = args(&["--prefix", other]);
+    let mut child = Command::new("sh")
+        .arg("-s")
+        .arg("--")
+        .args(&a)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), forged.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let said = common::text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("sha256 is") && said.contains("not installed"),
+        "{said}"
+    );
+    assert!(!elsewhere.join("bin/muscle-agent").exists());
+    Ok(())
+}
+
+/// An HTTP server on loopback that answers every request with 4096 zero bytes; its port.
+fn forging_server() -> Result<u16> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let body = vec![0u8; 4096];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    Ok(port)
+}
+
+/// The file of blob `sha256` in the deployer's data dir.
+fn find_blob(data: &Path, sha256: &str) -> Result<std::path::PathBuf> {
+    let mut dirs = vec![data.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n.to_string_lossy() == sha256) {
+                return Ok(p);
+            }
+        }
+    }
+    anyhow::bail!("no blob {sha256} under {}", data.display())
+}
