@@ -1,12 +1,15 @@
 //! `cargo xtask demo --vm`: bare machines into the fleet. Build the boot image, publish it and
 //! hello-service, boot an x86_64 VM from the network (iPXE) and an aarch64 VM from the image,
-//! watch them join, roll hello-service out to them, and ask each machine's service.
+//! watch them join, roll hello-service out to them, ask each machine's service, then restart the
+//! network-booted machine into a new image through an image rollout.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use muscle_e2e::{
-    boot_bare_machines, boot_serve_args, host_deployer, release_hello_for_machines, Deployer,
+    boot_bare_machines, boot_serve_args, host_deployer, release_hello_for_machines, BareMachine,
+    Deployer,
 };
 
 use super::{step, watch_rollout};
@@ -70,6 +73,7 @@ pub fn run(keep: bool) -> Result<i32> {
             m.id
         );
     }
+    image_rollout(&deployer, &machines, &root)?;
     print!("{}", deployer.ok(&["fleet"])?);
     if keep {
         println!(
@@ -81,4 +85,38 @@ pub fn run(keep: bool) -> Result<i32> {
     }
     eprintln!("\ndemo finished: every step did what it should");
     Ok(0)
+}
+
+/// Builds and publishes image 0.2.0 for x86_64 and rolls it out to the network-booted machine:
+/// it restarts, boots 0.2.0 from the deployer's script, checks in on it and serves again.
+fn image_rollout(deployer: &Deployer, machines: &[BareMachine], root: &Path) -> Result<()> {
+    step(
+        "image rollout: build image 0.2.0, publish it, restart the network-booted machine into it",
+    );
+    let image = crate::image::build(&crate::image::ImageArgs {
+        out: Some(root.join("images")),
+        targets: vec!["x86_64-unknown-linux-musl".into()],
+        version: Some(muscle_protocol::Name::parse("0.2.0")?),
+        ..Default::default()
+    })?;
+    eprint!("{}", deployer.publish(&image)?);
+    let id = deployer.start_rollout(&[
+        "muscle-image",
+        "0.2.0",
+        "--selector",
+        "arch=x86_64",
+        "--min-healthy-time",
+        "1s",
+        "--healthy-deadline",
+        "60s",
+        "--auto-rollback",
+    ])?;
+    watch_rollout(deployer, id)?;
+    let x86 = machines
+        .iter()
+        .find(|m| m.arch == "x86_64")
+        .expect("an x86_64 machine");
+    let hello = x86.ask("/", Duration::from_secs(120))?;
+    eprintln!("{:<26} on image 0.2.0: {}", x86.id, hello.trim());
+    Ok(())
 }
