@@ -263,12 +263,15 @@ impl Agent {
             // Not past the next check-in: a change is reported at once, not a tick later.
             std::thread::sleep(TICK.min(next_checkin.saturating_duration_since(Instant::now())));
         }
-        self.shutdown()?;
         if self.reboot {
+            // Restarting anyway: the machine's next boot starts from nothing.
+            if let Err(e) = self.shutdown() {
+                say!("{e:#}");
+            }
             say!("exiting for muscle-init to restart the machine into its new image");
             std::process::exit(muscle_protocol::image::REBOOT_EXIT_CODE);
         }
-        Ok(())
+        self.shutdown()
     }
 
     fn shutdown(&mut self) -> Result<()> {

@@ -285,6 +285,13 @@ fn run(p: &mut lexopt::Parser) -> Result<Command> {
             .ok()
             .filter(|t| !t.is_empty());
     }
+    // From muscle-init, by environment: an older agent (a self-update back, say) ignores it,
+    // where an unknown flag would make it refuse its command line and the machine restart.
+    if a.boot_image.is_none() {
+        a.boot_image = std::env::var("MUSCLE_BOOT_IMAGE")
+            .ok()
+            .and_then(|v| Name::parse(&v).ok());
+    }
     Ok(Command::Run(Box::new(a)))
 }
 
@@ -462,9 +469,9 @@ Options:
   --keep-versions N        Versions kept on disk per app, current and previous included [default: 3]
   --image-file FILE        Which boot image this machine runs, if it booted one
                            [default: /etc/muscle-image.json]
-  --boot-image VERSION     The image the deployer's boot script chose for this boot (muscle-init
-                           passes it from the kernel command line): only then does an image
-                           rollout restart the machine
+  --boot-image VERSION     The image the deployer's boot script chose for this boot
+                           [env: MUSCLE_BOOT_IMAGE, which muscle-init sets from the kernel command
+                           line]: only then does an image rollout restart the machine
   -h, --help               Print help
 ";
 

@@ -316,7 +316,11 @@ fn run(order: &JobOrder, agent_id: Name) -> JobReport {
         truncated_bytes,
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    let spawned = Command::new(&order.argv[0])
+    let mut cmd = Command::new(&order.argv[0]);
+    for secret in muscle_protocol::AGENT_ONLY_ENV {
+        cmd.env_remove(secret);
+    }
+    let spawned = cmd
         .args(&order.argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -212,6 +212,9 @@ pub fn spawn(launch: &Launch, sink: &LogSink) -> Result<Child> {
     };
     let err = out.try_clone()?;
     let mut cmd = Command::new(binary);
+    for secret in muscle_protocol::AGENT_ONLY_ENV {
+        cmd.env_remove(secret);
+    }
     cmd.args(&spec.args)
         .envs(&spec.env)
         .envs(launch.marker_env())

@@ -11,7 +11,8 @@ use muscle_protocol::{Name, IMAGE_APP};
 
 use crate::ops::{self, OpError, StartRequest, Started};
 use crate::publish::{self, PublishOutcome};
-use crate::store::{AgentRecord, BlobPut, BlobStore, Change, ImageRecord, PutOutcome, Store};
+use crate::rollout::{Rollout, Status};
+use crate::store::{AgentRecord, BlobStore, Change, ImageRecord, PutOutcome, Store};
 
 /// Re-checks and stores the image in `dir`, whose manifest.json is `manifest_text`, and records
 /// a new one in the audit log as `who`'s.
@@ -30,11 +31,7 @@ pub fn publish_image_recorded(
     for (triple, target) in &manifest.targets {
         contents.extend(check_target(dir, triple.as_str(), target)?);
     }
-    let mut repaired = 0;
-    for bytes in &contents {
-        let (_, put) = blobs.put(bytes).context("storing a blob")?;
-        repaired += usize::from(put == BlobPut::Repaired);
-    }
+    let repaired = publish::store_blobs(blobs, &contents)?;
     let record = ImageRecord {
         name: manifest.name.to_string(),
         version: manifest.version.to_string(),
@@ -116,32 +113,50 @@ pub fn assigned(store: &dyn Store, agent_id: &str, arch: ImageArch) -> Result<Op
 }
 
 /// The image machine `agent_id` boots on `arch`, and its target's triple: the version an image
-/// rollout assigned it; else that of the newest standing image rollout (the fleet's image: a
-/// machine that joins now does not boot an image whose rollout was rolled back); else the
-/// newest published.
+/// rollout assigned it; else that of the newest image rollout that succeeded (the fleet's
+/// image); else the newest image no rollout has tried (one being tried, or rolled back, is not
+/// for machines outside it); else the newest published.
 pub fn for_machine(
     store: &dyn Store,
     agent_id: &str,
     arch: ImageArch,
 ) -> Result<Option<(ImageManifest, String)>> {
     let published = published_for(store, arch)?;
-    let wanted = match store.assignment(agent_id, IMAGE_APP)? {
-        Some(a) => Some(a.version),
-        None => store
-            .rollouts()?
-            .into_iter()
-            .filter(|r| r.app == IMAGE_APP && r.is_standing())
-            .max_by_key(|r| r.id)
-            .map(|r| r.version),
-    };
-    let chosen = wanted
-        .and_then(|v| published.iter().find(|m| m.version.as_str() == v))
-        .or(published.last());
+    let find = |v: &str| published.iter().find(|m| m.version.as_str() == v);
+    let chosen = match store.assignment(agent_id, IMAGE_APP)? {
+        Some(a) => find(&a.version),
+        None => {
+            let rollouts: Vec<Rollout> = store
+                .rollouts()?
+                .into_iter()
+                .filter(|r| r.app == IMAGE_APP)
+                .collect();
+            let succeeded = rollouts
+                .iter()
+                .filter(|r| {
+                    r.withdrawn_ms.is_none()
+                        && matches!(r.status, Status::Succeeded | Status::SucceededWithFailures)
+                })
+                .max_by_key(|r| r.id)
+                .and_then(|r| find(&r.version));
+            succeeded.or_else(|| {
+                published
+                    .iter()
+                    .rev()
+                    .find(|m| !rollouts.iter().any(|r| r.version == m.version.as_str()))
+            })
+        }
+    }
+    .or(published.last());
     Ok(chosen.map(|m| {
         let (triple, _) = m.for_arch(arch).expect("published for this arch");
         (m.clone(), triple.to_string())
     }))
 }
+
+/// An image rollout's default `healthy_deadline`: a member fails twice that (plus 10 s) after
+/// it was told to restart.
+const IMAGE_HEALTHY_DEADLINE_MS: u64 = 5 * 60 * 1000;
 
 /// `rollout start muscle-image VERSION`: restarts the selected machines booted from images into
 /// that image, in the waves of any rollout; each must come back on it and check in.
@@ -177,6 +192,12 @@ pub fn start_rollout(store: &dyn Store, req: StartRequest, who: &str) -> Result<
             "an image rollout runs no service: --service does not apply".into(),
         ));
     }
+    // A machine restarting takes its firmware's time, a network boot and an enrolment: the
+    // deadline of a service start is too short for it.
+    let req = StartRequest {
+        healthy_deadline_ms: req.healthy_deadline_ms.or(Some(IMAGE_HEALTHY_DEADLINE_MS)),
+        ..req
+    };
     let service = ops::timed_spec(&req, None)?;
     // Only machines that booted an image can restart into another.
     let agents: Vec<AgentRecord> = store

@@ -7,7 +7,7 @@
 //! the caller's.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -53,17 +53,47 @@ fn newest_agent(store: &dyn Store) -> anyhow::Result<Option<(String, Vec<AgentBi
     Ok(Some((manifest.version.to_string(), binaries)))
 }
 
+/// The deployer's URL as the script writes it: one URL of plain characters (no quote, `$`,
+/// `%` or comma: it goes into a shell script and a systemd unit), without a trailing slash.
+fn script_url(url: &str) -> Option<String> {
+    let url = url.trim_end_matches('/');
+    let plain = url
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:/[]".contains(&b));
+    (plain && (url.starts_with("http://") || url.starts_with("https://"))).then(|| url.to_owned())
+}
+
 async fn install_script(State(s): State<Server>, headers: HeaderMap) -> Response {
-    let Some(server) = crate::boot::public_url(&s, &headers) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "no usable Host header: start the deployer with --boot-server URL\n",
-        )
-            .into_response();
-    };
+    let server = crate::boot::public_url(&s, &headers)
+        .as_deref()
+        .and_then(script_url);
     let store = s.store.clone();
-    let body = match tokio::task::spawn_blocking(move || newest_agent(store.as_ref())).await {
-        Ok(Ok(Some((version, binaries)))) => script(&server, &version, &binaries),
+    let found = tokio::task::spawn_blocking(move || newest_agent(store.as_ref())).await;
+    // Refusals are scripts that fail, answered 200: `curl -f ... | sh` would turn an error
+    // status into an empty script that "succeeds".
+    let body = match (server, found) {
+        (None, _) => refusal(
+            "this deployer cannot say its own URL (an unusable Host header, or a --boot-server \
+             with characters a script cannot hold): start it with --boot-server http://HOST:PORT",
+        ),
+        (Some(server), found) => answer(&server, found),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+type Found = Result<anyhow::Result<Option<(String, Vec<AgentBinary>)>>, tokio::task::JoinError>;
+
+/// The installer, or why there is none.
+fn answer(server: &str, found: Found) -> String {
+    match found {
+        Ok(Ok(Some((version, binaries)))) => script(server, &version, &binaries),
         Ok(Ok(None)) => refusal(
             "this deployer has no muscle-agent release: publish one first \
              (cargo xtask release --package muscle-agent; muscle-deploy publish dist/muscle-agent-VERSION)",
@@ -76,15 +106,7 @@ async fn install_script(State(s): State<Server>, headers: HeaderMap) -> Response
             say!("install.sh: {e}");
             refusal("the deployer could not read its releases (its log says why); try again")
         }
-    };
-    (
-        [
-            (header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        body,
-    )
-        .into_response()
+    }
 }
 
 /// A script that only says why it cannot install, and fails.
@@ -92,8 +114,8 @@ fn refusal(why: &str) -> String {
     format!("#!/bin/sh\necho 'muscle install: {why}' >&2\nexit 1\n")
 }
 
-/// The installer for `server`'s agent `version`. Every value written into it is a URL from
-/// [`public_url`](crate::boot::public_url), a validated name or a hex digest: nothing to quote.
+/// The installer for `server`'s agent `version`. Every value written into it is a URL checked
+/// by [`script_url`], a validated name or a hex digest: nothing to quote.
 fn script(server: &str, version: &str, binaries: &[AgentBinary]) -> String {
     let mut cases = String::new();
     for b in binaries {
@@ -122,6 +144,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_plain_urls_go_into_the_script() {
+        assert_eq!(
+            script_url("http://10.0.0.1:7700/").as_deref(),
+            Some("http://10.0.0.1:7700")
+        );
+        assert!(script_url("https://[::1]:7700").is_some());
+        for bad in [
+            "http://a'b",
+            "http://a$(reboot)",
+            "http://a%2f",
+            "http://a,http://b",
+            "ftp://a",
+        ] {
+            assert_eq!(script_url(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn the_script_lists_each_architecture_and_leaves_no_placeholder() {
         let s = script(
             "http://10.0.0.1:7700",
@@ -139,7 +179,9 @@ mod tests {
                 },
             ],
         );
-        assert!(!s.contains('@'), "{s}");
+        for placeholder in ["@SERVER@", "@VERSION@", "@CASES@", "@ARCHES@"] {
+            assert!(!s.contains(placeholder), "{s}");
+        }
         assert!(s.contains(&format!("  x86_64) sha256={}; size=10;;", "a".repeat(64))));
         assert!(s.contains(&format!(
             "  aarch64|arm64) sha256={}; size=20;;",

@@ -4,6 +4,8 @@
 # Written for this deployer by `muscle-deploy serve` (GET /install.sh).
 set -eu
 
+# All in one function called on the last line: a download cut short runs nothing.
+main() {
 server='@SERVER@'
 version='@VERSION@'
 token="${MUSCLE_ENROLL_TOKEN:-}"
@@ -23,6 +25,7 @@ Usage: curl -fsSL $server/install.sh | sh -s -- --enroll-token TOKEN [OPTIONS]
 
   --enroll-token TOKEN   The fleet's enrolment token [env: MUSCLE_ENROLL_TOKEN]
   --label KEY=VALUE      A label for rollout selectors (repeatable)
+  --var KEY=VALUE        A value for ${KEY} in service specs (repeatable)
   --trusted-key HEX      Pin a release signing key (repeatable): the agent then runs only
                          releases it signed
   --supervisor KIND      systemd, builtin, or auto (systemd where it runs) [default: auto]
@@ -42,7 +45,7 @@ plain() {
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --enroll-token | --label | --trusted-key | --supervisor | --prefix | --state-dir | --config-dir | --unit-dir)
+    --enroll-token | --label | --var | --trusted-key | --supervisor | --prefix | --state-dir | --config-dir | --unit-dir)
       [ $# -ge 2 ] || die "$1 needs a value"
       ;;
   esac
@@ -52,6 +55,11 @@ while [ $# -gt 0 ]; do
       plain "$1" "$2"
       case "$2" in *=*) ;; *) die "--label $2: expected KEY=VALUE" ;; esac
       flags="$flags --label $2"
+      ;;
+    --var)
+      plain "$1" "$2"
+      case "$2" in *=*) ;; *) die "--var $2: expected KEY=VALUE" ;; esac
+      flags="$flags --var $2"
       ;;
     --trusted-key)
       plain "$1" "$2"
@@ -76,7 +84,7 @@ for dir in "$prefix" "$state_dir" "$config_dir" "$unit_dir"; do
   esac
 done
 [ -n "$token" ] || die "no enrolment token: pass --enroll-token TOKEN (or set MUSCLE_ENROLL_TOKEN)"
-case "$token" in *[!A-Za-z0-9._~+/=-]*) die "the enrolment token has characters no token has" ;; esac
+case "$token" in *[!A-Za-z0-9._+/=-]*) die "the enrolment token has characters no token has" ;; esac
 
 arch=$(uname -m)
 case "$arch" in
@@ -127,57 +135,44 @@ mv -f "$tmp" "$bin"
 trap - EXIT
 say "installed $bin ($version, sha256 $sha256)"
 
-umask 077
-printf 'MUSCLE_ENROLL_TOKEN=%s\n' "$token" >"$config_dir/env"
-umask 022
-run_flags="run --server $server --state-dir $state_dir$flags"
+rm -f "$config_dir/env"
+(umask 077 && printf 'MUSCLE_ENROLL_TOKEN=%s\n' "$token" >"$config_dir/env")
 
 case "$supervisor" in
 systemd)
-  mkdir -p "$unit_dir"
-  cat >"$unit_dir/muscle-agent.service" <<EOF
-[Unit]
-Description=Muscle agent (deployer $server)
-Wants=network-online.target
-After=network-online.target
-
+  mkdir -p "$unit_dir/muscle-agent.service.d"
+  # The agent's own unit (what `muscle-agent systemd-unit --self` prints), and a drop-in with
+  # the token's file and what the agent never needs of the host.
+  # shellcheck disable=SC2086 # flags: --label/--var/--trusted-key pairs, checked above
+  "$bin" systemd-unit --self --state-dir "$state_dir" -- --server "$server" --supervisor systemd --unit-dir "$unit_dir" $flags \
+    >"$unit_dir/muscle-agent.service"
+  cat >"$unit_dir/muscle-agent.service.d/install.conf" <<UNIT
+# Written by the deployer's install.sh.
 [Service]
-ExecStart=$bin $run_flags --supervisor systemd
 EnvironmentFile=$config_dir/env
-Restart=always
-RestartSec=5
-# The agent writes units for its services and runs systemctl: it needs root, and nothing more
-# of the host than that.
-NoNewPrivileges=yes
-PrivateTmp=yes
-ProtectHome=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectClock=yes
-ProtectHostname=yes
-RestrictSUIDSGID=yes
 RestrictRealtime=yes
 LockPersonality=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-SystemCallArchitectures=native
-
-[Install]
-WantedBy=multi-user.target
-EOF
+UNIT
   systemctl daemon-reload
-  systemctl enable --now muscle-agent.service
+  systemctl enable muscle-agent.service
+  # restart, not start: a second run of this script takes the new binary and flags.
+  systemctl restart muscle-agent.service
   say "started muscle-agent.service (systemd)"
   ;;
 builtin)
   log="$state_dir/agent.log"
-  # shellcheck disable=SC2086 # run_flags is plain words, checked above
-  (
-    set -a
-    . "$config_dir/env"
-    set +a
-    exec nohup "$bin" $run_flags >>"$log" 2>&1 </dev/null
-  ) &
-  echo $! >"$state_dir/agent.pid"
+  pidfile="$state_dir/agent.pid"
+  if [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null; then
+    say "stopped the agent this script started before (pid $(cat "$pidfile"))"
+    sleep 2
+  fi
+  # shellcheck disable=SC2086 # flags: --label/--var/--trusted-key pairs, checked above
+  MUSCLE_ENROLL_TOKEN="$token" nohup "$bin" run --server "$server" --state-dir "$state_dir" $flags \
+    >>"$log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
   say "started the agent in the background (pid $!, log $log); no systemd here: add it to this host's init system to start it at boot"
   ;;
 esac
@@ -193,3 +188,6 @@ while [ ! -s "$state_dir/credential" ]; do
   sleep 1
 done
 say "enrolled as $(cat "$state_dir/agent-id")"
+}
+
+main "$@"

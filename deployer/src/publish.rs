@@ -111,11 +111,7 @@ pub fn publish(
     for debug in &manifest.debug {
         contents.push(check_debug_artifact(dir, &manifest, debug)?);
     }
-    let mut repaired = 0;
-    for bytes in &contents {
-        let (_, put) = blobs.put(bytes).context("storing a blob")?;
-        repaired += usize::from(put == BlobPut::Repaired);
-    }
+    let repaired = store_blobs(blobs, &contents)?;
     let record = ReleaseRecord {
         app: manifest.app.to_string(),
         version: manifest.version.to_string(),
@@ -138,6 +134,16 @@ pub fn publish(
         new,
         repaired,
     })
+}
+
+/// Puts each checked file into the blob store; how many damaged blobs that repaired.
+pub(crate) fn store_blobs(blobs: &dyn BlobStore, contents: &[Vec<u8>]) -> Result<usize> {
+    let mut repaired = 0;
+    for bytes in contents {
+        let (_, put) = blobs.put(bytes).context("storing a blob")?;
+        repaired += usize::from(put == BlobPut::Repaired);
+    }
+    Ok(repaired)
 }
 
 /// manifest.json of a release or image directory, as text.

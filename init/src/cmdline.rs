@@ -195,9 +195,6 @@ impl BootConfig {
         if let Some(interval) = &self.interval {
             flag("interval", interval);
         }
-        if let Some(image) = &self.image {
-            flag("boot-image", image);
-        }
         args
     }
 }
@@ -241,12 +238,11 @@ mod tests {
                 "--trusted-key",
                 "00ff",
                 "--interval",
-                "2s",
-                "--boot-image",
-                "0.2.0"
+                "2s"
             ]
         );
         assert_eq!(c.enrol_within, Some(45));
+        assert_eq!(c.image.as_deref(), Some("0.2.0"));
     }
 
     #[test]

@@ -99,6 +99,10 @@ fn spawn(config: &BootConfig) -> std::io::Result<Pid> {
     if let Some(token) = &config.enroll_token {
         cmd.env("MUSCLE_ENROLL_TOKEN", token);
     }
+    // By environment, not a flag: an agent that does not know it still starts.
+    if let Some(image) = &config.image {
+        cmd.env("MUSCLE_BOOT_IMAGE", image);
+    }
     let child = cmd.spawn()?;
     Ok(Pid::from_child(&child))
 }

@@ -85,6 +85,10 @@ pub use signing::{
 /// The app under which agents' own releases are rolled out (a self-update).
 pub const SELF_APP: &str = "muscle-agent";
 
+/// Environment variables an agent is started with that what it starts (services, jobs) must not
+/// see: the fleet's enrolment token is a secret, the boot image the machine's business.
+pub const AGENT_ONLY_ENV: [&str; 2] = ["MUSCLE_ENROLL_TOKEN", "MUSCLE_BOOT_IMAGE"];
+
 /// The app under which boot images are rolled out: a machine booted from the network reports
 /// the image it runs as this app, and is rebooted into the version a rollout assigns it.
 pub const IMAGE_APP: &str = "muscle-image";

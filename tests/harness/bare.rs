@@ -16,11 +16,17 @@ pub const GUEST_PORT: u16 = 8080;
 /// machine on a bad image to come back soon.
 pub const ENROL_WITHIN_SECS: u64 = 40;
 
+/// The kernel command line words of every bare machine, however it boots: where its service
+/// listens, how often its agent checks in, how long it has to enrol.
+fn agent_words() -> String {
+    format!(
+        "quiet muscle.var=port={GUEST_PORT} muscle.interval=1s muscle.enrol_within={ENROL_WITHIN_SECS}"
+    )
+}
+
 /// `serve` arguments that boot machines into the fleet by themselves.
 pub fn boot_serve_args(enroll_token: &str) -> Vec<String> {
-    let args = format!(
-        "quiet muscle.label=boot=ipxe muscle.var=port={GUEST_PORT} muscle.interval=1s muscle.enrol_within={ENROL_WITHIN_SECS}"
-    );
+    let args = format!("muscle.label=boot=ipxe {}", agent_words());
     [
         "--enroll-token",
         enroll_token,
@@ -95,8 +101,10 @@ impl Machine {
                 kernel: self.image.join(triple).join("vmlinuz"),
                 initrd: self.image.join(triple).join("initramfs.gz"),
                 cmdline: format!(
-                    "quiet muscle.server=http://10.0.2.2:{} muscle.enroll={} muscle.label=boot=image muscle.var=port={GUEST_PORT} muscle.interval=1s",
-                    self.deployer_port, self.enroll_token
+                    "muscle.server=http://10.0.2.2:{} muscle.enroll={} muscle.label=boot=image {}",
+                    self.deployer_port,
+                    self.enroll_token,
+                    agent_words()
                 ),
             }
         };
@@ -115,6 +123,7 @@ impl Machine {
                 // A network-booted machine restarts into what the deployer says (an image
                 // rollout); one booted directly would only boot the same image again.
                 reboots,
+                disk: None,
             },
             &self.logs.join(console),
         )

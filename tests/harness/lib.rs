@@ -12,6 +12,7 @@ mod fleet;
 mod postgres;
 pub mod s3;
 mod scripted;
+mod systemd_host;
 mod vm;
 mod wait;
 
@@ -27,6 +28,7 @@ pub use fleet::{Agent, AgentOptions, Fleet};
 pub use postgres::Postgres;
 pub use s3::S3Server;
 pub use scripted::{Blob, ScriptedServer};
+pub use systemd_host::boot_systemd_host;
 pub use vm::{Boot, Vm, VmOptions};
 pub use wait::wait_until;
 

@@ -32,6 +32,8 @@ pub struct VmOptions {
     /// A reboot restarts the machine, as a real one would; otherwise qemu ends (`-no-reboot`)
     /// and [`Vm::running`] says so.
     pub reboots: bool,
+    /// A raw disk image, the first virtio disk (`/dev/vda`).
+    pub disk: Option<PathBuf>,
 }
 
 pub struct Vm {
@@ -79,6 +81,10 @@ impl Vm {
                 netdev.push_str(&format!(",bootfile={bootfile}"));
                 cmd.args(["-boot", "n"]);
             }
+        }
+        if let Some(disk) = &opts.disk {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", disk.display()));
         }
         cmd.args(["-netdev", &netdev]).args([
             "-device",

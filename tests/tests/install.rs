@@ -113,6 +113,21 @@ fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
     let row = deployer.fleet_row(id.trim())?;
     assert_eq!(row["labels"]["site"], "installed", "{row:#}");
 
+    // Run again (a second try, a new label): the agent it started before is stopped, not
+    // doubled, and the same member comes back with the new label.
+    let first = std::fs::read_to_string(state.join("agent.pid"))?;
+    let out = run(&["--label", "site=again"], None)?;
+    let said = common::text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("stopped the agent this script started before"),
+        "{said}"
+    );
+    assert_ne!(std::fs::read_to_string(state.join("agent.pid"))?, first);
+    muscle_e2e::wait_until("the new label", std::time::Duration::from_secs(30), || {
+        Ok((deployer.fleet_row(id.trim())?["labels"]["site"] == "again").then_some(()))
+    })?;
+
     // A host of an architecture the release has no agent for is told so.
     let fake = dir.join("fake-bin");
     std::fs::create_dir_all(&fake)?;

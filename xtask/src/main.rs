@@ -43,6 +43,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Build network-bootable images (kernel + initramfs with our init and the agent) per architecture.
     Image(image::ImageArgs),
+    /// Build (once; cached) a minimal Debian root with systemd for the systemd VM test; print its path.
+    Rootfs(image::rootfs::RootfsArgs),
     /// Measure speed and footprint against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -58,6 +60,7 @@ fn main() {
         Command::Fuzz(args) => fuzz::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
+        Command::Rootfs(args) => image::rootfs::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

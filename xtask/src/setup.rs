@@ -28,6 +28,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     // from the network through qemu's iPXE ROMs.
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-system-aarch64", "qemu-system-arm"),
+    // The systemd VM (`cargo xtask rootfs`): a Debian root, and a disk made of it.
+    ("debootstrap", "debootstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
     ("file", "file"),
     ("gdb", "gdb"),
     ("readelf", "binutils"),

@@ -62,10 +62,22 @@ pub(super) fn outcome(
     }
 }
 
-/// SQL (both dialects): the agent `agent_id` names is new, has no credential yet, or enrolled
-/// with a boot token before.
-pub(super) const MAY_ENROL_BY_BOOT: &str = "(NOT EXISTS (SELECT 1 FROM agents WHERE agents.id = boot_tokens.agent_id AND agents.credential_sha256 IS NOT NULL) \
+/// SQL (both dialects; SQLite numbers `$1`.. by first appearance, as PostgreSQL does): the boot
+/// token of agent `$1` with sha256 `$2` has not expired at `$3`, and that agent is new, has no
+/// credential yet, or enrolled with a boot token before.
+const USABLE_BOOT_TOKEN: &str = "agent_id = $1 AND sha256 = $2 AND expires_ms > $3 \
+     AND (NOT EXISTS (SELECT 1 FROM agents WHERE agents.id = boot_tokens.agent_id AND agents.credential_sha256 IS NOT NULL) \
      OR EXISTS (SELECT 1 FROM boot_machines WHERE boot_machines.agent_id = boot_tokens.agent_id))";
+
+/// Whether a usable boot token matches (see [`USABLE_BOOT_TOKEN`]).
+pub(super) fn boot_token_valid_sql() -> String {
+    format!("SELECT EXISTS (SELECT 1 FROM boot_tokens WHERE {USABLE_BOOT_TOKEN})")
+}
+
+/// Takes a usable boot token (see [`USABLE_BOOT_TOKEN`]): one row deleted when it was.
+pub(super) fn take_boot_token_sql() -> String {
+    format!("DELETE FROM boot_tokens WHERE {USABLE_BOOT_TOKEN}")
+}
 
 pub(super) const IMAGE_COLUMNS: &str = "name, version, manifest, signature, published_ms";
 
@@ -137,7 +149,7 @@ impl BootStore for SqliteStore {
 
     fn boot_token_valid(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
         Ok(self.conn().query_row(
-            &format!("SELECT EXISTS (SELECT 1 FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3 AND {MAY_ENROL_BY_BOOT})"),
+            &boot_token_valid_sql(),
             params![agent_id, token_sha256, now_ms as i64],
             |row| row.get(0),
         )?)
@@ -153,7 +165,7 @@ impl BootStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let taken = tx.execute(
-            &format!("DELETE FROM boot_tokens WHERE agent_id = ?1 AND sha256 = ?2 AND expires_ms > ?3 AND {MAY_ENROL_BY_BOOT}"),
+            &take_boot_token_sql(),
             params![agent_id, token_sha256, now_ms as i64],
         )? == 1;
         let set = taken

@@ -4,6 +4,7 @@
 
 mod initramfs;
 pub mod kernel;
+pub mod rootfs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@ use muscle_protocol::{JobId, JobOffer, JobReport, LogBatch, LogRequest};
 
 use super::{lock_writes, text, PgStore};
 use crate::store::access::{role, AccessStore, AuditEntry, TokenRecord};
-use crate::store::boot::{self, BootStore, ImageRecord, IMAGE_COLUMNS, MAY_ENROL_BY_BOOT};
+use crate::store::boot::{self, BootStore, ImageRecord, IMAGE_COLUMNS};
 use crate::store::history::{AgentEvent, AgentEventRecord, HistoryStore, EVENTS_KEPT_PER_AGENT};
 use crate::store::jobs::{
     job_record, target_state, JobRecord, JobRow, JobStore, JobTarget, JOBS_KEPT_MS, JOB_COLUMNS,
@@ -554,7 +554,7 @@ impl BootStore for PgStore {
     fn boot_token_valid(&self, agent_id: &str, token_sha256: &str, now_ms: u64) -> Result<bool> {
         off_async(|| {
             let row = self.conn()?.query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3 AND {MAY_ENROL_BY_BOOT})"),
+                &boot::boot_token_valid_sql(),
                 &[&agent_id, &token_sha256, &(now_ms as i64)],
             )?;
             Ok(row.get(0))
@@ -572,7 +572,7 @@ impl BootStore for PgStore {
             let mut conn = self.conn()?;
             let mut tx = conn.transaction()?;
             let taken = tx.execute(
-                &format!("DELETE FROM boot_tokens WHERE agent_id = $1 AND sha256 = $2 AND expires_ms > $3 AND {MAY_ENROL_BY_BOOT}"),
+                &boot::take_boot_token_sql(),
                 &[&agent_id, &token_sha256, &(now_ms as i64)],
             )? == 1;
             let set = taken
