@@ -48,7 +48,11 @@ fn tcp(addr: &str) -> Result<(), String> {
 
 fn command(argv: &[String]) -> Result<(), String> {
     let (program, args) = argv.split_first().ok_or("health command is empty")?;
-    let mut child = Command::new(program)
+    let mut cmd = Command::new(program);
+    for secret in muscle_protocol::AGENT_ONLY_ENV {
+        cmd.env_remove(secret);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

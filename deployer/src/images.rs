@@ -11,7 +11,7 @@ use muscle_protocol::{Name, IMAGE_APP};
 
 use crate::ops::{self, OpError, StartRequest, Started};
 use crate::publish::{self, PublishOutcome};
-use crate::rollout::{Rollout, Status};
+use crate::rollout::Status;
 use crate::store::{AgentRecord, BlobStore, Change, ImageRecord, PutOutcome, Store};
 
 /// Re-checks and stores the image in `dir`, whose manifest.json is `manifest_text`, and records
@@ -113,9 +113,10 @@ pub fn assigned(store: &dyn Store, agent_id: &str, arch: ImageArch) -> Result<Op
 }
 
 /// The image machine `agent_id` boots on `arch`, and its target's triple: the version an image
-/// rollout assigned it; else that of the newest image rollout that succeeded (the fleet's
-/// image); else the newest image no rollout has tried (one being tried, or rolled back, is not
-/// for machines outside it); else the newest published.
+/// rollout assigned it ([`assigned`], which the check-in answer says too: the two never
+/// disagree, or the machine would restart for ever); else that of the newest image rollout that
+/// succeeded with a target for `arch`; else the image most machines of `arch` report running;
+/// else the newest published. Publishing an image, or trying one, changes no other machine.
 pub fn for_machine(
     store: &dyn Store,
     agent_id: &str,
@@ -123,29 +124,20 @@ pub fn for_machine(
 ) -> Result<Option<(ImageManifest, String)>> {
     let published = published_for(store, arch)?;
     let find = |v: &str| published.iter().find(|m| m.version.as_str() == v);
-    let chosen = match store.assignment(agent_id, IMAGE_APP)? {
-        Some(a) => find(&a.version),
-        None => {
-            let rollouts: Vec<Rollout> = store
-                .rollouts()?
-                .into_iter()
-                .filter(|r| r.app == IMAGE_APP)
-                .collect();
-            let succeeded = rollouts
-                .iter()
-                .filter(|r| {
-                    r.withdrawn_ms.is_none()
-                        && matches!(r.status, Status::Succeeded | Status::SucceededWithFailures)
-                })
-                .max_by_key(|r| r.id)
-                .and_then(|r| find(&r.version));
-            succeeded.or_else(|| {
-                published
-                    .iter()
-                    .rev()
-                    .find(|m| !rollouts.iter().any(|r| r.version == m.version.as_str()))
+    let chosen = match assigned(store, agent_id, arch)? {
+        Some(version) => find(version.as_str()),
+        None => store
+            .rollouts()?
+            .iter()
+            .filter(|r| {
+                r.app == IMAGE_APP
+                    && r.withdrawn_ms.is_none()
+                    && matches!(r.status, Status::Succeeded | Status::SucceededWithFailures)
+                    && find(&r.version).is_some()
             })
-        }
+            .max_by_key(|r| r.id)
+            .and_then(|r| find(&r.version))
+            .or_else(|| most_run(store, arch, &published).ok().flatten()),
     }
     .or(published.last());
     Ok(chosen.map(|m| {
@@ -155,8 +147,34 @@ pub fn for_machine(
 }
 
 /// An image rollout's default `healthy_deadline`: a member fails twice that (plus 10 s) after
-/// it was told to restart.
-const IMAGE_HEALTHY_DEADLINE_MS: u64 = 5 * 60 * 1000;
+/// it was told to restart, within the default `progress_deadline` of 10 minutes.
+const IMAGE_HEALTHY_DEADLINE_MS: u64 = 4 * 60 * 1000;
+
+/// The published image that most machines of `arch` report running (the newest of equals).
+fn most_run<'a>(
+    store: &dyn Store,
+    arch: ImageArch,
+    published: &'a [ImageManifest],
+) -> Result<Option<&'a ImageManifest>> {
+    let mut running: std::collections::BTreeMap<String, usize> = Default::default();
+    for agent in store.agents()? {
+        if ImageArch::from_rust(&agent.arch) != Some(arch) {
+            continue;
+        }
+        if let Some(v) = agent
+            .report(IMAGE_APP)
+            .and_then(|r| r.installed_version.clone())
+        {
+            *running.entry(v.to_string()).or_default() += 1;
+        }
+    }
+    // Later in publication order wins a tie: max_by_key keeps the last maximum.
+    Ok(published
+        .iter()
+        .filter_map(|m| running.get(m.version.as_str()).map(|n| (m, *n)))
+        .max_by_key(|(_, n)| *n)
+        .map(|(m, _)| m))
+}
 
 /// `rollout start muscle-image VERSION`: restarts the selected machines booted from images into
 /// that image, in the waves of any rollout; each must come back on it and check in.
@@ -194,8 +212,10 @@ pub fn start_rollout(store: &dyn Store, req: StartRequest, who: &str) -> Result<
     }
     // A machine restarting takes its firmware's time, a network boot and an enrolment: the
     // deadline of a service start is too short for it.
+    // And a machine on a bad image cannot be reached to be told: failures always roll back.
     let req = StartRequest {
         healthy_deadline_ms: req.healthy_deadline_ms.or(Some(IMAGE_HEALTHY_DEADLINE_MS)),
+        auto_rollback: true,
         ..req
     };
     let service = ops::timed_spec(&req, None)?;

@@ -28,8 +28,18 @@ struct AgentBinary {
     size: u64,
 }
 
-/// The newest published agent release (by its counter): version and binaries.
-fn newest_agent(store: &dyn Store) -> anyhow::Result<Option<(String, Vec<AgentBinary>)>> {
+/// What the script says of the agent release it installs.
+struct AgentRelease {
+    version: String,
+    binaries: Vec<AgentBinary>,
+    /// The manifest exactly as signed, base64: the script checks the signature over it.
+    manifest_base64: String,
+    /// Hex; `None` when the release is unsigned.
+    signature: Option<String>,
+}
+
+/// The newest published agent release (by its counter).
+fn newest_agent(store: &dyn Store) -> anyhow::Result<Option<AgentRelease>> {
     let newest = store
         .releases()?
         .into_iter()
@@ -50,7 +60,16 @@ fn newest_agent(store: &dyn Store) -> anyhow::Result<Option<(String, Vec<AgentBi
             size: a.size,
         })
         .collect();
-    Ok(Some((manifest.version.to_string(), binaries)))
+    use base64::Engine;
+    Ok(Some(AgentRelease {
+        version: manifest.version.to_string(),
+        binaries,
+        manifest_base64: base64::engine::general_purpose::STANDARD.encode(&record.manifest),
+        // Checked at publish; anything else than hex digits is not written into a script.
+        signature: record
+            .signature
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())),
+    }))
 }
 
 /// The deployer's URL as the script writes it: one URL of plain characters (no quote, `$`,
@@ -88,12 +107,12 @@ async fn install_script(State(s): State<Server>, headers: HeaderMap) -> Response
         .into_response()
 }
 
-type Found = Result<anyhow::Result<Option<(String, Vec<AgentBinary>)>>, tokio::task::JoinError>;
+type Found = Result<anyhow::Result<Option<AgentRelease>>, tokio::task::JoinError>;
 
 /// The installer, or why there is none.
 fn answer(server: &str, found: Found) -> String {
     match found {
-        Ok(Ok(Some((version, binaries)))) => script(server, &version, &binaries),
+        Ok(Ok(Some(release))) => script(server, &release),
         Ok(Ok(None)) => refusal(
             "this deployer has no muscle-agent release: publish one first \
              (cargo xtask release --package muscle-agent; muscle-deploy publish dist/muscle-agent-VERSION)",
@@ -116,9 +135,9 @@ fn refusal(why: &str) -> String {
 
 /// The installer for `server`'s agent `version`. Every value written into it is a URL checked
 /// by [`script_url`], a validated name or a hex digest: nothing to quote.
-fn script(server: &str, version: &str, binaries: &[AgentBinary]) -> String {
+fn script(server: &str, release: &AgentRelease) -> String {
     let mut cases = String::new();
-    for b in binaries {
+    for b in &release.binaries {
         // uname -m says arm64 on some systems for aarch64.
         let names = match b.arch.as_str() {
             "aarch64" => "aarch64|arm64",
@@ -129,10 +148,15 @@ fn script(server: &str, version: &str, binaries: &[AgentBinary]) -> String {
             b.sha256, b.size
         ));
     }
-    let arches: Vec<&str> = binaries.iter().map(|b| b.arch.as_str()).collect();
+    let arches: Vec<&str> = release.binaries.iter().map(|b| b.arch.as_str()).collect();
     TEMPLATE
         .replace("@SERVER@", server)
-        .replace("@VERSION@", version)
+        .replace("@VERSION@", &release.version)
+        .replace("@MANIFEST@", &release.manifest_base64)
+        .replace(
+            "@SIGNATURE@",
+            release.signature.as_deref().unwrap_or_default(),
+        )
         .replace("@CASES@", &cases)
         .replace("@ARCHES@", &arches.join(", "))
 }
@@ -165,21 +189,34 @@ mod tests {
     fn the_script_lists_each_architecture_and_leaves_no_placeholder() {
         let s = script(
             "http://10.0.0.1:7700",
-            "0.4.0",
-            &[
-                AgentBinary {
-                    arch: "x86_64".into(),
-                    sha256: "a".repeat(64),
-                    size: 10,
-                },
-                AgentBinary {
-                    arch: "aarch64".into(),
-                    sha256: "b".repeat(64),
-                    size: 20,
-                },
-            ],
+            &AgentRelease {
+                version: "0.4.0".into(),
+                binaries: vec![
+                    AgentBinary {
+                        arch: "x86_64".into(),
+                        sha256: "a".repeat(64),
+                        size: 10,
+                    },
+                    AgentBinary {
+                        arch: "aarch64".into(),
+                        sha256: "b".repeat(64),
+                        size: 20,
+                    },
+                ],
+                manifest_base64: "e30=".into(),
+                signature: Some("c".repeat(128)),
+            },
         );
-        for placeholder in ["@SERVER@", "@VERSION@", "@CASES@", "@ARCHES@"] {
+        assert!(s.contains("manifest='e30='"), "{s}");
+        assert!(s.contains(&format!("signature='{}'", "c".repeat(128))));
+        for placeholder in [
+            "@SERVER@",
+            "@VERSION@",
+            "@CASES@",
+            "@ARCHES@",
+            "@MANIFEST@",
+            "@SIGNATURE@",
+        ] {
             assert!(!s.contains(placeholder), "{s}");
         }
         assert!(s.contains(&format!("  x86_64) sha256={}; size=10;;", "a".repeat(64))));

@@ -513,6 +513,12 @@ impl Rollout {
                 // Time spent paused does not count against progress_deadline.
                 self.last_progress_ms = now_ms;
             }
+            // A machine left on an untried image may never check in again to be told otherwise:
+            // an image rollout's abort sends its members back to their previous image.
+            Request::Abort if self.app == muscle_protocol::IMAGE_APP => {
+                self.message = "abort requested".into();
+                return Ok(self.roll_back());
+            }
             Request::Abort => self.settle(Status::Aborted),
             Request::Supersede => self.settle(Status::Superseded),
             Request::Rollback => return Ok(self.roll_back()),
@@ -998,5 +1004,20 @@ mod tests {
         r.apply_request(Request::Abort, NOW).unwrap();
         assert_eq!(r.status, Status::Aborted);
         assert!(r.advance(&agents, NOW + 1, &previous).is_empty());
+    }
+
+    #[test]
+    fn an_image_rollout_aborted_sends_its_machines_back() {
+        let agents: BTreeMap<String, AgentRecord> =
+            fleet().into_iter().map(|a| (a.id.clone(), a)).collect();
+        let image = muscle_protocol::IMAGE_APP;
+        let mut r =
+            Rollout::plan(image, "2", ServiceSpec::default(), params(), &fleet(), NOW).unwrap();
+        let moved = r.advance(&agents, NOW, &previous);
+        assert_eq!(moved.len(), 2, "the canary of each arch restarts");
+        let back = r.apply_request(Request::Abort, NOW).unwrap();
+        assert_eq!(r.status, Status::RolledBack);
+        assert_eq!(back.len(), 2, "{back:?}");
+        assert!(r.message.starts_with("abort requested"), "{}", r.message);
     }
 }

@@ -19,14 +19,17 @@ pub const ENROL_WITHIN_SECS: u64 = 40;
 /// The kernel command line words of every bare machine, however it boots: where its service
 /// listens, how often its agent checks in, how long it has to enrol.
 fn agent_words() -> String {
-    format!(
-        "quiet muscle.var=port={GUEST_PORT} muscle.interval=1s muscle.enrol_within={ENROL_WITHIN_SECS}"
-    )
+    format!("quiet muscle.var=port={GUEST_PORT} muscle.interval=1s")
 }
 
 /// `serve` arguments that boot machines into the fleet by themselves.
 pub fn boot_serve_args(enroll_token: &str) -> Vec<String> {
-    let args = format!("muscle.label=boot=ipxe {}", agent_words());
+    // A short enrolment deadline for network-booted machines (one on a bad image comes back
+    // soon); the one booted directly keeps init's default: it cannot change image anyway.
+    let args = format!(
+        "muscle.label=boot=ipxe {} muscle.enrol_within={ENROL_WITHIN_SECS}",
+        agent_words()
+    );
     [
         "--enroll-token",
         enroll_token,

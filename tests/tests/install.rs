@@ -10,9 +10,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result};
-use muscle_e2e::{host_deployer, release_agents, target_dir, Deployer};
+use muscle_e2e::{host_deployer, release_agents, target_dir, Artifacts, Deployer};
 
 const TOKEN: &str = "install-enrolment-token";
+
+/// The deployer for this host and the released agents, built once for both tests.
+fn builds() -> &'static (std::path::PathBuf, Artifacts) {
+    static BUILT: std::sync::OnceLock<(std::path::PathBuf, Artifacts)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let deployer = host_deployer(false).expect("muscle-deploy builds");
+        let agents = release_agents(&target_dir().join("e2e-dist")).expect("the agents release");
+        (deployer, agents)
+    })
+}
 
 /// `curl -fsSL URL/install.sh | sh -s -- ARGS`, with `path_first` ahead on PATH.
 fn one_line(deployer: &Deployer, args: &[&str], path_first: Option<&Path>) -> Result<Output> {
@@ -48,11 +58,10 @@ impl Drop for Started {
 
 #[test]
 fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
-    let deployer_bin = host_deployer(false)?;
-    let agents = release_agents(&target_dir().join("e2e-dist"))?;
+    let (deployer_bin, agents) = builds();
     let dir = common::scratch("install");
     let deployer =
-        Deployer::start_with(&deployer_bin, &dir.join("data"), &["--enroll-token", TOKEN])?;
+        Deployer::start_with(deployer_bin, &dir.join("data"), &["--enroll-token", TOKEN])?;
     let host = dir.join("host");
     let (prefix, state, config) = (host.join("usr"), host.join("state"), host.join("etc"));
     let args = |extra: &[&str]| -> Vec<String> {
@@ -124,6 +133,10 @@ fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
         "{said}"
     );
     assert_ne!(std::fs::read_to_string(state.join("agent.pid"))?, first);
+    assert!(
+        !Path::new(&format!("/proc/{}", first.trim())).exists(),
+        "the first agent has exited"
+    );
     muscle_e2e::wait_until("the new label", std::time::Duration::from_secs(30), || {
         Ok((deployer.fleet_row(id.trim())?["labels"]["site"] == "again").then_some(()))
     })?;
@@ -139,6 +152,27 @@ fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
     assert!(
         said.contains("unknown architecture mips") && said.contains("x86_64"),
         "{said}"
+    );
+
+    // --help says how, and an unknown option is refused with it.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("curl -fsSL {}/install.sh | sh -s -- --help", deployer.url()),
+        ])
+        .output()?;
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("${KEY}"),
+        "{}",
+        common::text(&out)
+    );
+    let out = run(&["--colour", "blue"], None)?;
+    assert!(!out.status.success());
+    assert!(
+        common::text(&out).contains("unknown option --colour"),
+        "{}",
+        common::text(&out)
     );
 
     // Words that would reach the agent's command line or the unit are checked.
@@ -194,6 +228,98 @@ fn one_line_installs_the_checked_agent_and_enrols() -> Result<()> {
         "{said}"
     );
     assert!(!elsewhere.join("bin/muscle-agent").exists());
+    Ok(())
+}
+
+/// With `--trusted-key`, the agent's release must be signed by that key: checked by the script
+/// with openssl (the release signed here with openssl too, as any ed25519 signer would).
+#[test]
+fn a_pinned_key_must_have_signed_the_agent_release() -> Result<()> {
+    let (deployer_bin, agents) = builds();
+    let dir = common::scratch("install-signed");
+    let key = dir.join("release.pem");
+    let openssl = |args: &[&str]| -> Result<Vec<u8>> {
+        let out = Command::new("openssl").args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            common::text(&out)
+        );
+        Ok(out.stdout)
+    };
+    let key_arg = key.to_str().unwrap();
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", key_arg])?;
+    let public = hex(&openssl(&["pkey", "-in", key_arg, "-pubout", "-outform", "DER"])?[12..]);
+    let stranger = "7".repeat(64);
+
+    // The released agent, signed, on a deployer of its own.
+    let signed = dir.join("signed");
+    copy_dir(&agents.dir, &signed)?;
+    let manifest = signed.join("manifest.json");
+    let signature = openssl(&[
+        "pkeyutl",
+        "-sign",
+        "-inkey",
+        key_arg,
+        "-rawin",
+        "-in",
+        manifest.to_str().unwrap(),
+    ])?;
+    std::fs::write(signed.join("manifest.json.sig"), hex(&signature))?;
+    let deployer =
+        Deployer::start_with(deployer_bin, &dir.join("data"), &["--enroll-token", TOKEN])?;
+    deployer.publish(&signed)?;
+
+    let host = dir.join("host");
+    let install = |key: &str, prefix: &str| -> Result<Output> {
+        let state = host.join(format!("state-{prefix}"));
+        let args = [
+            "--enroll-token",
+            TOKEN,
+            "--supervisor",
+            "builtin",
+            "--trusted-key",
+            key,
+            "--prefix",
+            &host.join(prefix).to_string_lossy(),
+            "--state-dir",
+            &state.to_string_lossy(),
+            "--config-dir",
+            &host.join("etc").to_string_lossy(),
+        ]
+        .map(String::from);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        one_line(&deployer, &args, None)
+    };
+    let out = install(&stranger, "stranger")?;
+    let said = common::text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("by none of the --trusted-key keys"), "{said}");
+    assert!(!host.join("stranger/bin/muscle-agent").exists());
+
+    let _agent = Started(host.join("state-pinned/agent.pid"));
+    let out = install(&public, "pinned")?;
+    let said = common::text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("signed by {public}")), "{said}");
+    assert!(said.contains("enrolled as"), "{said}");
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)?.flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
     Ok(())
 }
 

@@ -22,9 +22,17 @@ pub struct RootfsArgs {}
 const SUITE: &str = "bookworm";
 const PACKAGES: &str = "systemd,systemd-sysv,udev,curl,ca-certificates,iproute2,\
                         linux-image-cloud-amd64,initramfs-tools";
-/// Written last: a root without it (an interrupted build) is built again. Change it when the
-/// packages change.
-const READY: &str = "muscle-rootfs 1";
+/// Written last, naming the recipe: a root without it (an interrupted build) or of another
+/// recipe is built again.
+fn ready_stamp() -> String {
+    let recipe = [SUITE, PACKAGES, NETWORK, JOIN_UNIT, JOIN_SCRIPT].concat();
+    format!(
+        "muscle-rootfs {}",
+        muscle_protocol::sha256_hex(recipe.as_bytes())
+    )
+}
+
+const NETWORK: &str = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n";
 
 pub fn run(_: RootfsArgs) -> Result<i32> {
     println!("{}", ensure()?.display());
@@ -37,13 +45,15 @@ pub fn ensure() -> Result<PathBuf> {
         .join("rootfs")
         .join(format!("{SUITE}-systemd-amd64"));
     let root = dir.join("root");
-    if std::fs::read_to_string(dir.join("READY")).is_ok_and(|s| s.trim() == READY) {
-        // Ours is written every time: a changed join script needs no new debootstrap.
-        configure(&root)?;
+    let ready = ready_stamp();
+    if std::fs::read_to_string(dir.join("READY")).is_ok_and(|s| s.trim() == ready) {
         return Ok(root);
     }
     if !is_root() {
-        bail!("building the systemd root needs root (debootstrap): run `sudo cargo xtask rootfs` once");
+        bail!(
+            "building the systemd root needs root (debootstrap, and a root-owned tree for \
+             mkfs.ext4 -d): run the systemd host test as root"
+        );
     }
     let mirror = std::env::var("MUSCLE_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
@@ -68,7 +78,7 @@ pub fn ensure() -> Result<PathBuf> {
         );
     }
     configure(&staging.join("root"))?;
-    std::fs::write(staging.join("READY"), READY)?;
+    std::fs::write(staging.join("READY"), ready)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir)?;
     Ok(root)
@@ -92,11 +102,7 @@ fn configure(root: &Path) -> Result<()> {
         Ok(())
     };
     write("etc/hostname", "muscle-systemd\n", 0o644)?;
-    write(
-        "etc/systemd/network/10-wired.network",
-        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
-        0o644,
-    )?;
+    write("etc/systemd/network/10-wired.network", NETWORK, 0o644)?;
     write("usr/local/sbin/muscle-join", JOIN_SCRIPT, 0o755)?;
     write("etc/systemd/system/muscle-join.service", JOIN_UNIT, 0o644)?;
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
