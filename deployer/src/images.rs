@@ -106,10 +106,14 @@ pub fn assigned(store: &dyn Store, agent_id: &str, arch: ImageArch) -> Result<Op
     let Some(assignment) = store.assignment(agent_id, IMAGE_APP)? else {
         return Ok(None);
     };
-    Ok(published_for(store, arch)?
-        .into_iter()
-        .find(|m| m.version.as_str() == assignment.version)
-        .map(|m| m.version))
+    let published = published_for(store, arch)?;
+    Ok(find_version(&published, &assignment.version).map(|m| m.version.clone()))
+}
+
+/// The image of `published` with `version`: how [`assigned`] and [`for_machine`] both find an
+/// assigned image, so that they never disagree.
+fn find_version<'a>(published: &'a [ImageManifest], version: &str) -> Option<&'a ImageManifest> {
+    published.iter().find(|m| m.version.as_str() == version)
 }
 
 /// The image machine `agent_id` boots on `arch`, and its target's triple: the version an image
@@ -123,9 +127,14 @@ pub fn for_machine(
     arch: ImageArch,
 ) -> Result<Option<(ImageManifest, String)>> {
     let published = published_for(store, arch)?;
-    let find = |v: &str| published.iter().find(|m| m.version.as_str() == v);
-    let chosen = match assigned(store, agent_id, arch)? {
-        Some(version) => find(version.as_str()),
+    let find = |v: &str| find_version(&published, v);
+    // Not through `assigned`, which would read and parse every image a second time; an assigned
+    // version not published for this arch counts as none, as there.
+    let assigned = store
+        .assignment(agent_id, IMAGE_APP)?
+        .and_then(|a| find(&a.version));
+    let chosen = match assigned {
+        Some(image) => Some(image),
         None => store
             .rollouts()?
             .iter()
